@@ -1,0 +1,102 @@
+"""The CLI habits every synthgate command shares (pre-commit style).
+
+``main(argv=None) -> int`` per program; one small function per command; one
+error handler: our errors -> one line on stderr and exit 2, a failed policy
+-> 1 (returned by the command), anything unexpected -> 3 with a pointer to
+a log file holding the traceback, Ctrl-C -> 130.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import SynthgateError, UsageError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def new_parser(prog: str, description: str) -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def add_subparsers(parser: argparse.ArgumentParser):
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub.required = True
+    return sub
+
+
+def _log_dir() -> Path:
+    env = os.environ.get("SYNTHGATE_LOG_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "synthgate" / "logs"
+
+
+def write_crash_log(prog: str, argv: Sequence[str]) -> Path:
+    """Save the current exception's traceback; return the file's path."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    text = f"{prog} {__version__}\nargv: {list(argv)}\n\n{traceback.format_exc()}"
+    for folder in (_log_dir(), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{prog.replace(' ', '-')}-{stamp}-{os.getpid()}.log"
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return Path("<unwritable>")
+
+
+def run(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None, prog: str) -> int:
+    """Run ``command(argv)`` and map every outcome to an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(command(argv) or 0)
+    except SystemExit as exc:  # argparse --help / --version
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    except SynthgateError as exc:
+        print(f"{prog}: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`); nothing to report
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_OK
+    except Exception as exc:
+        log = write_crash_log(prog, argv)
+        msg = " ".join(str(exc).split())[:200]
+        print(f"{prog}: internal error: {type(exc).__name__}: {msg} (traceback in {log})", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def not_yet_available(what: str) -> int:
+    raise UsageError(f"`{what}` is not yet available in synthgate {__version__}")
+
+
+def emit_json(obj) -> None:
+    from .fsutil import to_json
+
+    sys.stdout.write(to_json(obj))

@@ -1,0 +1,55 @@
+"""Shared fixtures: every test builds its own data and writes nothing outside tmp."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from synthgate.phantoms import write_phantoms
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("SYNTHGATE_CACHE_DIR", str(home / "cache"))
+    monkeypatch.setenv("SYNTHGATE_LOG_DIR", str(home / "logs"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.setenv("SYNTHGATE_SALT", "test-salt")
+    monkeypatch.setenv("SYNTHGATE_QUIET", "1")
+    monkeypatch.delenv("SYNTHGATE_MAX_PIXELS", raising=False)
+    monkeypatch.delenv("SYNTHGATE_DEVICE", raising=False)
+    yield
+
+
+@pytest.fixture(scope="session")
+def phantom_png(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms") / "png"
+    write_phantoms(out, patients=10, images_per_patient=4, size=32, seed=7, fmt="png")
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom_dicom(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms") / "dicom"
+    write_phantoms(out, patients=10, images_per_patient=4, size=32, seed=7, fmt="dicom")
+    return out
+
+
+def pydicom_test_file(name: str) -> Path:
+    """A file from pydicom's bundled test data (ships in the wheel; never fetched)."""
+    import pydicom
+
+    root = Path(pydicom.__file__).parent / "data" / "test_files"
+    hits = sorted(root.rglob(name))
+    if not hits:
+        pytest.skip(f"pydicom test file {name} not bundled in this pydicom")
+    return hits[0]
+
+
+def write_png(path: Path, array, mode: str | None = None) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(array) if mode is None else Image.fromarray(array).convert(mode)
+    img.save(path)
+    return path
