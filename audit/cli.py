@@ -2,31 +2,140 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 from synthgate import clikit
+from synthgate.device import DEVICE_CHOICES  # noqa: F401  (documented choices)
+from synthgate.errors import UsageError
+
+from .base import available_checks
 
 DESCRIPTION = """\
 Audit a synthetic image set against the real data it was made from.
 
 commands:
-  check            run the policy's checks; exit 0 pass, 1 fail, 2 bad input
+  check            run the checks; exit 0 pass, 1 fail, 2 bad input
   validate-policy  check a release policy file
   report           render an audit.json as HTML or PDF
+"""
+
+CHECK_HELP = """\
+Run the audit's checks on SYNTHETIC and write OUT/audit.json (plus each check's
+own files, e.g. copy_detection.csv). The real training set and the model are
+read from SYNTHETIC/manifest.json when not given.
+
+exit codes: 0 the audit passed, 1 it failed (or is invalid), 2 bad usage or input.
 """
 
 
 def build_parser(prog: str) -> clikit.ArgumentParser:
     parser = clikit.new_parser(prog, DESCRIPTION)
     sub = clikit.add_subparsers(parser)
-    sub.add_parser("check", add_help=False)
+    p = sub.add_parser("check", description=CHECK_HELP, formatter_class=parser.formatter_class)
+    p.add_argument("synthetic", metavar="SYNTHETIC", help="the synthetic image set")
+    p.add_argument("--real", help="the real training set (default: from manifest.json)")
+    p.add_argument("--holdout", help="real images never trained on (calibration, false-alarm rates)")
+    p.add_argument("--model", help="the model directory (default: from manifest.json)")
+    p.add_argument("--checks", help="comma-separated checks to run (default: copy_detection); "
+                                    f"available: {', '.join(available_checks())}")
+    p.add_argument("--param", action="append", default=[], metavar="CHECK.KEY=VALUE",
+                   help="override a check setting, e.g. copy_detection.rule=holdout (repeatable)")
+    p.add_argument("--out", help="output folder (default: SYNTHETIC-audit next to the synthetic set)")
+    p.add_argument("--json", action="store_true", help="print audit.json to stdout; no progress display")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="continue past unreadable files; every skipped file is listed in audit.json")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (image bombs)")
     sub.add_parser("validate-policy", add_help=False)
     sub.add_parser("report", add_help=False)
     return parser
 
 
+def parse_params(items: Sequence[str], checks: Sequence[str]) -> dict[str, dict]:
+    """``CHECK.KEY=VALUE`` overrides; values are read as YAML scalars (numbers, booleans, null)."""
+    import yaml
+
+    out: dict[str, dict] = {c: {} for c in checks}
+    for item in items:
+        key, eq, value = item.partition("=")
+        check, dot, name = key.partition(".")
+        if not eq or not dot or not name:
+            raise UsageError(f"--param {item!r} must look like CHECK.KEY=VALUE")
+        if check not in out:
+            raise UsageError(f"--param {item!r} names check {check!r}, which is not being run ({', '.join(checks)})")
+        try:
+            out[check][name] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--param {item!r}: cannot read the value ({exc})") from exc
+    return out
+
+
+def cmd_check(args) -> int:
+    from synthgate.imageset import ImageSet
+    from synthgate.progress import set_quiet
+
+    from .context import AuditContext
+    from .runner import DEFAULT_CHECKS, build_audit, check_overlap, resolve_inputs, run_checks, write_outputs
+
+    if args.json:
+        set_quiet(True)
+    checks = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else list(DEFAULT_CHECKS)
+    for c in checks:
+        if c not in available_checks():
+            import difflib
+
+            near = difflib.get_close_matches(c, available_checks(), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise UsageError(f"--checks: unknown check {c!r}{hint}; available: {', '.join(available_checks())}")
+    params = parse_params(args.param, checks)
+    inputs = resolve_inputs(args.synthetic, args.real, args.holdout, args.model)
+
+    def load(path):
+        if path is None:
+            return None
+        s = ImageSet(path, skip_unreadable=args.skip_unreadable, max_pixels=args.max_pixels)
+        s.verify()  # every unreadable image is found now, before hours of work
+        return s
+
+    synthetic, real, holdout = load(inputs.synthetic), load(inputs.real), load(inputs.holdout)
+    out = Path(args.out) if args.out else inputs.synthetic.resolve().parent / f"{inputs.synthetic.resolve().name}-audit"
+    with tempfile.TemporaryDirectory(prefix="synthgate-audit-") as work:
+        ctx = AuditContext(synthetic=synthetic, real=real, holdout=holdout, model=inputs.model,
+                           device=args.device or "auto", seed=args.seed, workdir=Path(work) / "files")
+        check_overlap(ctx)
+        results = run_checks(ctx, params, strict=True)
+        audit = build_audit(ctx, results, inputs, command=args.argv)
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        write_outputs(out, audit, ctx.workdir)
+    if args.json:
+        clikit.emit_json(audit)
+    else:
+        print(format_summary(audit, out))
+    return clikit.EXIT_OK if audit["verdict"] == "pass" else clikit.EXIT_FAIL
+
+
+def format_summary(audit: dict, out: Path) -> str:
+    lines = [f"verdict: {audit['verdict'].upper()}"]
+    for c in audit["checks"]:
+        lines.append(f"  {c['name']:<22} {c['status']:<12} {c['reason']}")
+    for r in audit["verdict_reasons"]:
+        lines.append(f"  - {r}")
+    lines.append(f"released {len(audit['released'])} of {audit['inputs']['synthetic']['n_images']} images; "
+                 f"outputs in {out}")
+    return "\n".join(lines)
+
+
 def _run(argv: Sequence[str], prog: str) -> int:
-    args, rest = build_parser(prog).parse_known_args(argv)
+    parser = build_parser(prog)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "check":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.argv = [*prog.split(), *argv]
+        return cmd_check(args)
     return clikit.not_yet_available(f"{prog} {args.command}")
 
 

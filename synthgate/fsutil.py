@@ -114,3 +114,14 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def digest_folder(path: str | Path) -> str:
+    """Digest of every (non-hidden) file under ``path``: its relative path and SHA-256."""
+    root = Path(path)
+    pairs = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            pairs.append((rel.as_posix(), sha256_file(p)))
+    return digest_pairs(pairs)
