@@ -1,0 +1,154 @@
+"""Load a synthgate model directory for sampling and for attacks on it.
+
+A model directory loads with diffusers' ``DiffusionPipeline.from_pretrained``
+and carries ``synthgate.json`` (the contract in DESIGN.md).  This module is
+the one place that reads it back into a :class:`DiffusionModel`, which the
+sampler and the membership-inference attacks share: it knows how to bring
+images in [0, 1] into the space the denoiser works in (pixels in [-1, 1], or
+scaled VAE latents) and how to ask the denoiser for its noise prediction
+whatever its ``prediction_type``.
+
+Layout::
+
+    MODEL/
+      model_index.json     # diffusers pipeline index
+      unet/                # UNet2DModel (config.json + weights)
+      scheduler/           # the training noise schedule (DDPMScheduler config)
+      vae/                 # AutoencoderKL, latent models only
+      synthgate.json       # provenance: training set digest, counts, labels, seed, steps, DP, versions
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from synthgate.errors import InputError, MissingInputError
+
+
+@dataclass
+class DiffusionModel:
+    """A trained denoiser with its schedule (and VAE for latent models)."""
+
+    path: Path
+    unet: Any
+    scheduler: Any
+    vae: Any | None
+    info: dict  # synthgate.json
+    device: Any
+
+    @property
+    def latent(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def resolution(self) -> int:
+        """Side of the images the model was trained on, in pixels."""
+        return int(self.info["resolution"])
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.info["image_channels"])
+
+    @property
+    def labels(self) -> list[str] | None:
+        cond = self.info.get("conditioning") or {}
+        return list(cond["labels"]) if cond.get("type") == "class" else None
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    @property
+    def alphas_cumprod(self):
+        return self.scheduler.alphas_cumprod.to(self.device)
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+    def class_labels(self, labels) -> Any:
+        """Label strings -> class indices on the device (``None`` for unconditional models)."""
+        import torch
+
+        if self.labels is None:
+            return None
+        index = {name: i for i, name in enumerate(self.labels)}
+        unknown = sorted({str(v) for v in labels} - set(index))
+        if unknown:
+            raise InputError(f"label {unknown[0]!r} is not one the model knows ({', '.join(self.labels)})", self.path)
+        return torch.tensor([index[str(v)] for v in labels], device=self.device, dtype=torch.long)
+
+    def to_model_space(self, images) -> Any:
+        """Images ``(N, C, H, W)`` in [0, 1] -> the denoiser's x0 (pixels in [-1, 1] or scaled latents)."""
+        import torch
+
+        x = torch.as_tensor(images, dtype=torch.float32, device=self.device)
+        if x.shape[1] != self.image_channels or x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
+            raise InputError(
+                f"images of shape {tuple(x.shape[1:])} do not match the model's "
+                f"{self.image_channels}x{self.resolution}x{self.resolution}", self.path)
+        x = x * 2.0 - 1.0
+        if self.vae is None:
+            return x
+        with torch.no_grad():
+            latents = self.vae.encode(x).latent_dist.mean
+        return latents * float(self.info.get("vae", {}).get("scaling_factor", self.vae.config.scaling_factor))
+
+    def predict_eps(self, x_t, t, class_labels=None):
+        """The model's noise prediction at ``x_t``, timestep(s) ``t``, converted to epsilon."""
+        import torch
+
+        t = torch.as_tensor(t, device=self.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        out = self.unet(x_t, t, class_labels=class_labels).sample
+        if self.prediction_type == "epsilon":
+            return out
+        a = self.alphas_cumprod[t].view(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+        if self.prediction_type == "v_prediction":
+            return a.sqrt() * out + (1 - a).sqrt() * x_t
+        if self.prediction_type == "sample":
+            return (x_t - a.sqrt() * out) / (1 - a).sqrt()
+        raise InputError(f"prediction_type {self.prediction_type!r} is not supported", self.path)
+
+
+def read_info(path: str | Path) -> dict:
+    """``synthgate.json`` of a model directory, with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError("model directory does not exist", path)
+    if not path.is_dir():
+        raise InputError("is not a model directory", path)
+    info_path = path / "synthgate.json"
+    if not info_path.exists():
+        raise InputError("has no synthgate.json (not a model directory written by `synthgate train`)", path)
+    try:
+        info = json.loads(info_path.read_text())
+    except ValueError as exc:
+        raise InputError(f"synthgate.json is not valid JSON ({exc})", info_path) from exc
+    for key in ("resolution", "image_channels"):
+        if key not in info:
+            raise InputError(f"synthgate.json lacks {key!r}", info_path)
+    return info
+
+
+def load_model(path: str | Path, device="cpu") -> DiffusionModel:
+    """Load ``path`` (a model directory) onto ``device`` in eval mode."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+    path = Path(path)
+    info = read_info(path)
+    device = torch.device(device)
+    try:
+        unet = UNet2DModel.from_pretrained(path / "unet").to(device).eval()
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+        vae = AutoencoderKL.from_pretrained(path / "vae").to(device).eval() if (path / "vae").exists() else None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"cannot load the model ({' '.join(str(exc).split())[:200]})", path) from exc
+    for module in (unet, vae):
+        if module is not None:
+            module.requires_grad_(False)
+    return DiffusionModel(path, unet, scheduler, vae, info, device)
