@@ -142,9 +142,7 @@ class PhantomImage:
     index: int = 0
 
 
-def generate(patients: int = 20, images_per_patient: int = 4, size: int = 64, seed: int = 0,
-             holdout_fraction: float = 0.25, suffix: str = ".png") -> tuple[list[PhantomImage], dict[str, Anatomy]]:
-    """Render a phantom data set in memory (see :func:`write_phantoms`)."""
+def _plan(patients: int, images_per_patient: int, size: int, seed: int, holdout_fraction: float):
     if patients < 1 or images_per_patient < 1:
         raise UsageError("--patients and --images-per-patient must be at least 1")
     if size < 16 or size > 2048:
@@ -157,20 +155,33 @@ def generate(patients: int = 20, images_per_patient: int = 4, size: int = 64, se
     n_holdout = 0 if patients < 2 or holdout_fraction == 0 else min(patients - 1, max(1, round(patients * holdout_fraction)))
     holdout = set(root.choice(patients, size=n_holdout, replace=False).tolist()) if n_holdout else set()
     anatomies: dict[str, Anatomy] = {}
-    images: list[PhantomImage] = []
-    counter = 0
     for p, pid in enumerate(patient_ids):
         prng = np.random.default_rng([seed, p, 1])
         anatomy = make_anatomy(prng, pid)
         anatomy.header.update(_header(prng, p))
         anatomies[pid] = anatomy
+    return patient_ids, holdout, anatomies
+
+
+def iter_phantoms(images_per_patient: int, size: int, seed: int, suffix: str, anatomies: dict[str, Anatomy],
+                  patient_ids: list[str], holdout: set[int]):
+    """Render images one at a time (a large set never sits in memory)."""
+    counter = 0
+    for p, pid in enumerate(patient_ids):
         split = "holdout" if p in holdout else "train"
         for k in range(images_per_patient):
             irng = np.random.default_rng([seed, p, 2, k])
             label = int(irng.random() < 0.5)
             counter += 1
-            pixels = render(anatomy, size, irng, bool(label))
-            images.append(PhantomImage(f"{split}/img_{counter:05d}{suffix}", split, pid, label, pixels, counter))
+            pixels = render(anatomies[pid], size, irng, bool(label))
+            yield PhantomImage(f"{split}/img_{counter:05d}{suffix}", split, pid, label, pixels, counter)
+
+
+def generate(patients: int = 20, images_per_patient: int = 4, size: int = 64, seed: int = 0,
+             holdout_fraction: float = 0.25, suffix: str = ".png") -> tuple[list[PhantomImage], dict[str, Anatomy]]:
+    """Render a phantom data set in memory (see :func:`write_phantoms`)."""
+    patient_ids, holdout, anatomies = _plan(patients, images_per_patient, size, seed, holdout_fraction)
+    images = list(iter_phantoms(images_per_patient, size, seed, suffix, anatomies, patient_ids, holdout))
     return images, anatomies
 
 
@@ -199,16 +210,19 @@ def write_phantoms(out: str | Path, *, patients: int = 20, images_per_patient: i
         raise UsageError(f"--format {fmt!r} must be one of `png` or `dicom`")
     if bit_depth not in (8, 16):
         raise UsageError(f"--bit-depth {bit_depth} must be 8 or 16")
-    images, anatomies = generate(patients, images_per_patient, size, seed, holdout_fraction,
-                                 ".png" if fmt == "png" else ".dcm")
+    patient_ids, holdout, anatomies = _plan(patients, images_per_patient, size, seed, holdout_fraction)
+    stream = iter_phantoms(images_per_patient, size, seed, ".png" if fmt == "png" else ".dcm", anatomies,
+                           patient_ids, holdout)
+    images: list[PhantomImage] = []  # metadata only; pixels are written and dropped
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        for img in images:
+        for img in stream:
             target = tmp / img.path
             target.parent.mkdir(parents=True, exist_ok=True)
             if fmt == "png":
                 _write_png(target, img.pixels, bit_depth)
             else:
                 _write_dicom(target, img, anatomies[img.patient_id], seed)
+            images.append(PhantomImage(img.path, img.split, img.patient_id, img.label, np.empty(0), img.index))
         cols = ["path", "patient_id", "label"] if fmt == "png" else ["path", "label"]
         for split in ("train", "holdout"):
             rows = [{"path": i.path.split("/", 1)[1], "patient_id": i.patient_id, "label": i.label}
