@@ -157,6 +157,8 @@ class Check:
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
+    #: True when each finding names one synthetic image that a ``drop`` action can remove
+    per_image: ClassVar[bool] = False
     method: ClassVar[str] = ""
     references: ClassVar[tuple[str, ...]] = ()
     limitations: ClassVar[tuple[str, ...]] = ()
@@ -193,6 +195,7 @@ class Check:
 #: so listing checks (and ``audit --help``) never imports torch.
 _REGISTRY: dict[str, str] = {
     "copy_detection": "audit.copy_detection:CopyDetection",
+    "dicom_phi": "audit.dicom_phi:DicomPhi",
 }
 
 

@@ -38,8 +38,10 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     p.add_argument("--real", help="the real training set (default: from manifest.json)")
     p.add_argument("--holdout", help="real images never trained on (calibration, false-alarm rates)")
     p.add_argument("--model", help="the model directory (default: from manifest.json)")
-    p.add_argument("--checks", help="comma-separated checks to run (default: copy_detection); "
-                                    f"available: {', '.join(available_checks())}")
+    p.add_argument("--policy", default="default",
+                   help="built-in policy (default, strict, research) or a policy YAML file (default: default)")
+    p.add_argument("--checks", help="comma-separated checks to run instead of all the policy's (each then "
+                                    f"required); available: {', '.join(available_checks())}")
     p.add_argument("--param", action="append", default=[], metavar="CHECK.KEY=VALUE",
                    help="override a check setting, e.g. copy_detection.rule=holdout (repeatable)")
     p.add_argument("--out", help="output folder (default: SYNTHETIC-audit next to the synthetic set)")
@@ -49,7 +51,8 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     p.add_argument("--skip-unreadable", action="store_true",
                    help="continue past unreadable files; every skipped file is listed in audit.json")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (image bombs)")
-    sub.add_parser("validate-policy", add_help=False)
+    v = sub.add_parser("validate-policy", description="Check a release policy file; exit 0 if valid, 2 if not.")
+    v.add_argument("policy", metavar="FILE", help="policy YAML file, or a built-in name")
     sub.add_parser("report", add_help=False)
     return parser
 
@@ -78,11 +81,15 @@ def cmd_check(args) -> int:
     from synthgate.progress import set_quiet
 
     from .context import AuditContext
-    from .runner import DEFAULT_CHECKS, build_audit, check_overlap, resolve_inputs, run_checks, write_outputs
+    from policies.schema import CheckPolicy, load_policy
+
+    from .runner import build_audit, check_overlap, resolve_inputs, run_policy, write_outputs
 
     if args.json:
         set_quiet(True)
-    checks = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else list(DEFAULT_CHECKS)
+    policy = load_policy(args.policy)
+    only = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else None
+    checks = only or list(policy.policy.checks)
     for c in checks:
         if c not in available_checks():
             import difflib
@@ -90,7 +97,12 @@ def cmd_check(args) -> int:
             near = difflib.get_close_matches(c, available_checks(), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise UsageError(f"--checks: unknown check {c!r}{hint}; available: {', '.join(available_checks())}")
-    params = parse_params(args.param, checks)
+    overrides = parse_params(args.param, checks)
+    for name in checks:
+        rule = policy.policy.checks.get(name) or CheckPolicy()
+        # a check named on the command line is one the user wants: missing inputs are an error
+        policy.policy.checks[name] = rule.model_copy(update={
+            "settings": {**rule.settings, **overrides[name]}, "required": rule.required or bool(only)})
     inputs = resolve_inputs(args.synthetic, args.real, args.holdout, args.model)
 
     def load(path):
@@ -106,8 +118,9 @@ def cmd_check(args) -> int:
         ctx = AuditContext(synthetic=synthetic, real=real, holdout=holdout, model=inputs.model,
                            device=args.device or "auto", seed=args.seed, workdir=Path(work) / "files")
         check_overlap(ctx)
-        results = run_checks(ctx, params, strict=True)
-        audit = build_audit(ctx, results, inputs, command=args.argv)
+        results, decision, _ = run_policy(ctx, policy, only=only)
+        audit = build_audit(ctx, results, decision, inputs, policy=policy, command=args.argv)
+        audit["policy"]["overrides"] = {k: v for k, v in overrides.items() if v}
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         write_outputs(out, audit, ctx.workdir)
     if args.json:
@@ -115,6 +128,20 @@ def cmd_check(args) -> int:
     else:
         print(format_summary(audit, out))
     return clikit.EXIT_OK if audit["verdict"] == "pass" else clikit.EXIT_FAIL
+
+
+def cmd_validate_policy(args) -> int:
+    from policies.schema import load_policy
+
+    loaded = load_policy(args.policy)
+    p = loaded.policy
+    print(f"{loaded.source}: valid policy {p.name!r} (sha256 {loaded.sha256[:12]})")
+    for name, cp in p.checks.items():
+        req = "required" if cp.required else "optional"
+        print(f"  {name:<22} {req:<9} on finding: {cp.action:<6} on inconclusive: {cp.on_inconclusive}"
+              + (f"  settings: {cp.settings}" if cp.settings else ""))
+    print(f"  max_drop_fraction {p.max_drop_fraction:g}")
+    return clikit.EXIT_OK
 
 
 def format_summary(audit: dict, out: Path) -> str:
@@ -131,11 +158,13 @@ def format_summary(audit: dict, out: Path) -> str:
 def _run(argv: Sequence[str], prog: str) -> int:
     parser = build_parser(prog)
     args, rest = parser.parse_known_args(argv)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "check":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.argv = [*prog.split(), *argv]
         return cmd_check(args)
+    if args.command == "validate-policy":
+        return cmd_validate_policy(args)
     return clikit.not_yet_available(f"{prog} {args.command}")
 
 

@@ -139,6 +139,7 @@ def _components(pairs: list[tuple[int, int]]) -> list[list[int]]:
 class CopyDetection(Check):
     name = "copy_detection"
     requires = ("real",)
+    per_image = True
     method = ("Exact nearest training image under Carlini's tiled normalised L2 distance (RMS difference per tile "
               "of a grid, maximum over tiles), with Carlini's calibrated distance; decision by the policy's rule; "
               "planted near-copies as a positive control.")

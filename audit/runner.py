@@ -19,7 +19,6 @@ from .base import CheckResult, check_class, create_check
 from .context import AuditContext
 
 SCHEMA_VERSION = 1
-DEFAULT_CHECKS = ("copy_detection",)
 
 _NEEDS = {
     "real": "the real training set (--real, or a manifest.json naming it)",
@@ -128,55 +127,130 @@ def check_overlap(ctx: AuditContext) -> None:
                          f"(e.g. {names[0]}); a holdout must be unseen", ctx.holdout.root)
 
 
-def decide(results: list[CheckResult]) -> tuple[str, list[str]]:
-    """The gate without a policy: every check must pass (warn allowed, skipped noted)."""
-    reasons = []
-    for r in results:
-        if r.status == "error":
-            reasons.append(f"{r.name}: invalid ({r.reason})")
-        elif r.status in ("fail", "inconclusive"):
-            reasons.append(f"{r.name}: {r.status} ({r.reason})")
-    return ("fail" if reasons else "pass"), reasons
+@dataclass
+class Decision:
+    """The gate's outcome: verdict, why, and which images were dropped by which check and why."""
+
+    verdict: str
+    reasons: list[str]
+    dropped: dict[str, dict]  # synthetic key -> {"check": name, "reason": ...} (the finding that dropped it)
+    rounds: list[dict]
 
 
-def run_checks(ctx: AuditContext, checks: Mapping[str, Mapping[str, Any]], strict: bool = True) -> list[CheckResult]:
-    """Run each check (in order) and collect every result before anything is decided."""
-    from synthgate.progress import set_quiet  # noqa: F401  (progress follows ctx.progress)
-
-    instances = {}
+def _instances(checks: Mapping[str, Mapping[str, Any]]):
+    out = {}
     for name, params in checks.items():
         try:
-            instances[name] = create_check(name, **dict(params))
+            out[name] = create_check(name, **dict(params))
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-    results = []
-    for name, check in instances.items():
-        missing = missing_requirements(name, ctx)
-        if missing:
-            if strict:
-                raise UsageError(f"check {name} needs {'; '.join(missing)}")
-            results.append(check.result("skipped", "needs " + "; ".join(missing)))
-            continue
-        start = time.perf_counter()
-        result = check.run(ctx)
-        results.append(_with_seconds(result, time.perf_counter() - start))
-    return results
+    return out
 
 
-def _with_seconds(result: CheckResult, seconds: float) -> CheckResult:
+def _run_one(check, ctx: AuditContext, required: bool) -> CheckResult:
     from dataclasses import replace
 
-    return replace(result, seconds=seconds)
+    missing = missing_requirements(check.name, ctx)
+    if missing:
+        if required:
+            raise UsageError(f"check {check.name} is required but needs {'; '.join(missing)}")
+        return check.result("skipped", "needs " + "; ".join(missing))
+    start = time.perf_counter()
+    result = check.run(ctx)
+    return replace(result, seconds=time.perf_counter() - start)
 
 
-def build_audit(ctx: AuditContext, results: list[CheckResult], inputs: AuditInputs, policy: dict | None = None,
-                command: list[str] | None = None) -> dict:
-    verdict, reasons = decide(results)
+def _files_of(keys: set[str], synthetic: ImageSet) -> set[str]:
+    """Dropping one frame of a multi-frame file drops the whole file (a file is what ships)."""
+    paths = {r.path for r in synthetic.records if r.key in keys}
+    return {r.key for r in synthetic.records if r.path in paths}
+
+
+def _without(ctx: AuditContext, dropped) -> AuditContext:
+    from dataclasses import replace
+
+    keep = [i for i, r in enumerate(ctx.synthetic.records) if r.key not in dropped]
+    sub = replace(ctx, synthetic=ctx.synthetic.subset(keep))
+    sub.__dict__["geometry"] = ctx.geometry  # the same comparison geometry as the whole audit
+    return sub
+
+
+def run_policy(ctx: AuditContext, policy, only: list[str] | None = None, max_rounds: int = 3):
+    """Run a policy's checks, apply its actions, and decide.
+
+    Per-image checks run first on the whole set.  Images flagged by a check
+    whose action is ``drop`` are removed and the per-image checks re-run on
+    what remains (privacy-enhancing sampling, as Packhäuser et al. 2023 filter
+    synthetic chest X-rays), up to ``max_rounds``; set-level checks then run
+    once on the final set.  If drops would remove more than the policy's
+    ``max_drop_fraction``, the release is blocked instead.
+
+    Returns ``(results, decision, final_context)``.
+    """
+    from policies.schema import CheckPolicy
+
+    names = list(only) if only else list(policy.policy.checks)
+    rules = {n: policy.policy.checks.get(n) or CheckPolicy() for n in names}
+    checks = _instances({n: rules[n].settings for n in names})
+    per_image = [n for n in names if checks[n].per_image]
+    set_level = [n for n in names if not checks[n].per_image]
+    n_total = len(ctx.synthetic)
+    limit = policy.policy.max_drop_fraction * n_total
+    dropped: dict[str, dict] = {}
+    rounds: list[dict] = []
+    results: dict[str, CheckResult] = {}
+    current = ctx
+    for round_no in range(1, max_rounds + 1):
+        new: dict[str, dict] = {}
+        for n in per_image:
+            r = results[n] = _run_one(checks[n], current, rules[n].required)
+            if r.status == "fail" and rules[n].action == "drop":
+                why = {f.synthetic: f.reason for f in r.flagged}
+                for key in sorted(_files_of(set(why), current.synthetic)):
+                    new.setdefault(key, {"check": n, "reason": why.get(key, "another frame of this file was flagged")})
+        rounds.append({"round": round_no, "images": len(current.synthetic), "dropped": len(new)})
+        if not new:
+            break
+        dropped.update(new)
+        if len(dropped) > limit or len(dropped) == n_total:
+            break  # too much to filter: the last results stand and the gate blocks
+        current = _without(ctx, dropped)
+    over = len(dropped) > limit or (bool(dropped) and len(dropped) == n_total)
+    if not over:
+        for n in set_level:
+            results[n] = _run_one(checks[n], current, rules[n].required)
+    ordered = [results[n] for n in names if n in results]
+    return ordered, _decide(ordered, rules, dropped, n_total, policy.policy.max_drop_fraction, rounds), current
+
+
+def _decide(results, rules, dropped, n_total, max_drop, rounds) -> Decision:
+    reasons = []
+    if dropped and (len(dropped) > max_drop * n_total or len(dropped) == n_total):
+        reasons.append(f"drop actions would remove {len(dropped)} of {n_total} images, more than the policy's "
+                       f"max_drop_fraction {max_drop:g}: the model leaks too much to filter")
+    for r in results:
+        rule = rules[r.name]
+        if r.status == "error":
+            reasons.append(f"{r.name}: invalid ({r.reason})")
+        elif r.status == "fail" and rule.action in ("block", "drop"):
+            reasons.append(f"{r.name}: fail ({r.reason})")
+        elif r.status == "inconclusive" and rule.on_inconclusive == "fail":
+            reasons.append(f"{r.name}: inconclusive ({r.reason})")
+    return Decision("fail" if reasons else "pass", reasons, dropped, rounds)
+
+
+def build_audit(ctx: AuditContext, results: list[CheckResult], decision: Decision, inputs: AuditInputs,
+                policy=None, command: list[str] | None = None) -> dict:
+    """The ``audit.json`` document (DESIGN.md contract)."""
     controls = {r.name: [c.to_dict() for c in r.controls] for r in results if r.controls}
     control_ok = all(c["passed"] for cs in controls.values() for c in cs if c["kind"] == "positive")
-    keys = ctx.synthetic.keys
-    dropped: list[str] = []
-    released = [k for k in keys if k not in set(dropped)] if verdict == "pass" else []
+    verdict, reasons = decision.verdict, list(decision.reasons)
+    if not control_ok and verdict == "pass":  # never a pass with a failed control
+        verdict = "fail"
+        reasons.append("a positive control failed: the audit is invalid")
+    dropped = sorted(decision.dropped)
+    released = [k for k in ctx.synthetic.keys if k not in decision.dropped] if verdict == "pass" else []
+    # ``ctx`` is the whole synthetic set; the checks' results describe what remained after drops
     model = None
     if ctx.model is not None:
         model = {"path": str(ctx.model), "sha256": digest_folder(ctx.model) if ctx.model.is_dir() else None}
@@ -194,12 +268,14 @@ def build_audit(ctx: AuditContext, results: list[CheckResult], inputs: AuditInpu
             "geometry": {"height": geo.height, "width": geo.width, "channels": geo.channels, "notes": list(geo.notes)},
             "notes": inputs.notes,
         },
-        "policy": policy or {"name": "checks-only", "sha256": None, "checks": [r.name for r in results]},
+        "policy": policy.to_dict() if policy is not None else None,
         "checks": [r.to_dict() for r in results],
         "control": {"passed": control_ok, "checks": controls},
         "verdict": verdict,
         "verdict_reasons": reasons,
         "dropped": dropped,
+        "dropped_evidence": {k: decision.dropped[k] for k in dropped},
+        "drop_rounds": decision.rounds,
         "released": released,
         "patient_hash_salt_id": salt_id(),
         "versions": _versions(),

@@ -1,0 +1,132 @@
+"""Policies: schema validation at load time, and the gate's actions (block, drop + re-audit, warn)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from audit import cli as audit_cli
+from audit.base import Check, _REGISTRY, register_check
+from policies.schema import BUILTIN, load_policy, parse_policy
+from synthgate.errors import ConfigError
+from synthgate.phantoms import generate, write_phantoms
+
+
+class Inconclusive(Check):
+    """A check that can never vouch (for testing the gate's on_inconclusive rule)."""
+
+    name = "always_inconclusive"
+
+    def run(self, ctx):
+        return self.result("inconclusive", "the attack could not beat its baseline")
+
+
+@pytest.fixture
+def inconclusive_check():
+    register_check("always_inconclusive", "test_policies:Inconclusive")
+    yield
+    _REGISTRY.pop("always_inconclusive")
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_builtin_policies_are_valid(name):
+    loaded = load_policy(name)
+    assert loaded.name == name and loaded.policy.checks and len(loaded.sha256) == 64
+    assert "#" in loaded.text  # thresholds come with comments explaining them
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: x\nchecks: {copy_detection: {}}\nmax_drop_fracton: 0.1\n", "did you mean 'max_drop_fraction'"),
+    ("name: x\nchecks: {copy_detektion: {}}\n", "did you mean 'copy_detection'"),
+    ("name: x\nchecks: {copy_detection: {acton: drop}}\n", "did you mean 'action'"),
+    ("name: x\nchecks: {copy_detection: {action: delete}}\n", "checks.copy_detection.action"),
+    ("name: x\nchecks: {copy_detection: {settings: {treshold: 0.2}}}\n", "did you mean 'threshold'"),
+    ("name: x\nchecks: {copy_detection: {settings: {rule: magic}}}\n", "rule 'magic' must be one of"),
+    ("name: x\nchecks: {}\n", "at least one check"),
+    ("checks: {copy_detection: {}}\n", "name"),
+    ("- a list\n", "YAML mapping"),
+    ("name: [unclosed\n", "not valid YAML"),
+])
+def test_policy_errors_are_clear(text, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_policy(text, "my.yaml")
+    assert str(err.value).startswith("my.yaml:") and "\n" not in str(err.value)
+
+
+def test_validate_policy_cli(tmp_path, capsys):
+    good = tmp_path / "p.yaml"
+    good.write_text("name: mine\nchecks:\n  copy_detection: {action: drop, settings: {rule: calibrated}}\n")
+    assert audit_cli.main(["validate-policy", str(good)]) == 0
+    assert "valid policy 'mine'" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: mine\nchecks:\n  copy_detection: {settings: {alfa: 1}}\n")
+    assert audit_cli.main(["validate-policy", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'alpha'" in err and len(err.strip().splitlines()) == 1
+    assert audit_cli.main(["validate-policy", str(tmp_path / "strikt")]) == 2
+    assert audit_cli.main(["validate-policy", "strict"]) == 0
+
+
+@pytest.fixture(scope="module")
+def gate_case(tmp_path_factory):
+    """20 novel synthetic images, one of them a planted near-copy of a training image."""
+    root = tmp_path_factory.mktemp("gate")
+    write_phantoms(root / "p", patients=24, images_per_patient=4, size=32, seed=21)
+    novel, _ = generate(patients=10, images_per_patient=2, size=32, seed=22)
+    (root / "syn").mkdir()
+    for i, im in enumerate(novel[:19]):
+        Image.fromarray(np.round(im.pixels * 255).astype(np.uint8)).save(root / "syn" / f"s{i:02d}.png")
+    src = sorted((root / "p" / "train").glob("*.png"))[3]
+    x = np.asarray(Image.open(src), np.float64) / 255 + np.random.default_rng(0).normal(0, 0.01, (32, 32))
+    Image.fromarray(np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)).save(root / "syn" / "zz_copy.png")
+    return root
+
+
+def run(capsys, case, tmp_path, *extra):
+    code = audit_cli.main(["check", str(case / "syn"), "--real", str(case / "p" / "train"), "--holdout",
+                           str(case / "p" / "holdout"), "--out", str(tmp_path / "o"), "--json", *extra])
+    out, err = capsys.readouterr()
+    return code, json.loads(out) if out.strip() else err
+
+
+def test_drop_action_removes_the_copy_and_reaudits(gate_case, capsys, tmp_path):
+    code, audit = run(capsys, gate_case, tmp_path)  # default policy: copy_detection drops
+    assert code == 0, audit["verdict_reasons"]
+    assert audit["verdict"] == "pass" and audit["dropped"] == ["zz_copy.png"]
+    assert audit["dropped_evidence"]["zz_copy.png"]["check"] == "copy_detection"
+    assert "zz_copy.png" not in audit["released"] and len(audit["released"]) == 19
+    assert [r["dropped"] for r in audit["drop_rounds"]] == [1, 0]  # the re-audit found nothing more
+    copy = next(c for c in audit["checks"] if c["name"] == "copy_detection")
+    assert copy["status"] == "pass" and copy["metrics"]["n_synthetic"] == 19  # the re-audit's result
+    assert (tmp_path / "o" / "dropped.txt").read_text() == "zz_copy.png\n"
+    assert audit["policy"]["name"] == "default" and len(audit["policy"]["sha256"]) == 64
+
+
+def test_drop_beyond_max_fraction_blocks(gate_case, capsys, tmp_path):
+    policy = tmp_path / "tight.yaml"
+    policy.write_text("name: tight\nmax_drop_fraction: 0.01\nchecks:\n  copy_detection: {action: drop}\n")
+    code, audit = run(capsys, gate_case, tmp_path, "--policy", str(policy))
+    assert code == 1 and audit["released"] == []
+    assert "max_drop_fraction" in " ".join(audit["verdict_reasons"])
+
+
+def test_block_and_warn_actions(gate_case, capsys, tmp_path):
+    code, audit = run(capsys, gate_case, tmp_path, "--policy", "strict")
+    assert code == 1 and audit["dropped"] == [] and audit["released"] == []
+    code, audit = run(capsys, gate_case, tmp_path, "--policy", "research")
+    assert code == 0 and audit["checks"][0]["status"] == "fail" and len(audit["released"]) == 20
+
+
+def test_inconclusive_fails_unless_policy_says_warn(gate_case, capsys, tmp_path, inconclusive_check):
+    for on, expected in (("fail", 1), ("warn", 0)):
+        policy = tmp_path / f"{on}.yaml"
+        policy.write_text(f"name: t\nchecks:\n  always_inconclusive: {{on_inconclusive: {on}}}\n")
+        code, audit = run(capsys, gate_case, tmp_path, "--policy", str(policy))
+        assert code == expected, audit
+
+
+def test_required_check_without_inputs_is_a_usage_error(gate_case, capsys, tmp_path):
+    code = audit_cli.main(["check", str(gate_case / "syn"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "copy_detection is required" in capsys.readouterr().err
