@@ -53,7 +53,7 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (image bombs)")
     v = sub.add_parser("validate-policy", description="Check a release policy file; exit 0 if valid, 2 if not.")
     v.add_argument("policy", metavar="FILE", help="policy YAML file, or a built-in name")
-    sub.add_parser("report", add_help=False)
+    sub.add_parser("report", add_help=False)  # reports.cli parses its own arguments
     return parser
 
 
@@ -122,6 +122,9 @@ def cmd_check(args) -> int:
         audit = build_audit(ctx, results, decision, inputs, policy=policy, command=args.argv)
         audit["policy"]["overrides"] = {k: v for k, v in overrides.items() if v}
         ctx.workdir.mkdir(parents=True, exist_ok=True)
+        from reports.cli import write_report
+
+        write_report(audit, ctx.workdir / "report.html", synthetic=synthetic)
         write_outputs(out, audit, ctx.workdir)
     if args.json:
         clikit.emit_json(audit)
@@ -150,13 +153,23 @@ def format_summary(audit: dict, out: Path) -> str:
         lines.append(f"  {c['name']:<22} {c['status']:<12} {c['reason']}")
     for r in audit["verdict_reasons"]:
         lines.append(f"  - {r}")
+    if audit["dropped"]:
+        by: dict[str, int] = {}
+        for e in audit["dropped_evidence"].values():
+            by[e["check"]] = by.get(e["check"], 0) + 1
+        lines.append(f"dropped {len(audit['dropped'])} image(s) ({', '.join(f'{k}: {v}' for k, v in by.items())}); "
+                     "the checks above describe what remained")
     lines.append(f"released {len(audit['released'])} of {audit['inputs']['synthetic']['n_images']} images; "
-                 f"outputs in {out}")
+                 f"report: {out / 'report.html'}")
     return "\n".join(lines)
 
 
 def _run(argv: Sequence[str], prog: str) -> int:
     parser = build_parser(prog)
+    if argv and argv[0] == "report":
+        from reports.cli import main as report_main
+
+        return report_main(list(argv[1:]), prog=f"{prog} report")
     args, rest = parser.parse_known_args(argv)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -301,8 +301,9 @@ class CopyDetection(Check):
             if dup["training"].get("pairs_across_patients", 0):
                 warnings.append(f"{dup['training']['pairs_across_patients']} near-duplicate training pairs belong "
                                 "to different patients (a curation problem that makes memorisation likelier)")
+        data = {"histograms": _histograms(s_dist[:, 0], h_dist, thresholds),
+                "duplicate_examples": {k: v.pop("_examples") for k, v in dup.items()}}
         metrics["duplicates"] = dup
-        data = {"histograms": _histograms(s_dist[:, 0], h_dist, thresholds)}
         if embedding is not None:
             metrics["embedding"] = embedding
 
@@ -466,8 +467,10 @@ class CopyDetection(Check):
             "images_in_pairs": len({i for p in pairs for i in p}),
             "largest_group": len(groups[0]) if groups else 0,
             "nearest_distance": summary(dist[:, 0]),
-            "examples": [[imageset.records[a].key, imageset.records[b].key] for a, b in pairs[:10]],
         }
+        # example pairs name files: training file names can carry identifiers, so they go to ``data``
+        # (audit.json, internal report), never into metrics that the shareable report prints
+        out["_examples"] = [[imageset.records[a].key, imageset.records[b].key] for a, b in pairs[:10]]
         if patients:
             same = sum(1 for a, b in pairs if imageset.records[a].patient_id == imageset.records[b].patient_id)
             out["pairs_same_patient"] = same

@@ -91,7 +91,7 @@ class LoadedPolicy:
         return {name: dict(cp.settings) for name, cp in self.policy.checks.items()}
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "source": self.source, "sha256": self.sha256,
+        return {"name": self.name, "source": self.source, "sha256": self.sha256, "text": self.text,
                 "max_drop_fraction": self.policy.max_drop_fraction,
                 "checks": {n: cp.model_dump() for n, cp in self.policy.checks.items()}}
 

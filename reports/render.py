@@ -1,0 +1,182 @@
+"""Render an ``audit.json`` as one self-contained HTML file (inline CSS, plots as data URIs).
+
+Shareable by default: the report never shows real patient images, never
+shows a synthetic image that a check flagged (by the audit's own finding it
+is patient data), never prints a DICOM header value, and names real images
+only by a salted hash of their path (hospital file names can carry MRNs).
+``internal=True`` adds the flagged images next to their nearest training
+image and the real paths, and marks every page as internal.
+
+Check results feed plots through conventions in their ``data``:
+``histograms`` (``{"edges", <series>: counts, "lines": {name: x}}`` or a
+mapping of titles to such specs), ``roc`` (``{name: {"fpr", "tpr"}}``) and
+``table`` (``{"title", "columns", "rows"}``).
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from synthgate.privacy import hash_id
+
+from . import plots
+
+MAX_THUMBNAILS = 24
+MAX_FLAGGED_ROWS = 200
+
+
+def _is_estimate(value) -> bool:
+    return isinstance(value, dict) and "value" in value and set(value) <= {"value", "ci", "n", "note"}
+
+
+def _is_summary(value) -> bool:
+    return isinstance(value, dict) and {"n", "min", "median", "max"} <= set(value)
+
+
+def _fmt(value: Any) -> str:
+    if _is_summary(value):
+        return (f"median {_fmt(value['median'])} (5–95%: {_fmt(value.get('p05'))}–{_fmt(value.get('p95'))}; "
+                f"range {_fmt(value['min'])}–{_fmt(value['max'])}; n={value['n']})")
+    if _is_estimate(value):
+        out = _fmt(value["value"])
+        if value.get("ci"):
+            out += f" [{_fmt(value['ci'][0])}, {_fmt(value['ci'][1])}]"
+        if value.get("n") is not None:
+            out += f" (n={value['n']})"
+        if value.get("note"):
+            out += f" — {value['note']}"
+        return out
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "—"}[value]
+    if isinstance(value, list):
+        shown = ", ".join(_fmt(v) for v in value[:8])
+        return f"[{shown}{', …' if len(value) > 8 else ''}]"
+    return str(value)
+
+
+def _rows(metrics: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and not _is_estimate(value) and not _is_summary(value) and depth < 2:
+            rows += _rows(value, name + " · ", depth + 1)
+        else:
+            rows.append((name, _fmt(value)))
+    return rows
+
+
+def _redact_real(value: str, internal: bool) -> str:
+    return value if internal else "real image " + hash_id("path:" + value)[3:]
+
+
+def _plots(data: dict, check: str) -> list[str]:
+    out = []
+    hist = data.get("histograms")
+    if hist:
+        specs = {check: hist} if "edges" in hist else hist
+        out += [plots.histogram(spec, title) for title, spec in specs.items() if spec.get("edges")]
+    if data.get("roc"):
+        out.append(plots.roc(data["roc"], f"{check}: ROC (log-log)"))
+    return out
+
+
+def _flagged(check: dict, internal: bool) -> list[dict]:
+    rows = []
+    for f in check.get("flagged", [])[:MAX_FLAGGED_ROWS]:
+        evidence = {k: v for k, v in f.items() if k not in ("synthetic", "reason")}
+        if "real" in evidence and evidence["real"]:
+            evidence["real"] = _redact_real(str(evidence["real"]), internal)
+        reason = f["reason"]
+        if not internal and f.get("real"):
+            reason = reason.replace(str(f["real"]), evidence["real"])
+        rows.append({"synthetic": f["synthetic"], "reason": reason,
+                     "evidence": ", ".join(f"{k}: {_fmt(v)}" for k, v in evidence.items() if v is not None)})
+    return rows
+
+
+def _open_set(entry: dict | None):
+    from synthgate.imageset import ImageSet
+
+    if not entry or not Path(entry["path"]).is_dir():
+        return None
+    try:
+        s = ImageSet(entry["path"], skip_unreadable=True)
+    except Exception:  # the report must render even if the data moved
+        return None
+    return s if s.digest == entry.get("sha256") else None
+
+
+def _thumbnails(audit: dict, synthetic, real, internal: bool) -> tuple[list[dict], list[dict], str | None]:
+    """Released thumbnails (shareable) and flagged pairs (internal only)."""
+    if synthetic is None:
+        return [], [], "the synthetic set could not be opened (moved or changed since the audit); no thumbnails"
+    index = {r.key: i for i, r in enumerate(synthetic.records)}
+    # a flagged image is patient data by the audit's own finding, even when a 'warn' policy released it
+    flagged = {f["synthetic"] for c in audit["checks"] for f in c.get("flagged", [])}
+    released = [k for k in audit.get("released", []) if k in index and k not in flagged][:MAX_THUMBNAILS]
+    thumbs = [{"key": k, "uri": plots.thumbnail_uri(synthetic.load(index[k]))} for k in released]
+    pairs = []
+    if internal:
+        real_index = {r.key: i for i, r in enumerate(real.records)} if real is not None else {}
+        for check in audit["checks"]:
+            for f in check.get("flagged", [])[:MAX_THUMBNAILS]:
+                if f["synthetic"] not in index:
+                    continue
+                pair = {"check": check["name"], "synthetic": f["synthetic"],
+                        "uri": plots.thumbnail_uri(synthetic.load(index[f["synthetic"]]))}
+                if f.get("real") in real_index:
+                    pair["real"] = f["real"]
+                    pair["real_uri"] = plots.thumbnail_uri(real.load(real_index[f["real"]]))
+                pairs.append(pair)
+    return thumbs, pairs, None
+
+
+def build_context(audit: dict, internal: bool = False, synthetic=None, real=None) -> dict:
+    """Everything the template shows, already made safe for the chosen audience."""
+    checks = []
+    for c in audit["checks"]:
+        checks.append({
+            "name": c["name"], "status": c["status"], "reason": c["reason"], "method": c.get("method", ""),
+            "references": c.get("references", []), "limitations": c.get("limitations", []),
+            "thresholds": _rows(c.get("thresholds", {})), "metrics": _rows(c.get("metrics", {})),
+            "controls": c.get("controls", []), "flagged": _flagged(c, internal), "n_flagged": len(c.get("flagged", [])),
+            "plots": _plots(c.get("data") or {}, c["name"]), "table": (c.get("data") or {}).get("table"),
+            "seconds": c.get("seconds"),
+        })
+    if synthetic is None:
+        synthetic = _open_set(audit["inputs"].get("synthetic"))
+    if real is None and internal:
+        real = _open_set(audit["inputs"].get("real"))
+    thumbs, pairs, thumb_note = _thumbnails(audit, synthetic, real, internal)
+    inputs = []
+    for name in ("synthetic", "real", "holdout"):
+        e = audit["inputs"].get(name)
+        if e:
+            inputs.append({"name": name, "path": e["path"], "n": e["n_images"], "sha256": e["sha256"],
+                           "skipped": e.get("skipped", [])})
+    model = audit["inputs"].get("model")
+    policy = audit.get("policy") or {}
+    return {
+        "audit": audit, "internal": internal, "checks": checks, "inputs": inputs, "model": model,
+        "geometry": audit["inputs"].get("geometry", {}), "policy": policy,
+        "policy_rules": [(n, r) for n, r in (policy.get("checks") or {}).items()],
+        "thumbnails": thumbs, "pairs": pairs, "thumb_note": thumb_note,
+        "n_synthetic": audit["inputs"]["synthetic"]["n_images"], "fmt": _fmt,
+        "dropped": [{"key": k, "check": (audit.get("dropped_evidence") or {}).get(k, {}).get("check", "")}
+                    for k in audit.get("dropped", [])],
+    }
+
+
+def render_html(audit: dict, internal: bool = False, synthetic=None, real=None) -> str:
+    """The report as one HTML string."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("reports", "templates"),
+                             autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
+    env.filters["fmt"] = _fmt
+    css = (Path(__file__).parent / "templates" / "report.css").read_text()
+    return env.get_template("report.html").render(css=css, esc=html.escape,
+                                                  **build_context(audit, internal, synthetic, real))
