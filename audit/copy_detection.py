@@ -199,16 +199,32 @@ class CopyDetection(Check):
             idx = order[start:start + size]
             yield idx, np.concatenate([b for _, b in ctx.batches(imageset, self.params["batch_size"], idx)])
 
-    def _search_set(self, ctx, search, imageset, k, what, exclude_self=False):
+    def _search_set(self, ctx, search, imageset, k, what):
+        """Nearest training images of every image in ``imageset``: the nearest proven exact, and the
+        ``k`` nearest exact wherever the calibrated decision (< 1) depends on them."""
         idx_all, dist_all = [], []
         for idx, queries in progress_bar(self._query_chunks(ctx, imageset), desc=f"copy: search {what}",
                                          unit="chunk", enabled=ctx.progress):
-            i, d = search.search(queries, k=k, exclude=idx if exclude_self else None)
+            i, d = self._search(search, queries, k)
             idx_all.append(i)
             dist_all.append(d)
         return np.concatenate(idx_all), np.concatenate(dist_all)
 
+    def _search(self, search, queries, k):
+        nb = search.search(queries, k=k, exact_k=1)
+        idx, dist = nb.indices.copy(), nb.distances.copy()
+        # the mean over the evaluated k nearest is >= the true mean, the mean of the lower bounds <= it:
+        # only where the two sides of that bracket disagree about "calibrated < 1" must the k nearest be proven
+        cal = self._calibrated(dist)
+        cal_hi = self._calibrated(np.concatenate([dist[:, :1], nb.lower()[:, 1:]], axis=1))
+        unsure = np.nonzero((cal < 1.0) & (cal_hi >= 1.0))[0]
+        if len(unsure):
+            sure = search.search(queries[unsure], k=k, exact_k=k)
+            idx[unsure], dist[unsure] = sure.indices, sure.distances
+        return idx, dist
+
     def _calibrated(self, dist: np.ndarray) -> np.ndarray:
+        """Carlini's calibrated distance: nearest / (alpha * mean of the n nearest, the nearest included)."""
         n = min(int(self.params["n_neighbors"]), dist.shape[1])
         mean = dist[:, :n].mean(1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -350,7 +366,7 @@ class CopyDetection(Check):
         sources = rng.choice(len(ctx.real), size=min(n, len(ctx.real)), replace=False)
         transforms = [TRANSFORMS[i % len(TRANSFORMS)] for i in range(len(sources))]
         planted = np.stack([plant(real_loader.one(int(s)), t, rng) for s, t in zip(sources, transforms)])
-        idx, dist = search.search(planted, k=k)
+        idx, dist = self._search(search, planted, k)
         caught = flag_fn(dist[:, 0], self._calibrated(dist))
         found_source = idx[:, 0] == sources
         missed = [f"{t} (distance {d:.4f})" for t, d, c in zip(transforms, dist[:, 0], caught) if not c]
@@ -455,7 +471,7 @@ class CopyDetection(Check):
         for start in range(0, len(queries), 1024):
             q = queries[start:start + 1024]
             # enough neighbours that a clique of Carlini's size (10) is joined in full
-            i, d = search.search(loader(q), k=min(16, n - 1), exclude=q)
+            i, d = search.search(loader(q), k=min(16, n - 1), exclude=q, exact_k=1, radius=tau)
             idx.append(i)
             dist.append(d)
         idx, dist = np.concatenate(idx), np.concatenate(dist)
