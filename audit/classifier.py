@@ -16,7 +16,7 @@ data they were trained on, which is what the utility check compares.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +308,3 @@ def train_classifier(x, y, n_classes: int, config: TrainConfig, normalizer: Norm
     if not math.isfinite(loss_v):
         raise FloatingPointError(f"classifier training diverged (loss {loss_v}); lower lr")
     return TrainedClassifier(model, normalizer, channels, device, steps, loss_v)
-
-
-def with_overrides(config: TrainConfig, **kw) -> TrainConfig:
-    return replace(config, **kw)

@@ -126,18 +126,22 @@ class Fidelity(Check):
                                                float(p["intensity_effect"]))
         big = [t for t in metrics["intensity"]["tests"] if t.get("flag")]
         if big:
-            warns.append("intensity differs between real and synthetic images: " + "; ".join(
-                f"{t['statistic']} of class {t['class']} (d = {t['cohens_d']:+.2f}, q = {t['q']:.2g})" for t in big[:4]))
+            shown = [f"{t['statistic']} of class {t['class']} (d = {t['cohens_d']:+.2f}, q = {t['q']:.2g})"
+                     for t in big[:4]]
+            warns.append("intensity differs between real and synthetic images: " + "; ".join(shown))
 
         metrics["nearest_ssim"] = self._nearest_ssim(ctx, x_real, x_syn)
         gap = metrics["nearest_ssim"].get("median_difference")
-        if gap is not None and gap > float(p["max_ssim_gap"]) and (metrics["nearest_ssim"]["test"].get("p") or 1) < float(p["alpha"]):
+        ssim_p = metrics["nearest_ssim"].get("test", {}).get("p")
+        if gap is not None and gap > float(p["max_ssim_gap"]) and ssim_p is not None and ssim_p < float(p["alpha"]):
             warns.append(f"synthetic images are more alike than real ones (median nearest-SSIM {gap:+.3f} above "
                          "real): lost variety, mode collapse or memorisation")
 
         prdc, controls = self._prdc(ctx, x_real, x_syn, real, idx_r)
         metrics["prdc"] = prdc
-        fails += prdc.pop("fails")
+        prdc_fails = prdc.pop("fails")
+        if controls and controls[1].passed:  # the rules are only trusted when independent real data pass them
+            fails += prdc_fails
 
         metrics["inception"] = self._inception(ctx, x_real, x_syn)
         fid = metrics["inception"].get("fid")
@@ -150,14 +154,16 @@ class Fidelity(Check):
         data = {"nearest_ssim": metrics["nearest_ssim"].pop("histogram", None),
                 "intensity": metrics["intensity"].pop("histograms", None)}
         metrics["warnings"] = warns + notes
-        pos, neg = controls
-        if not pos.passed:
+        pos, neg = controls or (None, None)
+        if pos is not None and not pos.passed:
             status, reason = "error", f"positive control failed: {pos.detail}; the check cannot see lost variety"
+        elif fails:
+            status, reason = "fail", "; ".join(fails)
+        elif pos is None:
+            status, reason = "inconclusive", prdc["note"]
         elif not neg.passed:
             status, reason = "inconclusive", (f"negative control failed: {neg.detail}; the precision/coverage rules "
                                               "flag independent real images at this sample size")
-        elif fails:
-            status, reason = "fail", "; ".join(fails)
         elif warns:
             status, reason = "warn", "; ".join(warns)
         else:
@@ -165,7 +171,8 @@ class Fidelity(Check):
                                       "every real class is represented, no large intensity or variety difference")
         if status in ("fail", "error", "inconclusive") and warns:
             reason += "; also: " + "; ".join(warns)
-        return self.result(status, reason, metrics=metrics, thresholds=thresholds, controls=controls, data=data)
+        return self.result(status, reason, metrics=metrics, thresholds=thresholds, controls=controls or (),
+                           data=data)
 
     # -------------------------------------------------------------- pieces
 
@@ -199,7 +206,7 @@ class Fidelity(Check):
                             **{k: np.histogram(v, edges)[0].tolist() for k, v in values.items()}}
         return out
 
-    def _splits(self, ctx, real, idx_r, n: int):
+    def _splits(self, ctx, real, idx_r):
         """Reference / baseline / independent index sets into the loaded real images, by patient when known."""
         records = real.records if idx_r is None else [real.records[i] for i in idx_r]
         groups = [r.patient_id or f"#{i}" for i, r in enumerate(records)]
@@ -231,7 +238,7 @@ class Fidelity(Check):
         seed = int(ctx.rng("fidelity.features").integers(0, 2**31 - 1))
         feats = lambda x: random_cnn_features(shrink(x), seed, normalizer, device=ctx.torch_device)  # noqa: E731
         f_real = feats(x_real)
-        (ref_i, base_i, indep_i), has_holdout = self._splits(ctx, real, idx_r, len(f_real))
+        (ref_i, base_i, indep_i), has_holdout = self._splits(ctx, real, idx_r)
         if has_holdout:
             x_h = load_images(ctx, ctx.holdout, int(p["ssim_max_side"]), self._sample(ctx, len(ctx.holdout), "holdout"))
             f_indep, indep_name = feats(x_h), "holdout"
@@ -241,10 +248,9 @@ class Fidelity(Check):
         m = min(len(base_i), len(f_indep), len(f_syn))
         fails: list[str] = []
         if len(ref_i) <= k or m <= k:
-            note = f"not computed: too few images for k = {k} (reference {len(ref_i)}, comparison sets {m})"
-            skipped = (Control("planted mode collapse lowers coverage", "positive", False, note),
-                       Control("independent real images pass", "negative", True, note))
-            return {"note": note, "fails": fails}, skipped
+            note = (f"precision/coverage not computed: too few images for k = {k} (reference {len(ref_i)}, "
+                    f"comparison sets {m}), so neither the check nor its controls could run")
+            return {"note": note, "fails": fails}, None
         rng = ctx.rng("fidelity.prdc")
         reference = PRDCReference(f_real[ref_i], k)
         pick = lambda f: f[np.sort(rng.choice(len(f), m, replace=False))]  # noqa: E731
@@ -308,7 +314,8 @@ class Fidelity(Check):
         base = frechet_distance(f_r[a], f_r[b]) if min(len(a), len(b)) >= 2 else None
         return {"computed": True, "network": net.kind, "weights": net.path, "comparability": net.comparable,
                 "fid": frechet_distance(f_r, f_s), "fid_real_halves": base,
-                "kid": Estimate(kid, None, kid_m, f"mean of {int(p['kid_subsets'])} subsets of {kid_m}; sd {kid_sd:.3g}"),
+                "kid": Estimate(kid, None, kid_m,
+                                f"mean of {int(p['kid_subsets'])} subsets of {kid_m}; sd {kid_sd:.3g}"),
                 "inception_score": Estimate(is_mean, None, len(f_s), f"{splits} splits; sd {is_sd:.3g}"),
                 "n": {"real": len(f_r), "synthetic": len(f_s)},
                 "note": "FID is biased upwards at small sample sizes; fid_real_halves is what two halves of the "
@@ -335,7 +342,8 @@ class Fidelity(Check):
                     rows.append(["prdc", name, mt, v.value if isinstance(v, Estimate) else v])
         inc = metrics["inception"]
         if inc.get("computed"):
-            rows += [["inception", inc["network"], "fid", inc["fid"]], ["inception", inc["network"], "kid", inc["kid"].value],
+            rows += [["inception", inc["network"], "fid", inc["fid"]],
+                     ["inception", inc["network"], "kid", inc["kid"].value],
                      ["inception", inc["network"], "inception_score", inc["inception_score"].value]]
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh, lineterminator="\n")

@@ -344,3 +344,12 @@ def test_cli_writes_csv_and_reason(sets, tmp_path):
     with open(out / "fidelity.csv") as fh:
         sections = {r["section"] for r in csv.DictReader(fh)}
     assert {"label_balance", "intensity", "nearest_ssim", "prdc"} <= sections
+
+
+def test_too_few_images_is_inconclusive_not_a_pass(tmp_path):
+    imgs, _ = generate(patients=2, images_per_patient=4, size=32, seed=3, holdout_fraction=0)
+    real = write_labelled_set(tmp_path / "real", [i.pixels for i in imgs], [i.label for i in imgs],
+                              [i.patient_id for i in imgs])
+    ctx = AuditContext(synthetic=ImageSet(real), real=ImageSet(real), device="cpu")
+    r = create_check("fidelity").run(ctx)
+    assert r.status == "inconclusive" and "too few images" in r.reason and r.controls == ()

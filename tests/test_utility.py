@@ -125,7 +125,8 @@ def test_trainer_is_deterministic_and_learns():
     norm = Normalizer.from_images(x[train])
     a = train_classifier(x[train], y[train], 2, cfg, norm, seed=3).predict_proba(x[~train])
     b = train_classifier(x[train], y[train], 2, cfg, norm, seed=3).predict_proba(x[~train])
-    c = train_classifier(x[train], y[train], 2, TrainConfig(image_size=32, epochs=1), norm, seed=4).predict_proba(x[~train])
+    short = TrainConfig(image_size=32, epochs=1)
+    c = train_classifier(x[train], y[train], 2, short, norm, seed=4).predict_proba(x[~train])
     assert np.array_equal(a, b)
     assert not np.allclose(a, c)
     assert roc_auc(a[:, 1], y[~train] == 1) > 0.7
@@ -238,8 +239,10 @@ def test_label_shuffled_synthetic_set_fails(good, shuffled):
 
 def test_result_carries_table_tests_and_runs(good):
     rows = good.data["table"]["rows"]
-    assert [r["arm"] for r in rows] == ["real", "synthetic", "real + synthetic", "control: label-independent real",
+    assert [r["arm"] for r in rows] == ["real", "synthetic", "real + synthetic",
+                                        "control: label-independent real (mean over label shifts)",
                                         "synthetic - real", "real+synthetic - real"]
+    assert len(good.metrics["control_models"]) == 2  # one per cyclic shift of the two labels
     assert set(good.data["table"]["columns"]) == {"auc", "f1", "precision", "recall", "accuracy"}
     tests = good.metrics["tests"]
     assert len(tests) == 10 and all(t["test"] in ("welch_t", "mann_whitney_u") for t in tests)
