@@ -143,7 +143,7 @@ class Fidelity(Check):
         if controls and controls[1].passed:  # the rules are only trusted when independent real data pass them
             fails += prdc_fails
 
-        metrics["inception"] = self._inception(ctx, x_real, x_syn)
+        metrics["inception"] = self._inception(ctx, idx_r, idx_s)
         fid = metrics["inception"].get("fid")
         if fid is not None and p["max_fid"] is not None and fid > float(p["max_fid"]):
             fails.append(f"FID {fid:.2f} above max_fid {p['max_fid']}")
@@ -296,7 +296,7 @@ class Fidelity(Check):
         out["fails"] = fails
         return out, (pos, neg)
 
-    def _inception(self, ctx, x_real, x_syn) -> dict:
+    def _inception(self, ctx, idx_r, idx_s) -> dict:
         p = self.params
         if not p["inception_weights"]:
             return {"computed": False, "absent": {"fid": INCEPTION_ABSENT, "kid": INCEPTION_ABSENT,
@@ -304,8 +304,9 @@ class Fidelity(Check):
         from .inception import frechet_distance, inception_score, kernel_inception_distance, load_inception
 
         net = load_inception(p["inception_weights"], ctx.torch_device)
-        f_r, _ = net.outputs(x_real)
-        f_s, logits_s = net.outputs(x_syn)
+        # from the audit geometry straight to 299 x 299, as FID is computed, not via the smaller analysis size
+        f_r, _ = _stream_outputs(ctx, net, ctx.real, idx_r)
+        f_s, logits_s = _stream_outputs(ctx, net, ctx.synthetic, idx_s)
         kid, kid_sd, kid_m = kernel_inception_distance(f_r, f_s, int(p["kid_subsets"]), int(p["kid_subset_size"]),
                                                        ctx.rng("fidelity.kid"))
         is_mean, is_sd, splits = inception_score(logits_s, int(p["is_splits"]))
@@ -353,6 +354,13 @@ class Fidelity(Check):
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _stream_outputs(ctx, net, imageset, indices) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    parts = [net.outputs(torch.from_numpy(batch)) for _, batch in ctx.batches(imageset, 32, indices=indices)]
+    return np.concatenate([f for f, _ in parts]), np.concatenate([g for _, g in parts])
 
 
 def _labels(imageset, indices) -> list[str]:

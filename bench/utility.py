@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                 "auc": {row["arm"]: [round(row["auc"]["value"], 4), [round(v, 4) for v in row["auc"]["ci"]]]
                         for row in result.data["table"]["rows"]},
                 "controls": {c.name: c.passed for c in result.controls},
-                "control_single_model_auc": [m["auc"] for m in result.metrics["control_models"]],
+                "control_single_model_auc": [m["auc"] for m in result.metrics["runs"]["shuffled"]],
                 "phases_note": "wall_s includes decoding the PNGs, all trainings and the bootstrap",
             }
     print(json.dumps(out, indent=2))

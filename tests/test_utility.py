@@ -239,10 +239,9 @@ def test_label_shuffled_synthetic_set_fails(good, shuffled):
 
 def test_result_carries_table_tests_and_runs(good):
     rows = good.data["table"]["rows"]
-    assert [r["arm"] for r in rows] == ["real", "synthetic", "real + synthetic",
-                                        "control: label-independent real (mean over label shifts)",
+    assert [r["arm"] for r in rows] == ["real", "synthetic", "real + synthetic", "control: label-independent real",
                                         "synthetic - real", "real+synthetic - real"]
-    assert len(good.metrics["control_models"]) == 2  # one per cyclic shift of the two labels
+    assert len(good.metrics["runs"]["shuffled"]) == 2  # one per cyclic shift of the two labels
     assert set(good.data["table"]["columns"]) == {"auc", "f1", "precision", "recall", "accuracy"}
     tests = good.metrics["tests"]
     assert len(tests) == 10 and all(t["test"] in ("welch_t", "mann_whitney_u") for t in tests)
@@ -314,3 +313,19 @@ def test_cli(sets, tmp_path, capsys):
     code = audit_cli.main(["check", str(sets / "good"), "--real", str(sets / "real" / "train"), "--checks",
                            "utility", "--out", str(tmp_path / "x")])
     assert code == 2 and "holdout" in capsys.readouterr().err
+
+
+def test_three_classes_run_end_to_end(tmp_path):
+    """Macro metrics, one control model per label shift, and the table, on a three-class task (not learned)."""
+    imgs, _ = generate(patients=12, images_per_patient=5, size=32, seed=4, holdout_fraction=0)
+    pixels = [i.pixels for i in imgs]
+    labels = [f"c{(i.label + 2 * (j % 2)) % 3}" for j, i in enumerate(imgs)]
+    real = write_labelled_set(tmp_path / "real", pixels[:24], labels[:24])
+    hold = write_labelled_set(tmp_path / "hold", pixels[24:42], labels[24:42])
+    syn = write_labelled_set(tmp_path / "syn", pixels[42:], labels[42:])
+    ctx = AuditContext(synthetic=ImageSet(syn), real=ImageSet(real), holdout=ImageSet(hold), device="cpu")
+    r = create_check("utility", epochs=1, repeats=1, n_boot=100, augmented=False).run(ctx)
+    assert r.metrics["classes"] == ["c0", "c1", "c2"]
+    assert len(r.metrics["runs"]["shuffled"]) == 3
+    assert "roc" not in r.data and r.status in ("pass", "warn", "fail", "inconclusive")
+    assert 0.0 <= r.metrics["arms"]["real"]["auc"].value <= 1.0
