@@ -62,16 +62,30 @@ def percentile_ci(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float
 
 
 def bootstrap_draws(statistics: Callable[[np.ndarray], np.ndarray], n: int, n_boot: int = 2000,
-                    rng: np.random.Generator | None = None) -> np.ndarray:
+                    rng: np.random.Generator | None = None, groups: Sequence | None = None) -> np.ndarray:
     """Evaluate a vector of statistics on ``n_boot`` paired resamples of ``n`` rows.
 
     ``statistics(idx)`` gets the resampled row indices and returns a 1-D
     array; every statistic sees the *same* indices in a draw, so differences
     between them (two classifiers scored on the same test images) are
-    paired.  Returns ``(n_boot, m)``; use :func:`percentile_ci` per column.
+    paired.  With ``groups`` (one key per row, e.g. the patient), whole
+    groups are resampled (cluster bootstrap): rows of one patient are not
+    independent, and resampling them one by one gives intervals that are
+    too narrow.  Returns ``(n_boot, m)``; use :func:`percentile_ci` per column.
     """
     rng = rng or np.random.default_rng(0)
-    return np.stack([np.asarray(statistics(rng.integers(0, n, n)), np.float64) for _ in range(n_boot)])
+    if groups is None:
+        return np.stack([np.asarray(statistics(rng.integers(0, n, n)), np.float64) for _ in range(n_boot)])
+    keys = np.asarray(groups)
+    if len(keys) != n:
+        raise ValueError(f"groups has {len(keys)} entries for {n} rows")
+    _, inverse = np.unique(keys, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+    draws = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(members), len(members))
+        draws.append(np.asarray(statistics(np.concatenate([members[g] for g in pick])), np.float64))
+    return np.stack(draws)
 
 
 def benjamini_hochberg(pvalues: Sequence[float]) -> np.ndarray:

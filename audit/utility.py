@@ -197,32 +197,12 @@ class Utility(Check):
         if p["augmented"]:
             data["real+synthetic"] = (torch.cat([x_real, x_syn]), np.concatenate([y_real, y_syn]))
 
-        # the control is trained once per cyclic shift of its labels (see _control_probs)
+        # the control is trained once per cyclic shift of its labels (see the module docstring)
         plan = [(arm, r) for r in range(repeats) for arm in arms] + [(CONTROL_ARM, s) for s in range(k)]
-        probs: dict[str, list[np.ndarray]] = {a: [] for a in [*arms, CONTROL_ARM]}
-        losses: dict[str, list[float]] = {a: [] for a in probs}
-        with Progress(len(plan), desc="utility: train", unit="model", enabled=ctx.progress) as bar:
-            for arm, r in plan:
-                x, y = data[arm]
-                if arm == CONTROL_ARM:
-                    y = (y + r) % k
-                seed = int(ctx.rng(f"utility.train.{arm}.{r}").integers(0, 2**31 - 1))
-                clf = train_classifier(x, y, k, config, normalizer, seed, ctx.torch_device, steps=steps)
-                probs[arm].append(clf.predict_proba(x_hold, int(p["batch_size_eval"])))
-                losses[arm].append(clf.final_loss_)
-                bar.update(1, arm=arm)
-
+        probs, losses = self._train(ctx, plan, data, k, config, normalizer, steps, x_hold)
         names = [*arms, CONTROL_ARM]
-        m_count = len(CLASSIFICATION_METRICS)
-
-        def statistics(idx):
-            yi = y_hold[idx]
-            return np.concatenate([np.mean([classification_metrics(q[idx], yi) for q in probs[a]], axis=0)
-                                   for a in names])
-
-        full = statistics(np.arange(len(y_hold))).reshape(len(names), m_count)
-        draws = bootstrap_draws(statistics, len(y_hold), int(p["n_boot"]), ctx.rng("utility.bootstrap"))
-        draws = draws.reshape(len(draws), len(names), m_count)
+        groups = [r.patient_id for r in hold.records] if hold.has_patients and not cut_h else None
+        full, draws = self._bootstrap(ctx, probs, names, y_hold, groups)
         alpha = float(p["alpha"])
         arm_est = {a: {m: self._estimate(full[i, j], draws[:, i, j], alpha, len(y_hold), len(probs[a]))
                        for j, m in enumerate(CLASSIFICATION_METRICS)} for i, a in enumerate(names)}
@@ -248,6 +228,8 @@ class Utility(Check):
             "classes": classes, "class_counts": counts,
             "n": {"real": len(y_real), "synthetic": len(y_syn), "holdout": len(y_hold)},
             "subsampled": {"real": cut_r, "synthetic": cut_s, "holdout": cut_h},
+            "bootstrap_unit": (f"patient ({hold.n_patients} holdout patients)" if groups is not None
+                               else "image (no patient IDs on the holdout: intervals may be too narrow)"),
             "arms": arm_est, "differences": diffs, "control_difference": ctrl_diff,
             "tests": tests, "runs": runs,
             "final_training_loss": {a: [round(v, 5) for v in vs] for a, vs in losses.items()},
@@ -270,6 +252,36 @@ class Utility(Check):
                            data=plot)
 
     # -------------------------------------------------------------- pieces
+
+    def _train(self, ctx, plan, data, k, config, normalizer, steps, x_hold):
+        """Train every (arm, run) of the plan; holdout class probabilities and final losses per arm."""
+        probs: dict[str, list[np.ndarray]] = {}
+        losses: dict[str, list[float]] = {}
+        with Progress(len(plan), desc="utility: train", unit="model", enabled=ctx.progress) as bar:
+            for arm, r in plan:
+                x, y = data[arm]
+                if arm == CONTROL_ARM:
+                    y = (y + r) % k
+                seed = int(ctx.rng(f"utility.train.{arm}.{r}").integers(0, 2**31 - 1))
+                clf = train_classifier(x, y, k, config, normalizer, seed, ctx.torch_device, steps=steps)
+                probs.setdefault(arm, []).append(clf.predict_proba(x_hold, int(self.params["batch_size_eval"])))
+                losses.setdefault(arm, []).append(clf.final_loss_)
+                bar.update(1, arm=arm)
+        return probs, losses
+
+    def _bootstrap(self, ctx, probs, names, y_hold, groups):
+        """Metrics (mean over each arm's runs) on the holdout and on paired resamples of it: ``(arms, metrics)``."""
+        m_count = len(CLASSIFICATION_METRICS)
+
+        def statistics(idx):
+            yi = y_hold[idx]
+            return np.concatenate([np.mean([classification_metrics(q[idx], yi) for q in probs[a]], axis=0)
+                                   for a in names])
+
+        full = statistics(np.arange(len(y_hold))).reshape(len(names), m_count)
+        draws = bootstrap_draws(statistics, len(y_hold), int(self.params["n_boot"]), ctx.rng("utility.bootstrap"),
+                                groups=groups)
+        return full, draws.reshape(len(draws), len(names), m_count)
 
     @staticmethod
     def _estimate(value: float, draws: np.ndarray, alpha: float, n: int, runs: int | None) -> Estimate:

@@ -94,6 +94,23 @@ def test_paired_bootstrap_sees_the_same_rows():
     assert lo < x.mean() < hi
 
 
+def test_cluster_bootstrap_resamples_whole_patients():
+    rng = np.random.default_rng(0)
+    values = np.repeat(rng.normal(size=20), 5)  # 20 patients, 5 identical images each
+    groups = np.repeat(np.arange(20), 5)
+    seen = []
+
+    def stat(idx):
+        seen.append(np.bincount(groups[idx], minlength=20))
+        return np.array([values[idx].mean()])
+
+    by_patient = bootstrap_draws(stat, 100, 400, np.random.default_rng(1), groups=groups)
+    assert all((c % 5 == 0).all() for c in seen)  # every patient comes with all five images or not at all
+    by_image = bootstrap_draws(lambda idx: np.array([values[idx].mean()]), 100, 400, np.random.default_rng(1))
+    width = lambda d: np.subtract(*percentile_ci(d[:, 0])[::-1])  # noqa: E731
+    assert width(by_patient) > 1.7 * width(by_image)  # image resampling pretends 100 independent values
+
+
 @pytest.mark.parametrize("counts", [(120, 80), (50, 30, 20), (7, 3)])
 def test_independent_labels_are_independent(counts):
     y = np.repeat(np.arange(len(counts)), counts)
