@@ -106,7 +106,7 @@ class Fidelity(Check):
     def run(self, ctx) -> CheckResult:
         p = self.params
         real, synth = ctx.real, ctx.synthetic
-        fails, warns, notes = [], [], []
+        fails, warns = [], []
         metrics: dict = {"n": {"real": len(real), "synthetic": len(synth)}}
 
         balance = label_balance(real, synth, float(p["min_class_ratio"]))
@@ -153,7 +153,16 @@ class Fidelity(Check):
         self._write_csv(ctx, metrics)
         data = {"nearest_ssim": metrics["nearest_ssim"].pop("histogram", None),
                 "intensity": metrics["intensity"].pop("histograms", None)}
-        metrics["warnings"] = warns + notes
+        metrics["warnings"] = warns
+        status, reason = self._decide(controls, fails, warns, prdc)
+        return self.result(status, reason, metrics=metrics, thresholds=thresholds, controls=controls or (),
+                           data=data)
+
+    # -------------------------------------------------------------- pieces
+
+    @staticmethod
+    def _decide(controls, fails, warns, prdc) -> tuple[str, str]:
+        """error (the planted collapse went unseen) > fail > inconclusive > warn > pass."""
         pos, neg = controls or (None, None)
         if pos is not None and not pos.passed:
             status, reason = "error", f"positive control failed: {pos.detail}; the check cannot see lost variety"
@@ -171,10 +180,7 @@ class Fidelity(Check):
                                       "every real class is represented, no large intensity or variety difference")
         if status in ("fail", "error", "inconclusive") and warns:
             reason += "; also: " + "; ".join(warns)
-        return self.result(status, reason, metrics=metrics, thresholds=thresholds, controls=controls or (),
-                           data=data)
-
-    # -------------------------------------------------------------- pieces
+        return status, reason
 
     def _sample(self, ctx, n: int, which: str):
         limit = int(self.params["max_images"])

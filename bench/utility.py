@@ -15,6 +15,7 @@
     .venv/bin/python bench/utility.py                 # default sizes, torch's default thread count
     .venv/bin/python bench/utility.py --threads 1     # one thread (faster on a crowded 2-core machine)
     .venv/bin/python bench/utility.py --repeats 1 --n-boot 500   # a quicker look
+    .venv/bin/python bench/utility.py --threads 1 --skip-check --fidelity   # the fidelity check's time too
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="override the preset's 3")
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--skip-check", action="store_true", help="only the trainer-vs-plain-loop comparison")
+    ap.add_argument("--fidelity", action="store_true", help="also time the fidelity check on the same sets")
     args = ap.parse_args(argv)
 
     import torch
@@ -143,6 +145,18 @@ def main(argv=None) -> int:
                 "controls": {c.name: c.passed for c in result.controls},
                 "control_single_model_auc": [m["auc"] for m in result.metrics["runs"]["shuffled"]],
                 "phases_note": "wall_s includes decoding the PNGs, all trainings and the bootstrap",
+            }
+        if args.fidelity:
+            t0 = time.perf_counter()
+            fid = create_check("fidelity").run(ctx)
+            prdc = fid.metrics["prdc"]
+            out["fidelity"] = {
+                "wall_s": round(time.perf_counter() - t0, 1), "status": fid.status, "reason": fid.reason,
+                "coverage_ratio": round(prdc["synthetic"]["ratio_to_baseline"]["coverage"], 3),
+                "precision_ratio": round(prdc["synthetic"]["ratio_to_baseline"]["precision"], 3),
+                "nearest_ssim_median": {k: round(fid.metrics["nearest_ssim"][k]["median"], 4)
+                                        for k in ("real", "synthetic")},
+                "controls": {c.name: c.passed for c in fid.controls},
             }
     print(json.dumps(out, indent=2))
     return 0
