@@ -305,6 +305,11 @@ def test_independent_phantoms_pass(sets):
     json.dumps(r.to_dict())
 
 
+def test_deterministic_given_seed(sets):
+    a, b = _fidelity(sets, "good", ssim_queries=10), _fidelity(sets, "good", ssim_queries=10)
+    assert a.to_dict()["metrics"] == b.to_dict()["metrics"]
+
+
 def test_mode_collapse_fails(sets):
     r = _fidelity(sets, "collapsed")
     assert r.status == "fail" and "coverage" in r.reason, r.reason
