@@ -11,7 +11,8 @@ classifier, trained the same way, on three training sets --
 each tested on the real holdout set (unseen patients).  Reported per arm:
 AUC (macro one-vs-rest for more than two classes), F1, precision, recall
 and accuracy (macro over classes), with percentile bootstrap intervals over
-holdout images (2,000 resamples, as MediSyn); and the differences to the
+the holdout (2,000 resamples, as MediSyn; whole patients are resampled when
+the holdout has patient IDs, images otherwise); and the differences to the
 real arm, bootstrapped *paired* (every arm is scored on the same resampled
 images in each draw).  With ``repeats`` >= 3 independent trainings per arm,
 each metric is also compared across trainings by the seed studies' tests
