@@ -196,6 +196,8 @@ class Check:
 _REGISTRY: dict[str, str] = {
     "copy_detection": "audit.copy_detection:CopyDetection",
     "dicom_phi": "audit.dicom_phi:DicomPhi",
+    "utility": "audit.utility:Utility",
+    "fidelity": "audit.fidelity:Fidelity",
 }
 
 
