@@ -122,15 +122,29 @@ def cmd_check(args) -> int:
         audit = build_audit(ctx, results, decision, inputs, policy=policy, command=args.argv)
         audit["policy"]["overrides"] = {k: v for k, v in overrides.items() if v}
         ctx.workdir.mkdir(parents=True, exist_ok=True)
-        from reports.cli import write_report
-
-        write_report(audit, ctx.workdir / "report.html", synthetic=synthetic)
+        report_failed = _try_report(audit, ctx.workdir / "report.html", synthetic, args.argv)
         write_outputs(out, audit, ctx.workdir)
     if args.json:
         clikit.emit_json(audit)
     else:
         print(format_summary(audit, out))
+    if report_failed:
+        return clikit.EXIT_INTERNAL
     return clikit.EXIT_OK if audit["verdict"] == "pass" else clikit.EXIT_FAIL
+
+
+def _try_report(audit: dict, path: Path, synthetic, argv) -> bool:
+    """Render the report; a rendering bug must not lose the audit itself (it is kept, exit 3)."""
+    from reports.cli import write_report
+
+    try:
+        write_report(audit, path, synthetic=synthetic)
+        return False
+    except Exception:
+        log = clikit.write_crash_log("audit report", argv)
+        print(f"audit: internal error: the report could not be rendered; audit.json is written "
+              f"(traceback in {log})", file=sys.stderr)
+        return True
 
 
 def cmd_validate_policy(args) -> int:

@@ -83,6 +83,16 @@ def _plots(data: dict, check: str) -> list[str]:
     return out
 
 
+def _table(table: dict | None) -> dict | None:
+    """``{"title", "columns", "rows"}`` with rows as lists (a check may give rows as dicts)."""
+    if not table or not table.get("rows"):
+        return None
+    rows = table["rows"]
+    columns = table.get("columns") or (list(rows[0]) if isinstance(rows[0], dict) else [])
+    return {"title": table.get("title") or "Results", "columns": columns,
+            "rows": [[r.get(c) for c in columns] if isinstance(r, dict) else list(r) for r in rows]}
+
+
 def _flagged(check: dict, internal: bool) -> list[dict]:
     rows = []
     for f in check.get("flagged", [])[:MAX_FLAGGED_ROWS]:
@@ -143,7 +153,7 @@ def build_context(audit: dict, internal: bool = False, synthetic=None, real=None
             "references": c.get("references", []), "limitations": c.get("limitations", []),
             "thresholds": _rows(c.get("thresholds", {})), "metrics": _rows(c.get("metrics", {})),
             "controls": c.get("controls", []), "flagged": _flagged(c, internal), "n_flagged": len(c.get("flagged", [])),
-            "plots": _plots(c.get("data") or {}, c["name"]), "table": (c.get("data") or {}).get("table"),
+            "plots": _plots(c.get("data") or {}, c["name"]), "table": _table((c.get("data") or {}).get("table")),
             "seconds": c.get("seconds"),
         })
     if synthetic is None:
