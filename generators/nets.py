@@ -50,10 +50,8 @@ def build_scheduler(config: TrainConfig, latent: bool):
                          prediction_type=config.prediction_type, clip_sample=not latent)
 
 
-def load_vae(path: str | Path, device="cpu"):
-    """A frozen ``AutoencoderKL`` from a local folder (never downloaded)."""
-    from diffusers import AutoencoderKL
-
+def vae_folder(path: str | Path) -> Path:
+    """The folder holding the VAE's ``config.json`` (``path`` or its ``vae/``), checked before any work."""
     path = Path(path)
     if not path.exists():
         raise MissingInputError("VAE folder does not exist (--vae must be a local diffusers AutoencoderKL folder)",
@@ -62,6 +60,14 @@ def load_vae(path: str | Path, device="cpu"):
     if not (root / "config.json").exists():
         raise InputError("is not a diffusers AutoencoderKL folder (no config.json; a Stable Diffusion "
                          "download has it in vae/)", path)
+    return root
+
+
+def load_vae(path: str | Path, device="cpu"):
+    """A frozen ``AutoencoderKL`` from a local folder (never downloaded)."""
+    from diffusers import AutoencoderKL
+
+    root = vae_folder(path)
     try:
         vae = AutoencoderKL.from_pretrained(root, local_files_only=True)
     except (OSError, ValueError, RuntimeError, TypeError) as exc:

@@ -65,6 +65,10 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, *, device: str
     out = Path(out)
     if out.exists() and not overwrite:
         raise UsageError("already exists; choose a new model folder or pass --overwrite", out)
+    if config.vae is not None:
+        from .nets import vae_folder
+
+        vae_folder(config.vae)  # a mistyped --vae fails now, not after decoding the whole set
     folder = Path(checkpoint_dir) if checkpoint_dir else checkpoint.default_folder(out)
     accelerator, precision = _accelerator(config, device)
     main = accelerator.is_main_process
@@ -105,8 +109,8 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, *, device: str
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
                 state = trainer.state_dict()  # on every process: it gathers each one's generator
                 if main:
-                    checkpoint.save(folder, done, {"config": config.to_dict(), "training_sha256": training.images.digest,
-                                                   **state})
+                    checkpoint.save(folder, done, {"config": config.to_dict(),
+                                                   "training_sha256": training.images.digest, **state})
                 accelerator.wait_for_everyone()
     seconds = time.perf_counter() - began
 

@@ -43,7 +43,12 @@ def diffusion_loss(unet, noise_scheduler, x0, labels, k: int, generator):
                       device=xk.device)
     noisy = noise_scheduler.add_noise(xk, noise, t)
     kind = noise_scheduler.config.prediction_type
-    target = noise if kind == "epsilon" else noise_scheduler.get_velocity(xk, noise, t) if kind == "v_prediction" else xk
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(xk, noise, t)
+    else:  # "sample": predict x0
+        target = xk
     out = unet(noisy, t, class_labels=yk).sample
     rows = (out.float() - target.float()).pow(2).flatten(1).mean(1)
     return rows.view(-1, k).mean(1)
