@@ -92,9 +92,37 @@ class DiffusionModel:
         x = x * 2.0 - 1.0
         if self.vae is None:
             return x
+        if x.shape[1] == 1 and self.vae.config.in_channels == 3:  # gray data through an RGB VAE
+            x = x.repeat(1, 3, 1, 1)
         with torch.no_grad():
             latents = self.vae.encode(x).latent_dist.mean
-        return latents * float(self.info.get("vae", {}).get("scaling_factor", self.vae.config.scaling_factor))
+        return latents * self.scaling_factor
+
+    @property
+    def scaling_factor(self) -> float:
+        """Latents are multiplied by this before the denoiser sees them (1 for pixel models)."""
+        if self.vae is None:
+            return 1.0
+        return float((self.info.get("vae") or {}).get("scaling_factor", self.vae.config.scaling_factor))
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the denoiser's input (pixels, or latents)."""
+        size = int(self.unet.config.sample_size)
+        return int(self.unet.config.in_channels), size, size
+
+    def from_model_space(self, x0) -> Any:
+        """The denoiser's x0 -> images ``(N, C, H, W)`` in [0, 1] (inverse of :meth:`to_model_space`)."""
+        import torch
+
+        x = x0
+        if self.vae is not None:
+            with torch.no_grad():
+                x = self.vae.decode(x0.to(self.vae.dtype) / self.scaling_factor).sample
+            if x.shape[1] == 3 and self.image_channels == 1:  # BT.601 luma, as synthgate.imageio reads RGB
+                w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+                x = (x * w).sum(1, keepdim=True)
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def predict_eps(self, x_t, t, class_labels=None):
         """The model's noise prediction at ``x_t``, timestep(s) ``t``, converted to epsilon."""

@@ -1,0 +1,229 @@
+"""``synthgate train`` and ``synthgate sample``.
+
+The umbrella CLI dispatches here (``main(argv, prog="synthgate train",
+command="train")``); ``python -m generators.cli train ...`` works too, and so
+does ``accelerate launch -m synthgate.cli train ...`` for several GPUs.
+Heavy libraries are imported inside the command functions only.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from synthgate import clikit
+from synthgate.errors import UsageError
+
+TRAIN_HELP = """\
+Train a diffusion model on the image set REAL and save it to MODEL: a folder
+that diffusers loads (DiffusionPipeline.from_pretrained) with synthgate.json
+recording the training set's digest, counts, seed, steps and, with
+--dp-epsilon, the privacy budget actually spent.
+
+Settings come from --preset (tiny: 32x32, minutes on a CPU; base: 128x128, a
+GPU), then --config FILE (JSON/YAML, or an earlier model's synthgate.json),
+then the flags below. Under --dp-epsilon training is differentially private
+(opacus DP-SGD, Poisson sampling, per-example clipping to --max-grad-norm).
+Checkpoints (--checkpoint-every) go to MODEL-checkpoints; --resume continues
+from the newest one exactly where it stopped.
+"""
+
+SAMPLE_HELP = """\
+Sample a synthetic image set from MODEL into SYNTHETIC: PNG (16-bit when the
+training data was) or DICOM, each file marked as synthetic with its seed,
+plus metadata.csv (labels) and manifest.json (model, training set, sampler,
+per-image seed). Images are class-balanced unless --label or --per-label.
+"""
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"{text!r} must be comma-separated integers") from exc
+
+
+def _csv_flags(text: str) -> list[bool]:
+    values = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    items = [v.strip().lower() for v in text.split(",") if v.strip()]
+    if any(v not in values for v in items):
+        raise UsageError(f"--attention {text!r} must be comma-separated 0/1 flags, one per level")
+    return [values[v] for v in items]
+
+
+def add_train_arguments(p) -> None:
+    p.add_argument("real", metavar="REAL", help="the training image set (folder)")
+    p.add_argument("--out", required=True, metavar="MODEL", help="model folder to write (must not exist)")
+    p.add_argument("--preset", default="tiny", choices=("tiny", "base"))
+    p.add_argument("--config", metavar="FILE", help="settings file (JSON/YAML or a synthgate.json)")
+    s = p.add_argument_group("training settings (override the preset and --config)")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float, dest="learning_rate")
+    s.add_argument("--resolution", type=int)
+    s.add_argument("--block-out-channels", type=_csv_ints, metavar="W1,W2,...")
+    s.add_argument("--attention", type=_csv_flags, metavar="0,0,1", help="self-attention per level")
+    s.add_argument("--layers-per-block", type=int)
+    s.add_argument("--conditioning", choices=("auto", "none", "class"))
+    s.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"))
+    s.add_argument("--beta-schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+    s.add_argument("--noise-multiplicity", type=int, metavar="K", help="noise draws per image per step (DPDM)")
+    s.add_argument("--ema-decay", type=float)
+    s.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
+    s.add_argument("--vae", metavar="PATH", help="local AutoencoderKL folder: latent diffusion")
+    s.add_argument("--checkpoint-every", type=int, metavar="N")
+    d = p.add_argument_group("differential privacy")
+    d.add_argument("--dp-epsilon", type=float, metavar="E", help="train with DP-SGD to this epsilon")
+    d.add_argument("--dp-delta", type=float, metavar="D", help="delta (default 1e-5)")
+    d.add_argument("--max-grad-norm", type=float, metavar="C", help="per-example clipping bound (default 1.0)")
+    d.add_argument("--accountant", choices=("prv", "rdp"), help="privacy accountant (default prv)")
+    d.add_argument("--physical-batch-size", type=int, metavar="B", help="examples per pass (memory only)")
+    r = p.add_argument_group("run")
+    r.add_argument("--checkpoint-dir", metavar="DIR", help="default: MODEL-checkpoints")
+    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    r.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints after saving the model")
+    r.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing MODEL folder")
+    r.add_argument("--skip-unreadable", action="store_true", help="train on the readable images only (listed)")
+    r.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    r.add_argument("--json", action="store_true", help="print the result as JSON; no progress display")
+    r.add_argument("--quiet", action="store_true", help="no progress display or log lines")
+
+
+def add_sample_arguments(p) -> None:
+    p.add_argument("model", metavar="MODEL", help="a model folder written by `synthgate train`")
+    p.add_argument("--n", type=int, help="number of images (class-balanced unless --label)")
+    p.add_argument("--out", required=True, metavar="SYNTHETIC", help="folder to write (must not exist)")
+    p.add_argument("--label", help="generate only this label")
+    p.add_argument("--per-label", metavar="L=N,...", help="images per label, e.g. 0=50,1=50")
+    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpm"))
+    p.add_argument("--steps", type=int, help="denoising steps (default: ddim 50, dpm 25, ddpm all)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--format", default="png", choices=("png", "dicom"))
+    p.add_argument("--bit-depth", default="auto", choices=("auto", "8", "16"),
+                   help="auto: 16 when the training data had more than 8 bits")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    p.add_argument("--quiet", action="store_true")
+
+
+def resolve_config(args):
+    """Preset, then ``--config``, then flags -> a checked :class:`~generators.config.TrainConfig`."""
+    from .config import PRESETS, TrainConfig, load_config_file
+
+    data = dict(PRESETS[args.preset])
+    if args.config:
+        data.update(load_config_file(args.config))
+    flags = {k: getattr(args, k) for k in (
+        "steps", "seed", "batch_size", "learning_rate", "resolution", "block_out_channels", "attention",
+        "layers_per_block", "conditioning", "prediction_type", "beta_schedule", "noise_multiplicity",
+        "ema_decay", "mixed_precision", "vae", "checkpoint_every") if getattr(args, k) is not None}
+    if "block_out_channels" in flags and "attention" not in flags:
+        flags["attention"] = [False] * len(flags["block_out_channels"])
+    data.update(flags)
+    dp_flags = {k: v for k, v in {"epsilon": args.dp_epsilon, "delta": args.dp_delta,
+                                  "max_grad_norm": args.max_grad_norm, "accountant": args.accountant,
+                                  "physical_batch_size": args.physical_batch_size}.items() if v is not None}
+    if dp_flags:
+        dp = {**(data.get("dp") or {}), **dp_flags}
+        if "epsilon" not in dp:
+            raise UsageError("--dp-delta/--max-grad-norm/--accountant need --dp-epsilon (the privacy budget)")
+        data["dp"] = dp
+    return TrainConfig.from_dict(data, source=args.config)
+
+
+def cmd_train(args) -> int:
+    from synthgate.progress import set_quiet
+
+    config = resolve_config(args)
+    if args.print_config:
+        print(config.to_json(), end="")
+        return clikit.EXIT_OK
+    if args.json or args.quiet:
+        set_quiet(True)
+    from .run import train
+
+    log = None if (args.json or args.quiet) else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = train(args.real, args.out, config, device=args.device or "auto", checkpoint_dir=args.checkpoint_dir,
+                   resume=args.resume, keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, log=log,
+                   skip_unreadable=args.skip_unreadable)
+    summary = {"model": str(result.model), "steps": result.steps, "steps_run": result.steps_run,
+               "resumed_from": result.resumed_from, "final_loss": result.final_loss,
+               "seconds": round(result.seconds, 2), "dp": result.info["dp"] and {
+                   k: result.info["dp"][k] for k in ("epsilon_spent", "epsilon_target", "delta", "noise_multiplier")}}
+    if args.json:
+        clikit.emit_json(summary)
+    else:
+        dp = summary["dp"]
+        eps = f"; epsilon spent {dp['epsilon_spent']:.3f} of {dp['epsilon_target']} (delta {dp['delta']})" if dp else ""
+        print(f"trained {result.model}: {result.steps} steps ({result.steps_run} this run), "
+              f"final loss {result.final_loss:.4f}{eps}")
+    return clikit.EXIT_OK
+
+
+def _per_label(text: str | None) -> dict[str, int] | None:
+    if not text:
+        return None
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        label, eq, count = part.partition("=")
+        if not eq or not label.strip() or not count.strip().isdigit():
+            raise UsageError(f"--per-label {text!r} must look like LABEL=COUNT,LABEL=COUNT")
+        out[label.strip()] = int(count)
+    return out
+
+
+def cmd_sample(args) -> int:
+    from synthgate.device import resolve_device
+    from synthgate.progress import set_quiet
+
+    from .model import load_model
+    from .sample import SamplerSettings, generate, plan
+    from .write import write_synthetic
+
+    if args.json or args.quiet:
+        set_quiet(True)
+    settings = SamplerSettings(args.sampler, args.steps, args.eta, args.batch_size)
+    model = load_model(args.model, resolve_device(args.device))
+    items = plan(model, args.n, seed=args.seed, label=args.label, per_label=_per_label(args.per_label))
+    manifest = write_synthetic(args.out, model, generate(model, items, settings), sampler=settings.describe(model),
+                               fmt=args.format, bit_depth=None if args.bit_depth == "auto" else int(args.bit_depth),
+                               seed=args.seed, overwrite=args.overwrite)
+    if args.json:
+        clikit.emit_json({k: manifest[k] for k in ("model", "training_set", "sampler", "counts")} |
+                         {"out": str(args.out), "images": len(manifest["images"])})
+    else:
+        counts = ", ".join(f"{k}: {v}" for k, v in manifest["counts"].items())
+        print(f"wrote {len(manifest['images'])} synthetic {args.format.upper()} images to {args.out} ({counts})")
+    return clikit.EXIT_OK
+
+
+COMMANDS = {"train": (TRAIN_HELP, add_train_arguments, cmd_train),
+            "sample": (SAMPLE_HELP, add_sample_arguments, cmd_sample)}
+
+
+def _run(argv: Sequence[str], prog: str, command: str | None) -> int:
+    argv = list(argv)
+    if command is None:
+        if not argv or argv[0] not in COMMANDS:
+            if argv and argv[0] in ("-h", "--help", "--version"):
+                parser = clikit.new_parser(prog, "train or sample diffusion models (commands: train, sample)")
+                parser.parse_args(argv)
+            raise UsageError(f"{prog}: give a command: {', '.join(COMMANDS)}")
+        command, argv, prog = argv[0], argv[1:], f"{prog} {argv[0]}"
+    text, add_arguments, func = COMMANDS[command]
+    parser = clikit.new_parser(prog, text)
+    add_arguments(parser)
+    return func(parser.parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "synthgate", command: str | None = None) -> int:
+    """Entry point: ``main(["train", ...])`` or, from the umbrella, ``main([...], command="train")``."""
+    return clikit.run(lambda a: _run(a, prog, command), argv, prog)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(prog="python -m generators.cli"))

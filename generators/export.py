@@ -1,0 +1,48 @@
+"""Write a model directory that diffusers and synthgate both load.
+
+Layout (see :mod:`generators.model`): a ``DDPMPipeline`` (``model_index.json``,
+``unet/``, ``scheduler/``) so ``DiffusionPipeline.from_pretrained(MODEL)``
+works anywhere, ``vae/`` for latent models, and ``synthgate.json`` with the
+provenance.  Written atomically.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from pathlib import Path
+
+from synthgate import __version__
+from synthgate.fsutil import atomic_directory, atomic_write_json
+
+SCHEMA_VERSION = 1
+
+
+def versions(*extra: str) -> dict[str, str]:
+    """Versions of the libraries that made an artefact."""
+    import importlib.metadata as md
+
+    out = {"synthgate": __version__, "python": platform.python_version()}
+    for name in ("torch", "diffusers", "accelerate", "numpy", *extra):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overwrite: bool = False) -> Path:
+    """Save the pipeline, the VAE (latent models) and ``synthgate.json`` to ``out``."""
+    from diffusers import DDPMPipeline
+
+    out = Path(out)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp, safe_serialization=True)
+        if vae is not None:
+            vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        atomic_write_json(tmp / "synthgate.json", {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "synthgate", "version": __version__},
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **info,
+        })
+    return out
