@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Sequence
 
 from synthgate import clikit
-from synthgate.device import DEVICE_CHOICES  # noqa: F401  (documented choices)
 from synthgate.errors import UsageError
 
 from .base import available_checks

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from synthgate.errors import InputError, MissingInputError, UsageError
 from synthgate.fsutil import atomic_directory, digest_folder, to_json
 from synthgate.imageset import ImageSet
 from synthgate.privacy import salt_id
+from synthgate.provenance import versions
 
 from .base import CheckResult, check_class, create_check
 from .context import AuditContext
@@ -86,18 +86,6 @@ def _set_entry(s: ImageSet | None) -> dict | None:
         return None
     return {"path": str(s.root), "n_images": len(s), "sha256": s.digest,
             "skipped": [{"path": k.path, "reason": k.reason} for k in s.skipped]}
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "synthgate": __version__}
-    for dist in ("numpy", "torch", "diffusers", "pydicom", "scikit-learn", "opacus", "faiss-cpu"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def missing_requirements(name: str, ctx: AuditContext) -> list[str]:
@@ -278,7 +266,7 @@ def build_audit(ctx: AuditContext, results: list[CheckResult], decision: Decisio
         "drop_rounds": decision.rounds,
         "released": released,
         "patient_hash_salt_id": salt_id(),
-        "versions": _versions(),
+        "versions": versions("pydicom", "scikit-learn", "opacus", "faiss-cpu", "open_clip_torch"),
     }
 
 

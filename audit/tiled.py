@@ -30,9 +30,12 @@ metric, not an embedding's guess.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 #: Squared-distance slack absorbing float32 rounding in the bound
 #: (``|a|^2 + |b|^2 - 2ab``): the bound is lowered by it, so it stays a bound.

@@ -8,26 +8,12 @@ provenance.  Written atomically.
 from __future__ import annotations
 
 import datetime as _dt
-import platform
 from pathlib import Path
 
 from synthgate import __version__
 from synthgate.fsutil import atomic_directory, atomic_write_json
 
 SCHEMA_VERSION = 1
-
-
-def versions(*extra: str) -> dict[str, str]:
-    """Versions of the libraries that made an artefact."""
-    import importlib.metadata as md
-
-    out = {"synthgate": __version__, "python": platform.python_version()}
-    for name in ("torch", "diffusers", "accelerate", "numpy", *extra):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    return out
 
 
 def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overwrite: bool = False) -> Path:

@@ -190,7 +190,7 @@ def _log_line(entry: dict, steps: int, rate: float) -> str:
 def _info(config: TrainConfig, training: TrainingSet, space, trainer, precision: str, accelerator,
           resumed_from, seconds: float, vae) -> dict:
     """``synthgate.json`` (DESIGN.md's model-directory contract)."""
-    from .export import versions
+    from synthgate.provenance import versions
 
     dp = None
     if trainer.private is not None:

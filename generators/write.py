@@ -147,7 +147,7 @@ def _manifest(model, model_ref: dict, records: list[dict], sampler: dict, fmt: s
               seed: int) -> dict:
     from collections import Counter
 
-    from .export import versions
+    from synthgate.provenance import versions
 
     training = model.info.get("training_set") or {}
     return {

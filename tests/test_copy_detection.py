@@ -298,7 +298,7 @@ def test_different_sizes_and_rgb_are_harmonised_and_reported(copy_case, capsys, 
 @pytest.mark.parametrize("case", ["empty", "no_real", "overlap", "unknown_check", "bad_param", "bad_rule",
                                   "missing_real", "corrupt"])
 def test_bad_inputs_exit_2_one_line(copy_case, capsys, tmp_path, case):
-    syn, train, hold = copy_case / "syn", copy_case / "p" / "train", copy_case / "p" / "holdout"
+    syn, train = copy_case / "syn", copy_case / "p" / "train"
     argv = [syn, "--real", train, "--out", tmp_path / "o"]
     if case == "empty":
         (tmp_path / "empty").mkdir()

@@ -1,7 +1,6 @@
 """Core helpers: atomic outputs, hashing, salted IDs, device choice."""
 from __future__ import annotations
 
-import os
 
 import pytest
 

@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import pydicom_test_file, write_png
 from synthgate import imageio
