@@ -193,6 +193,7 @@ class Check:
 #: so listing checks (and ``audit --help``) never imports torch.
 _REGISTRY: dict[str, str] = {
     "copy_detection": "audit.copy_detection:CopyDetection",
+    "reidentification": "audit.reidentification:Reidentification",
 }
 
 
