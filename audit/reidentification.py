@@ -31,15 +31,16 @@ Threshold
 ---------
 For an image ``x`` let ``m(x)`` be its best cosine similarity to a gallery
 image of *another* identity.  A synthetic image is flagged when its best
-similarity to the gallery exceeds ``tau``, the ``k``-th largest ``m`` of the
-``n`` calibration images with ``k = floor(rate (n + 1))`` -- a conformal
-threshold: an image of an unseen patient is flagged with probability at most
-``k / (n + 1) <= false_match_rate`` (Packhaeuser et al. 2023's filter uses the
-verification network's decision; EchoNet-Synthetic takes a percentile of
-real held-out best matches; here the calibration statistic is the very
-statistic a synthetic image is judged by, against the same gallery).  Under
-that null the number of flagged images among ``N`` follows a beta-binomial
-law, which gives the exact p-value of "more flags than chance".
+similarity to the gallery exceeds ``tau``, the ``k``-th largest ``m`` over one
+randomly chosen image of each of the ``n`` unseen patients, ``k = floor(rate
+(n + 1))`` -- a conformal threshold: an image of a new patient is flagged with
+probability at most ``k / (n + 1) <= false_match_rate``.  Patients, not
+images, are exchangeable (one patient's images are alike), hence one image
+each.  EchoNet-Synthetic takes a percentile of real held-out best matches;
+here the calibration statistic is the very statistic a synthetic image is
+judged by, against the same gallery.  Under that null the number of flagged
+images among ``N`` follows a beta-binomial law, which gives the exact p-value
+of "more flags than chance", calibration error included.
 
 Controls
 --------
@@ -75,8 +76,8 @@ from synthgate.privacy import hash_id
 from synthgate.progress import progress_bar
 
 from .base import Check, CheckResult, Control, Estimate, Finding
-from .copy_detection import holdout_threshold
-from .stats import bootstrap_ci, clopper_pearson, roc_auc, roc_points, summary
+from .copy_detection import _rate, holdout_threshold
+from .stats import bootstrap_ci, roc_auc, roc_points, summary
 
 PRESETS = ("auto", "cpu", "gpu")
 FAIL_ON = ("excess", "any")
@@ -858,12 +859,6 @@ def _positive(name: str, hit: np.ndarray, score: np.ndarray, need: float, what: 
     detail = (f"{k} of {n} {what} above the threshold ({100 * k / max(n, 1):.1f}%; needs >= {100 * need:g}%)")
     return Control(name, "positive", passed, detail,
                    {"reidentified": rate, "score": summary(score[np.isfinite(score)])})
-
-
-def _rate(hits: int, n: int, note: str | None = None) -> Estimate:
-    if n == 0:
-        return Estimate(None, n=0, note="no samples")
-    return Estimate(hits / n, clopper_pearson(hits, n), n, note)
 
 
 def _histograms(synthetic, impostor, genuine, probes, tau) -> dict:

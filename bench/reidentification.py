@@ -35,14 +35,12 @@ from audit.context import AuditContext  # noqa: E402
 from audit.reidentification import (best_match, conformal_threshold, one_per_identity, pair_auc,  # noqa: E402
                                     retrieval_metrics)
 from synthgate.imageset import ImageSet  # noqa: E402
-from synthgate.phantoms import generate, render, write_phantoms  # noqa: E402
+from synthgate.phantoms import _write_png, generate, render, write_phantoms  # noqa: E402
 
 
 def _save(path: Path, pixels: np.ndarray) -> None:
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(path)
+    _write_png(path, pixels, 8)
 
 
 def make_data(root: Path, patients: int, per_patient: int, size: int, seed: int, synthetic_per_patient: int) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import write_png
 
 from audit import cli as audit_cli
 from audit.reidentification import (NotEnoughData, best_match, conformal_threshold, excess_p_value, make_plan,
@@ -41,8 +41,7 @@ def _one_thread():
 
 
 def _save(path: Path, pixels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(path)
+    write_png(path, np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -406,3 +405,23 @@ def test_backbone_weights_load_from_local_file(tmp_path, suffix):
     assert cfg.backbone_weights_sha256 and net(torch.zeros(2, 3, 32, 32)).shape == (2, 128)
     fresh = build_network(resolve_config("cpu", {"backbone": "resnet18"}), torch.Generator().manual_seed(3))
     assert not torch.equal(fresh[0].conv1.weight, saved["conv1.weight"])
+
+
+def test_network_pieces():
+    from audit.reid_network import IdentityBatches, augment, build_network, prepare, resolve_config
+
+    ids = np.array([0, 0, 0, 1, 2, 2])  # patient 1 has one image: its views are copies, made different by augment
+    idx, labels = IdentityBatches(ids, per_batch=3, views=4, rng=np.random.default_rng(0))()
+    assert len(idx) == 12 and sorted(set(labels.tolist())) == [0, 1, 2]
+    assert all(ids[i] == ids[idx[labels == labels[n]][0]] for n, i in enumerate(idx))
+    x = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = augment(x, torch.Generator().manual_seed(1))
+    assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1 and not torch.allclose(x, y)
+    assert torch.equal(y, augment(x, torch.Generator().manual_seed(1)))  # seeded
+    u8 = prepare(np.random.default_rng(0).random((2, 1, 40, 30)), resolve_config("cpu", {"image_size": 24}))
+    assert u8.dtype == torch.uint8 and tuple(u8.shape) == (2, 1, 24, 24)
+    gpu = resolve_config("gpu", {})
+    assert (gpu.backbone, gpu.image_size) == ("resnet50", 224)
+    net = build_network(gpu, torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 224, 224)).shape == (1, 128)
