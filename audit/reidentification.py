@@ -238,8 +238,8 @@ def _calibration_split(real, gallery_ids, mode, fraction, rng, notes) -> Queries
     idx = np.flatnonzero(np.isin(gallery_ids, chosen))
     who = "patients" if mode == "patient" else "images"
     notes.append(f"no usable holdout: {n_cal} of {len(identities)} training {who} ({len(idx)} images) were set aside "
-                 "from network training to calibrate the threshold and check the network (patient-disjoint); they "
-                 "stay in the gallery, and their own images are left out of their matches")
+                 f"from network training to calibrate the threshold and check the network ({who[:-1]}-disjoint); "
+                 "they stay in the gallery, and their own images are left out of their matches")
     return Queries(real, idx, gallery_ids[idx], idx)
 
 
