@@ -195,6 +195,7 @@ class Check:
 #: so listing checks (and ``audit --help``) never imports torch.
 _REGISTRY: dict[str, str] = {
     "copy_detection": "audit.copy_detection:CopyDetection",
+    "reidentification": "audit.reidentification:Reidentification",
     "dicom_phi": "audit.dicom_phi:DicomPhi",
     "utility": "audit.utility:Utility",
     "fidelity": "audit.fidelity:Fidelity",

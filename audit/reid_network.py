@@ -1,0 +1,424 @@
+"""The re-identification attacker's network: a metric-learning embedding trained on patient identity.
+
+A torchvision CNN (built without downloaded weights, or initialised from a
+local state dict) followed by a linear head to an ``embedding_dim`` vector;
+images are compared by the cosine similarity of their L2-normalised
+embeddings.  Training is metric learning with pytorch-metric-learning's
+``MultiSimilarityLoss`` and ``MultiSimilarityMiner`` on batches of ``P``
+identities x ``m`` views, each view under the augmentations a
+re-identification attacker would use (pose: rotation, shift, scale;
+exposure: contrast, brightness, gamma; detector noise), so the network learns
+what stays constant about a patient across acquisitions.
+
+An identity is a patient, or -- the image-level fallback -- a single image,
+whose ``m`` views are then ``m`` augmentations of that one image.
+
+Images enter as float ``NCHW`` in [0, 1] at any size and 1 or 3 channels;
+:func:`prepare` brings them to the network's input once (``image_size``
+square, 3 channels, 8-bit), the form that is both trained on and embedded, so
+the two never differ.  Heavy imports stay inside the functions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synthgate.errors import InputError, MissingInputError, UsageError
+
+#: ImageNet statistics: right for pretrained torchvision weights, harmless from scratch.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+#: ``compact`` backbone: a ResNet of torchvision ``BasicBlock``s, narrower and shallower than
+#: resnet18, for 2-core CPUs (stage widths; one block per stage).
+COMPACT_WIDTHS = (32, 64, 128, 256)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 2 CPU cores, 2,000 images of 64 x 64: minutes (bench/reidentification.py measures it)
+    "cpu": {"backbone": "compact", "image_size": 64, "embedding_dim": 128, "epochs": 10, "batch_size": 64,
+            "views": 4, "lr": 2e-3},
+    # Packhaeuser et al. 2022's backbone and input size class
+    "gpu": {"backbone": "resnet50", "image_size": 224, "embedding_dim": 128, "epochs": 40, "batch_size": 128,
+            "views": 4, "lr": 3e-4},
+}
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Everything that decides the trained network (and so its cache key)."""
+
+    backbone: str
+    image_size: int
+    embedding_dim: int
+    epochs: int
+    batch_size: int
+    views: int  # images (or augmented views) per identity in a batch
+    lr: float
+    weight_decay: float = 1e-4
+    augment: bool = True
+    backbone_weights: str | None = None
+    backbone_weights_sha256: str | None = None
+
+    def __post_init__(self):
+        if self.image_size < 16:
+            raise UsageError(f"reidentification: image_size {self.image_size} must be at least 16")
+        if self.embedding_dim < 2 or self.epochs < 1 or self.lr <= 0:
+            raise UsageError("reidentification: embedding_dim must be >= 2, epochs >= 1 and lr > 0")
+        if self.views < 2 or self.batch_size < 2 * self.views:
+            raise UsageError(f"reidentification: views must be >= 2 and batch_size >= 2 x views "
+                             f"(got views {self.views}, batch_size {self.batch_size})")
+
+    @property
+    def identities_per_batch(self) -> int:
+        return self.batch_size // self.views
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_config(preset: str, overrides: dict[str, Any]) -> NetworkConfig:
+    """The preset's settings with every non-``None`` override applied."""
+    if preset not in PRESETS:
+        raise UsageError(f"reidentification: preset {preset!r} must be one of {', '.join(PRESETS)} (or auto)")
+    values = dict(PRESETS[preset])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    weights = values.get("backbone_weights")
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise MissingInputError("backbone weights file does not exist (a local torchvision state dict is "
+                                    "needed: .safetensors, .pt or .pth)", path)
+        from synthgate.fsutil import sha256_file
+
+        values["backbone_weights"] = str(path.resolve())
+        values["backbone_weights_sha256"] = sha256_file(path)
+    for key in ("image_size", "embedding_dim", "epochs", "batch_size", "views"):
+        values[key] = int(values[key])
+    values["lr"] = float(values["lr"])
+    return NetworkConfig(**values)
+
+
+# ------------------------------------------------------------------ the network
+
+
+def _compact_backbone():
+    import torch.nn as nn
+    from torchvision.models.resnet import BasicBlock
+
+    w = COMPACT_WIDTHS
+    layers = [nn.Conv2d(3, w[0], 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True)]
+    inplanes = w[0]
+    for i, width in enumerate(w):
+        stride = 1 if i == 0 else 2
+        down = None
+        if stride != 1 or inplanes != width:
+            down = nn.Sequential(nn.Conv2d(inplanes, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+        layers.append(BasicBlock(inplanes, width, stride, down))
+        inplanes = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), inplanes
+
+
+def _last_linear(model) -> tuple[str, Any]:
+    import torch.nn as nn
+
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise UsageError(f"reidentification: backbone {type(model).__name__} has no classifier layer to replace")
+    return found[-1]
+
+
+def _replace(model, dotted: str, new) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def build_backbone(cfg: NetworkConfig):
+    """``(backbone, feature_dim)``: the classifier of a torchvision model replaced by the identity.
+
+    ``cfg.backbone`` is ``compact`` or any torchvision classification model
+    name (``resnet18``, ``resnet50``, ``densenet121``, ...), always built with
+    ``weights=None``; local weights, when given, are loaded afterwards.
+    """
+    import torch.nn as nn
+
+    if cfg.backbone == "compact":
+        model, dim = _compact_backbone()
+        head = None
+    else:
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        if cfg.backbone not in names:
+            import difflib
+
+            near = difflib.get_close_matches(cfg.backbone, names + ["compact"], n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise UsageError(f"reidentification: backbone {cfg.backbone!r} is not a torchvision classification "
+                             f"model{hint}; use compact, resnet18, resnet50, ...")
+        model = torchvision.models.get_model(cfg.backbone, weights=None)
+        head, linear = _last_linear(model)
+        dim = linear.in_features
+        _replace(model, head, nn.Identity())
+    if cfg.backbone_weights:
+        load_backbone_weights(model, cfg.backbone_weights, head)
+    return model, dim
+
+
+def load_backbone_weights(model, path: str | Path, head: str | None) -> None:
+    """Load a local state dict into ``model`` (its classifier ``head``, replaced, is ignored).
+
+    ``.safetensors`` files are read with safetensors, anything else with
+    ``torch.load(weights_only=True)``: never arbitrary pickles.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors and torch raise many kinds
+        raise InputError(f"cannot read backbone weights ({' '.join(str(exc).split())[:200]})", path) from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise InputError("backbone weights are not a state dict", path)
+    if head:
+        state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ
+        first = " ".join(str(exc).split())[:200]
+        raise InputError(f"backbone weights do not fit the {type(model).__name__} backbone ({first})", path) from exc
+    if result.missing_keys or result.unexpected_keys:
+        what = (f"missing {', '.join(result.missing_keys[:3])}" if result.missing_keys
+                else f"unexpected {', '.join(result.unexpected_keys[:3])}")
+        raise InputError(f"backbone weights do not fit the {type(model).__name__} backbone ({what})", path)
+
+
+def build_network(cfg: NetworkConfig, generator=None):
+    """Backbone + linear embedding head; initialised from ``generator`` without touching global RNG state."""
+    import torch
+    import torch.nn as nn
+
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone, dim = build_backbone(cfg)
+        return nn.Sequential(backbone, nn.Linear(dim, cfg.embedding_dim))
+
+
+def prepare(batch: np.ndarray, cfg: NetworkConfig):
+    """Images ``(N, C, H, W)`` float in [0, 1] -> uint8 tensor ``(N, C, S, S)``: the network's input form.
+
+    Kept at 8 bits and at the images' own channel count (gray is expanded to
+    3 channels only on the way into the network) so a training set held in
+    memory costs ``S * S`` bytes per gray image.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(batch, dtype=torch.float32)
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got {x.shape[1]}")
+    s = cfg.image_size
+    if tuple(x.shape[2:]) != (s, s):
+        x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+    return torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
+
+
+def _normalise(x):
+    import torch
+
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(x, generator):
+    """The attacker's augmentations, per image: pose, exposure and noise (``x`` float in [0, 1]).
+
+    Ranges cover how one patient's radiographs differ between acquisitions
+    (a few degrees of rotation, some shift and magnification, exposure and
+    detector noise); flips are not used (they change anatomy's handedness).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n, dev = x.shape[0], x.device
+
+    def u(lo, hi):
+        return (torch.rand(n, generator=generator) * (hi - lo) + lo).to(dev)
+
+    angle, scale = u(-10, 10) * math.pi / 180, u(0.9, 1.1)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, u(-0.08, 0.08)], 1), torch.stack([sin, cos, u(-0.08, 0.08)], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    view = (n, 1, 1, 1)
+    contrast, brightness, gamma = u(0.8, 1.2).view(view), u(-0.08, 0.08).view(view), u(0.8, 1.25).view(view)
+    x = ((x - 0.5) * contrast + 0.5 + brightness).clamp(1e-6, 1) ** gamma
+    noise = torch.randn(x.shape, generator=generator).to(dev) * u(0.0, 0.03).view(view)
+    return (x + noise).clamp(0, 1)
+
+
+def forward(model, images_u8, device, generator=None, augmented: bool = False):
+    """Embeddings (not normalised) of uint8 prepared images, optionally augmented first."""
+    x = images_u8.to(device).float() / 255.0
+    if augmented:
+        x = augment(x, generator)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return model(_normalise(x))
+
+
+def embed(model, images_u8, device, batch_size: int = 256, generator=None, augmented: bool = False) -> np.ndarray:
+    """L2-normalised embeddings (float32 numpy) of prepared images, in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(images_u8), batch_size):
+            e = forward(model, images_u8[s:s + batch_size], device, generator, augmented)
+            out.append(F.normalize(e.float(), dim=1).cpu())
+    if not out:
+        return np.zeros((0, model[-1].out_features), np.float32)
+    return torch.cat(out).numpy()
+
+
+# ------------------------------------------------------------------ training
+
+
+class IdentityBatches:
+    """Batches of ``P`` identities x ``m`` images each (drawn with replacement when an identity has fewer).
+
+    An identity with one image contributes ``m`` copies of it, which the
+    augmentation turns into ``m`` different views.
+    """
+
+    def __init__(self, identities: np.ndarray, per_batch: int, views: int, rng: np.random.Generator):
+        identities = np.asarray(identities)
+        self.groups = [np.flatnonzero(identities == v) for v in np.unique(identities)]
+        if len(self.groups) < 2:
+            raise ValueError("metric learning needs at least two identities")
+        self.per_batch = min(per_batch, len(self.groups))
+        self.views = views
+        self.rng = rng
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        chosen = self.rng.choice(len(self.groups), self.per_batch, replace=False)
+        idx, labels = [], []
+        for c in chosen:
+            g = self.groups[c]
+            idx.append(self.rng.choice(g, self.views, replace=len(g) < self.views))
+            labels.append(np.full(self.views, c))
+        return np.concatenate(idx), np.concatenate(labels)
+
+
+def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device, generator, rng,
+                  progress: bool | None = None):
+    """Train the embedding network; returns ``(model, history)``.
+
+    Notes
+    -----
+    Multi-similarity loss with its pair miner (Wang et al. 2019, as
+    implemented in pytorch-metric-learning) on cosine similarity, AdamW with
+    a one-cycle schedule, a fixed number of epochs (no early stopping: held
+    out patients are kept for evaluation and calibration only).  Packhaeuser
+    et al. 2022 train a Siamese verification network (BCE on pairs) and a
+    retrieval network (contrastive loss); a metric-learning embedding serves
+    both verification (pair similarity) and retrieval (nearest training
+    images) with one network.
+    """
+    import time
+
+    import torch
+    from pytorch_metric_learning import losses, miners
+
+    from synthgate.progress import progress_bar
+
+    model = build_network(cfg, generator).to(device)
+    batches = IdentityBatches(identities, cfg.identities_per_batch, cfg.views, rng)
+    steps_per_epoch = max(1, math.ceil(len(identities) / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
+    loss_fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
+    history: list[float] = []
+    epoch_loss = 0.0
+    start = time.perf_counter()
+    model.train()
+    for step in progress_bar(range(total), desc="reid: train network", unit="step", enabled=progress):
+        idx, labels = batches()
+        emb = forward(model, images_u8[torch.as_tensor(idx)], device, generator, augmented=cfg.augment)
+        labels_t = torch.as_tensor(labels, device=device)
+        loss = loss_fn(emb, labels_t, miner(emb, labels_t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        epoch_loss += float(loss.detach())
+        if (step + 1) % steps_per_epoch == 0:
+            history.append(round(epoch_loss / steps_per_epoch, 5))
+            epoch_loss = 0.0
+    model.eval()
+    return model, {"loss_per_epoch": history, "steps": total, "train_seconds": round(time.perf_counter() - start, 2),
+                   "images": int(len(identities)), "identities": int(len(np.unique(identities))),
+                   "device": str(device)}
+
+
+# ------------------------------------------------------------------ cache
+
+
+WEIGHTS_FILE = "network.safetensors"
+META_FILE = "network.json"
+
+
+def save_network(folder: Path, model, meta: dict) -> None:
+    """Write weights then metadata, each atomically; the metadata file marks a complete entry."""
+    from safetensors.torch import save_file
+
+    from synthgate.fsutil import atomic_write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".network.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, folder / WEIGHTS_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    atomic_write_json(folder / META_FILE, meta)
+
+
+def load_network(folder: Path | None, cfg: NetworkConfig, device):
+    """``(model, meta)`` from a complete cache entry for ``cfg``, else ``None`` (missing or damaged: retrain)."""
+    if folder is None or not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        same = {k: v for k, v in cfg.to_dict().items() if k != "backbone_weights"}  # the file may have moved
+        if {k: v for k, v in meta.get("config", {}).items() if k != "backbone_weights"} != same:
+            return None
+        model = build_network(replace(cfg, backbone_weights=None))
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+    except (OSError, ValueError, RuntimeError, KeyError):
+        return None
+    return model.to(device).eval(), meta
