@@ -448,6 +448,7 @@ def retrieval_metrics(query: np.ndarray, query_ids: np.ndarray, reference: np.nd
 class Reidentification(Check):
     name = "reidentification"
     requires = ("real",)
+    per_image = True
     method = ("A patient re-identification network (torchvision CNN + metric-learning embedding, trained on the real "
               "training images with the attacker's augmentations) scores every synthetic image against every "
               "training image; a synthetic image is flagged when its best match exceeds a threshold calibrated on "

@@ -192,7 +192,9 @@ def run_policy(ctx: AuditContext, policy, only: list[str] | None = None, max_rou
         new: dict[str, dict] = {}
         for n in per_image:
             r = results[n] = _run_one(checks[n], current, rules[n].required)
-            if r.status == "fail" and rules[n].action == "drop":
+            # a drop action removes every flagged image, also when the check only warns (e.g. matches within
+            # the false-match rate): privacy-enhancing sampling filters each match, not only a significant excess
+            if r.status in ("fail", "warn") and r.flagged and rules[n].action == "drop":
                 why = {f.synthetic: f.reason for f in r.flagged}
                 for key in sorted(_files_of(set(why), current.synthetic)):
                     new.setdefault(key, {"check": n, "reason": why.get(key, "another frame of this file was flagged")})

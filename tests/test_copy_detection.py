@@ -177,7 +177,10 @@ def copy_case(tmp_path_factory):
 
 
 def run_audit(capsys, *argv):
-    code = audit_cli.main(["check", *map(str, argv)])
+    argv = list(map(str, argv))
+    if "--checks" not in argv and "--policy" not in argv:  # the default policy also trains networks
+        argv += ["--checks", "copy_detection"]
+    code = audit_cli.main(["check", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

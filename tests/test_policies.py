@@ -92,7 +92,8 @@ def run(capsys, case, tmp_path, *extra):
 
 
 def test_drop_action_removes_the_copy_and_reaudits(gate_case, capsys, tmp_path):
-    code, audit = run(capsys, gate_case, tmp_path)  # default policy: copy_detection drops
+    # the default policy's copy rule (drop), without the checks that train networks
+    code, audit = run(capsys, gate_case, tmp_path, "--checks", "copy_detection,dicom_phi")
     assert code == 0, audit["verdict_reasons"]
     assert audit["verdict"] == "pass" and audit["dropped"] == ["zz_copy.png"]
     assert audit["dropped_evidence"]["zz_copy.png"]["check"] == "copy_detection"
@@ -102,6 +103,7 @@ def test_drop_action_removes_the_copy_and_reaudits(gate_case, capsys, tmp_path):
     assert copy["status"] == "pass" and copy["metrics"]["n_synthetic"] == 19  # the re-audit's result
     assert (tmp_path / "o" / "dropped.txt").read_text() == "zz_copy.png\n"
     assert audit["policy"]["name"] == "default" and len(audit["policy"]["sha256"]) == 64
+    assert [c["name"] for c in audit["checks"]] == ["copy_detection", "dicom_phi"]
 
 
 def test_drop_beyond_max_fraction_blocks(gate_case, capsys, tmp_path):
@@ -113,9 +115,9 @@ def test_drop_beyond_max_fraction_blocks(gate_case, capsys, tmp_path):
 
 
 def test_block_and_warn_actions(gate_case, capsys, tmp_path):
-    code, audit = run(capsys, gate_case, tmp_path, "--policy", "strict")
+    code, audit = run(capsys, gate_case, tmp_path, "--policy", "strict", "--checks", "copy_detection")
     assert code == 1 and audit["dropped"] == [] and audit["released"] == []
-    code, audit = run(capsys, gate_case, tmp_path, "--policy", "research")
+    code, audit = run(capsys, gate_case, tmp_path, "--policy", "research", "--checks", "copy_detection")
     assert code == 0 and audit["checks"][0]["status"] == "fail" and len(audit["released"]) == 20
 
 

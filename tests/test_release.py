@@ -26,7 +26,7 @@ def passed(tmp_path_factory):
             Image.fromarray(np.round(im.pixels * 255).astype(np.uint8)).save(root / "syn" / f"s{i:02d}.png")
             fh.write(f"s{i:02d}.png,{im.label}\n")
     code = audit_cli.main(["check", str(root / "syn"), "--real", str(root / "p" / "train"), "--policy", "research",
-                           "--out", str(root / "audit_research")])
+                           "--checks", "copy_detection", "--out", str(root / "audit_research")])
     assert code == 0
     # a policy that drops whatever is flagged, so the bundle ships only images that passed
     (root / "policy.yaml").write_text("name: release-test\nmax_drop_fraction: 0.5\n"
@@ -98,7 +98,7 @@ def test_refuses_a_failed_audit(passed, capsys, tmp_path):
     with open(tmp_path / "syn" / "metadata.csv", "a") as fh:
         fh.write("copy.png,0\n")
     assert audit_cli.main(["check", str(tmp_path / "syn"), "--real", str(passed / "p" / "train"), "--policy",
-                           "strict", "--out", str(tmp_path / "a")]) == 1
+                           "strict", "--checks", "copy_detection", "--out", str(tmp_path / "a")]) == 1
     capsys.readouterr()
     code = release_cli.main(["bundle", str(tmp_path / "syn"), "--audit", str(tmp_path / "a" / "audit.json"),
                              "--out", str(tmp_path / "b")])
