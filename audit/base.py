@@ -196,6 +196,7 @@ class Check:
 _REGISTRY: dict[str, str] = {
     "copy_detection": "audit.copy_detection:CopyDetection",
     "dicom_phi": "audit.dicom_phi:DicomPhi",
+    "membership_inference": "audit.membership_inference:MembershipInference",
 }
 
 
