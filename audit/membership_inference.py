@@ -290,7 +290,8 @@ class MembershipInference(Check):
             "synthetic_attacks": list(SYNTHETIC_ATTACKS), "model_attacks": list(MODEL_ATTACKS),
             "run_model_attacks": True, "dcr_grid": 1, "embedding_weights": None, "density_dims": 5,
             "timesteps": [50, 100, 200, 300], "noise_draws": 4, "pia_timesteps": [100, 200], "pia_p": 4,
-            "secmi_t": 100, "secmi_k": 10, "resize_for_model": False, "batch_size": 64, "model_batch_rows": 256,
+            "secmi_t": 100, "secmi_k": 10, "resize_for_model": False, "batch_size": 64, "query_chunk_mb": 256,
+            "model_batch_rows": 256,
             "control_fraction": 0.5, "control_model": True, "control_model_images": 8,
             "control_model_nonmembers": 56, "control_model_resolution": 16, "control_model_steps": 150,
         }
@@ -396,39 +397,75 @@ class MembershipInference(Check):
                             for j, i in enumerate(chosen)])
         return planted, chosen
 
-    def _scenario1(self, ctx, sample: Sample, run: AttackRun, planted: np.ndarray) -> dict:
-        """Scores of the synthetic-set attacks, on the real synthetic set and with the planted copies added."""
-        import torch
+    def _eval_chunks(self, ctx, sample: Sample):
+        """The evaluated images (members, then non-members) in chunks of at most ``query_chunk_mb``."""
+        geo = ctx.geometry
+        per = geo.height * geo.width * geo.channels * 4
+        size = max(1, int(self.params["query_chunk_mb"]) * (1 << 20) // per)
+        items = [(ctx.real, int(i)) for i in sample.members] + [(ctx.holdout, int(i)) for i in sample.nonmembers]
+        bs = int(self.params["batch_size"])
+        for start in progress_bar(range(0, len(items), size), desc="membership: evaluated images", unit="chunk",
+                                  enabled=ctx.progress):
+            chunk = items[start:start + size]
+            parts = []
+            for set_ in (ctx.real, ctx.holdout):
+                idx = [i for s_, i in chunk if s_ is set_]
+                parts += [b for _, b in ctx.batches(set_, bs, idx)] if idx else []
+            yield start, np.concatenate(parts)
 
+    def _pixel_dcr(self, ctx, sample: Sample, planted: np.ndarray, encoder):
+        """Distance of every evaluated image to its closest synthetic image and to the closest planted copy,
+        and the members' embeddings (computed while their pixels are loaded)."""
         from .copy_detection import SetLoader
-        from .mia_attacks import nearest_distance, pca_basis
+        from .mia_attacks import nearest_rms
         from .tiled import ExactTiledSearch, TiledMetric, TileLayout
 
-        p, geo = self.params, ctx.geometry
-        attacks = list(p["synthetic_attacks"])
-        metric = TiledMetric(TileLayout(geo.height, geo.width, geo.channels, grid=int(p["dcr_grid"])), ctx.torch_device)
-        encoder = self._encoder(ctx)
-        s_feat, s_emb = [], []  # embeddings are needed even without embedding attacks: the exchangeability control
-        for _, batch in self._stream(ctx, ctx.synthetic, None, "synthetic"):
-            s_feat.append(metric.features(batch))
-            s_emb.append(encoder(batch))
-        search = ExactTiledSearch(metric, torch.cat(s_feat), SetLoader(ctx.synthetic, geo))
-        plant_search = ExactTiledSearch(metric, metric.features(planted), lambda idx: planted[idx])
-        s_emb = np.concatenate(s_emb)
-        p_emb = encoder(planted)
+        p, geo, dev = self.params, ctx.geometry, ctx.torch_device
+        grid = int(p["dcr_grid"])
+        bs = int(p["batch_size"])
+        if grid > 1:  # Carlini's tiled metric: the exact pruned search of copy_detection
+            metric = TiledMetric(TileLayout(geo.height, geo.width, geo.channels, grid=grid), dev)
+            import torch
 
+            feats = torch.cat([metric.features(b) for _, b in self._stream(ctx, ctx.synthetic, None, "synthetic")])
+            search = ExactTiledSearch(metric, feats, SetLoader(ctx.synthetic, geo))
+            plant_search = ExactTiledSearch(metric, metric.features(planted), lambda idx: planted[idx])
+
+            def to_synthetic(x):
+                return search.search(x, k=1).distances[:, 0]
+
+            def to_planted(x):
+                return plant_search.search(x, k=1).distances[:, 0]
+        else:
+            def to_synthetic(x):
+                return nearest_rms(x, (b for _, b in ctx.batches(ctx.synthetic, max(bs, 256))), dev)
+
+            def to_planted(x):
+                return nearest_rms(x, [planted], dev)
+
+        d_syn, d_plant, m_emb = [], [], []
+        for start, x in self._eval_chunks(ctx, sample):
+            d_syn.append(to_synthetic(x))
+            d_plant.append(to_planted(x))
+            members = x[: max(0, min(len(x), sample.n - start))]
+            m_emb += [encoder(members[s:s + bs]) for s in range(0, len(members), bs)]
+        return np.concatenate(d_syn), np.concatenate(d_plant), m_emb
+
+    def _scenario1(self, ctx, sample: Sample, run: AttackRun, planted: np.ndarray) -> dict:
+        """Scores of the synthetic-set attacks, on the real synthetic set and with the planted copies added."""
+        from .mia_attacks import nearest_distance, pca_basis
+
+        p = self.params
+        attacks = list(p["synthetic_attacks"])
+        encoder = self._encoder(ctx)
+        # embeddings are needed even without embedding attacks: the exchangeability control uses them
+        s_emb = np.concatenate([encoder(b) for _, b in self._stream(ctx, ctx.synthetic, None, "synthetic")])
+        p_emb = encoder(planted)
         # every holdout image is embedded once: non-members are among them, and each fold is the other's reference
         h_emb = np.concatenate([encoder(b) for _, b in self._stream(ctx, ctx.holdout, None, "holdout")])
         refs = [h_emb[sample.holdout_fold == f] for f in (0, 1)]
-        q_pix, q_pix_planted, m_emb = [], [], []
-        for set_, idx, what in ((ctx.real, sample.members, "members"), (ctx.holdout, sample.nonmembers, "non-members")):
-            for _, batch in self._stream(ctx, set_, idx, what):
-                q_pix.append(search.search(batch, k=1).distances[:, 0])
-                q_pix_planted.append(plant_search.search(batch, k=1).distances[:, 0])
-                if set_ is ctx.real:
-                    m_emb.append(encoder(batch))
-        d_pix = np.concatenate(q_pix)
-        d_pix_planted = np.minimum(d_pix, np.concatenate(q_pix_planted))
+        d_pix, d_plant, m_emb = self._pixel_dcr(ctx, sample, planted, encoder)
+        d_pix_planted = np.minimum(d_pix, d_plant)
         q_emb = np.concatenate([*m_emb, h_emb[sample.nonmembers]])
         d_emb = nearest_distance(q_emb, s_emb)
         d_emb_planted = np.minimum(d_emb, nearest_distance(q_emb, p_emb))
@@ -453,7 +490,6 @@ class MembershipInference(Check):
         run.info["scenario_1"] = {
             "n_synthetic": len(ctx.synthetic), "embedding": encoder.name, "dcr_grid": int(p["dcr_grid"]),
             "density_dims": int(p["density_dims"]), "reference_per_fold": [len(r) for r in refs],
-            "pixel_search": search.stats.to_dict(),
         }
         run.info["exchangeability_scores"] = exch
         return planted_scores

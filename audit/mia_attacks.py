@@ -101,6 +101,33 @@ def nearest_distance(queries: np.ndarray, refs: np.ndarray, block: int = 1024) -
     return out
 
 
+def nearest_rms(queries: np.ndarray, ref_batches, device="cpu", block: int = 256) -> np.ndarray:
+    """RMS pixel distance from each query image to its nearest reference image (distance to closest record).
+
+    ``queries`` is ``(Q, C, H, W)``; ``ref_batches`` yields ``(R, C, H, W)``
+    chunks (a streamed image set).  Candidates are ranked by float32 products
+    (``|b|^2 - 2ab``, one matrix product per chunk) and the winner's distance
+    in each chunk is recomputed from the pixel difference in float64, so the
+    returned distance is exact for the image it names and can exceed the true
+    minimum only when float32 rounding reorders near-ties.  For a whole-image
+    RMS this is far cheaper than a pruned search, whose pooled lower bound
+    prunes little on noisy images.
+    """
+    import torch
+
+    q = torch.as_tensor(np.asarray(queries, np.float32), device=device).flatten(1)
+    best = torch.full((q.shape[0],), float("inf"), dtype=torch.float64, device=device)
+    for batch in ref_batches:
+        r = torch.as_tensor(np.asarray(batch, np.float32), device=device).flatten(1)
+        rn = (r.double() ** 2).sum(1).float()
+        for s in range(0, q.shape[0], block):
+            qb = q[s:s + block]
+            j = torch.addmm(rn[None, :], qb, r.T, alpha=-2.0).argmin(1)
+            exact = (qb.double() - r[j].double()).square().sum(1)
+            best[s:s + block] = torch.minimum(best[s:s + block], exact)
+    return (best / q.shape[1]).sqrt().cpu().numpy()
+
+
 def pca_basis(features: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and the ``dims`` leading principal directions ``(D, dims)`` of ``features`` (exact).
 

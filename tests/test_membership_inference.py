@@ -16,7 +16,7 @@ from audit.base import create_check
 from audit.context import AuditContext
 from audit.membership_inference import RocMetrics, exceeded, group_split, roc_metrics, strength
 from audit.mia_attacks import (RandomConvFeatures, ddim_step, density_ratio_scores, loo_bandwidth, loss_scores,
-                               nearest_distance, pca_basis, pia_scores, secmi_scores)
+                               nearest_distance, nearest_rms, pca_basis, pia_scores, secmi_scores)
 from audit.stats import bootstrap_roc, percentile_interval, roc_auc, tpr_at_fpr
 from synthgate.imageset import ImageSet
 from synthgate.phantoms import generate, write_phantoms
@@ -147,6 +147,18 @@ def test_nearest_distance_and_random_features():
     f_noisy, f_other = RandomConvFeatures(1, torch.Generator().manual_seed(5))(noisy), RandomConvFeatures(
         1, torch.Generator().manual_seed(5))(other)
     assert np.all(np.linalg.norm(f1 - f_noisy, axis=1) < np.linalg.norm(f1 - f_other, axis=1))
+
+
+def test_nearest_rms_equals_brute_force_over_streamed_chunks():
+    rng = np.random.default_rng(4)
+    refs = rng.random((70, 1, 12, 10)).astype(np.float32)
+    queries = np.concatenate([np.clip(refs[:5] + rng.normal(0, 0.01, (5, 1, 12, 10)), 0, 1),
+                              rng.random((20, 1, 12, 10))]).astype(np.float32)
+    chunks = [refs[i:i + 16] for i in range(0, 70, 16)]
+    got = nearest_rms(queries, iter(chunks), block=7)
+    diff = queries[:, None].astype(np.float64) - refs[None].astype(np.float64)
+    want = np.sqrt((diff ** 2).mean(axis=(2, 3, 4)).min(1))
+    assert np.allclose(got, want, rtol=0, atol=1e-12)
 
 
 def test_pca_basis_equals_svd_both_ways():
@@ -319,6 +331,14 @@ def test_leaky_synthetic_set_fails_on_low_fpr_evidence(case, tmp_path):
     assert d["chosen_attack"] in ("dcr_pixel", "dcr_embedding")
     dcr = r.metrics["attacks"]["dcr_pixel"]
     assert dcr["tpr_at_1pct_fpr"].value > 0.05 and dcr["beats_chance"]
+
+
+def test_tiled_pixel_distance_is_available_too(case):
+    """dcr_grid > 1: Carlini's tiled metric via copy_detection's exact search; the leak is still caught."""
+    r = create_check("membership_inference", dcr_grid=4, synthetic_attacks=["dcr_pixel"], n_boot=300).run(
+        _ctx(case, "leaky"))
+    assert r.status == "fail" and r.metrics["scenario_1"]["dcr_grid"] == 4
+    assert list(r.metrics["attacks"]) == ["dcr_pixel"]
 
 
 def test_deterministic_given_the_seed(case):
