@@ -216,14 +216,20 @@ def exceeded(m: RocMetrics, limits: dict, side: str = "point", above_chance: boo
     return out
 
 
-def strength(scores: np.ndarray, labels: np.ndarray, limits: dict) -> float:
-    """How far an attack goes toward the policy's limits (1 = at a limit): the selection criterion."""
+def strength(scores: np.ndarray, labels: np.ndarray, limits: dict, min_false_positives: int = 5) -> float:
+    """How far an attack goes toward the policy's limits (1 = at a limit): the selection criterion.
+
+    A TPR at low FPR counts only where the sample allows at least
+    ``min_false_positives`` false positives at that FPR: read off one or two
+    non-members it is noise, and ranking attacks by noise picks the wrong one.
+    """
     y = np.asarray(labels).astype(bool)
+    n0 = int((~y).sum())
     ratios = []
     if limits.get("auc") is not None:
         ratios.append((roc_auc(scores, y) - 0.5) / max(limits["auc"] - 0.5, 1e-9))
     for fpr in FPRS:
-        if limits.get(fpr) is not None:
+        if limits.get(fpr) is not None and n0 * fpr >= min_false_positives:
             ratios.append(tpr_at_fpr(scores, y, fpr) / max(limits[fpr], 1e-9))
     return max(ratios) if ratios else roc_auc(scores, y)
 
@@ -291,7 +297,7 @@ class MembershipInference(Check):
             "run_model_attacks": True, "dcr_grid": 1, "embedding_weights": None, "density_dims": 5,
             "timesteps": [50, 100, 200, 300], "noise_draws": 4, "pia_timesteps": [100, 200], "pia_p": 4,
             "secmi_t": 100, "secmi_k": 10, "resize_for_model": False, "batch_size": 64, "query_chunk_mb": 256,
-            "model_batch_rows": 256,
+            "model_batch_rows": "auto",
             "control_fraction": 0.5, "control_model": True, "control_model_images": 8,
             "control_model_nonmembers": 56, "control_model_resolution": 16, "control_model_steps": 150,
         }
@@ -322,6 +328,8 @@ class MembershipInference(Check):
             bad = [a for a in p[key] if a not in allowed]
             if bad:
                 raise ValueError(f"membership_inference: {key} {bad[0]!r} must be one of {', '.join(allowed)}")
+        if p["model_batch_rows"] != "auto" and int(p["model_batch_rows"]) < 1:
+            raise ValueError("membership_inference: model_batch_rows must be 'auto' or a positive number")
         if int(p["n_samples"]) < 4 or int(p["n_boot"]) < 100:
             raise ValueError("membership_inference: n_samples must be >= 4 and n_boot >= 100")
         if not 0 < float(p["alpha"]) < 0.5 or not 0 < float(p["control_alpha"]) < 0.5:
@@ -544,8 +552,10 @@ class MembershipInference(Check):
     def _model_scores(self, ctx, model, images: list[tuple[ImageSet, np.ndarray]], geo: Geometry, what: str,
                       purpose: str) -> dict[str, np.ndarray]:
         """Run the model attacks on images from ``(set, indices)`` pairs; returns ``{attack: scores}``."""
+        from .mia_attacks import auto_batch_rows
+
         p = self.params
-        bs, rows = int(p["batch_size"]), int(p["model_batch_rows"])
+        bs = int(p["batch_size"])
         gen = ctx.torch_generator(f"membership_inference.{purpose}.noise")
         parts: dict[str, list] = {}
         for set_, idx in images:
@@ -558,6 +568,8 @@ class MembershipInference(Check):
                                              total=math.ceil(len(idx) / bs)):
                 x0 = model.to_model_space(batch)
                 cl = model.class_labels([set_.records[i].label for i in chunk])
+                rows = (auto_batch_rows(x0.device, x0[0].numel()) if p["model_batch_rows"] == "auto"
+                        else int(p["model_batch_rows"]))
                 for name, scores in self._attack_batch(model, x0, cl, gen, rows).items():
                     parts.setdefault(name, []).append(scores)
         return {k: np.concatenate(v) for k, v in parts.items()}

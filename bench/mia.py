@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit.mia_attacks import ddim_step, loss_scores, pia_scores, secmi_scores  # noqa: E402
+from audit.mia_attacks import auto_batch_rows, ddim_step, loss_scores, pia_scores, secmi_scores  # noqa: E402
 from audit.mia_control import tiny_unet  # noqa: E402
 
 
@@ -171,7 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timesteps", default="50,100,200,300")
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--pia-timesteps", default="100,200")
-    ap.add_argument("--batch-rows", type=int, default=256, help="rows per forward pass (the check's model_batch_rows)")
+    ap.add_argument("--batch-rows", default="auto",
+                    help="rows per forward pass (the check's model_batch_rows; default auto, as the check)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
@@ -182,7 +183,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     widths = [int(v) for v in args.widths.split(",")]
     for row in run(args.size, widths, args.images, [int(v) for v in args.timesteps.split(",")], args.draws,
-                   [int(v) for v in args.pia_timesteps.split(",")], args.device, args.seed, args.batch_rows):
+                   [int(v) for v in args.pia_timesteps.split(",")], args.device, args.seed,
+                   auto_batch_rows(torch.device(args.device), args.size * args.size) if args.batch_rows == "auto"
+                   else int(args.batch_rows)):
         print(json.dumps(row))
     return 0
 

@@ -117,10 +117,14 @@ def test_exceeded_and_strength_by_hand():
     assert exceeded(m, limits, "lower") == []  # 0.55 and 0.04 are within
     assert exceeded(m, limits, "upper") == ["AUC 0.850 > 0.6", "TPR at 1% FPR 0.350 > 0.05"]
     assert exceeded(m, {"auc": None, 0.01: None}) == []
-    y = np.r_[np.ones(4), np.zeros(4)]
-    s = np.array([4, 3, 2, 1, 0, -1, -2, -3.0])  # perfect: AUC 1, TPR 1
-    assert strength(s, y, {"auc": 0.6, 0.01: 0.05}) == pytest.approx(1.0 / 0.05)
+    y = np.r_[np.ones(600), np.zeros(600)]
+    s = np.r_[np.arange(600, 1200), np.arange(600)].astype(float)  # perfect: AUC 1, TPR 1
+    assert strength(s, y, {"auc": 0.6, 0.01: 0.05}) == pytest.approx(1.0 / 0.05)  # 600 x 1% = 6 false positives
     assert strength(s, y, {"auc": 0.6, 0.01: None}) == pytest.approx(0.5 / 0.1)
+    # 100 non-members allow 1 false positive at 1% FPR: too few to rank by, so the AUC ranks
+    y2 = np.r_[np.ones(100), np.zeros(100)]
+    assert strength(np.r_[np.arange(100, 200), np.arange(100)].astype(float), y2, {"auc": 0.6, 0.01: 0.05}) == \
+        pytest.approx(0.5 / 0.1)
 
 
 def test_group_split_keeps_patients_together_and_halves():
