@@ -197,6 +197,7 @@ _REGISTRY: dict[str, str] = {
     "copy_detection": "audit.copy_detection:CopyDetection",
     "reidentification": "audit.reidentification:Reidentification",
     "dicom_phi": "audit.dicom_phi:DicomPhi",
+    "membership_inference": "audit.membership_inference:MembershipInference",
     "utility": "audit.utility:Utility",
     "fidelity": "audit.fidelity:Fidelity",
 }
