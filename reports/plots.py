@@ -47,7 +47,9 @@ def histogram(spec: dict, title: str, xlabel: str = "") -> str:
 def roc(curves: dict, title: str) -> str:
     """``curves``: ``{name: {"fpr": [...], "tpr": [...]}}``; log-log axes as low-FPR reporting asks."""
     plt, fig, ax = _fig()
-    floor = 1e-4
+    # the smallest resolvable rate is 1 / (number of non-members): the axis starts there, not lower
+    positive = [f for c in curves.values() for f in c.get("fpr", []) if f > 0]
+    floor = min(positive) if positive else 1e-3
     for i, (name, c) in enumerate(curves.items()):
         if c.get("fpr"):
             ax.plot([max(f, floor) for f in c["fpr"]], [max(t, floor) for t in c["tpr"]], label=name, color=f"C{i}")

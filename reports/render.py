@@ -9,7 +9,8 @@ image and the real paths, and marks every page as internal.
 
 Check results feed plots through conventions in their ``data``:
 ``histograms`` (``{"edges", <series>: counts, "lines": {name: x}}`` or a
-mapping of titles to such specs), ``roc`` (``{name: {"fpr", "tpr"}}``) and
+mapping of titles to such specs), ``roc`` (``{"fpr", "tpr"}`` or
+``{name: {"fpr", "tpr"}}``) and
 ``table`` (``{"title", "columns", "rows"}``).
 """
 from __future__ import annotations
@@ -79,7 +80,8 @@ def _plots(data: dict, check: str) -> list[str]:
         specs = {check: hist} if "edges" in hist else hist
         out += [plots.histogram(spec, title) for title, spec in specs.items() if spec.get("edges")]
     if data.get("roc"):
-        out.append(plots.roc(data["roc"], f"{check}: ROC (log-log)"))
+        curves = {check: data["roc"]} if "fpr" in data["roc"] else data["roc"]  # one curve, or named curves
+        out.append(plots.roc(curves, f"{check}: ROC (log-log)"))
     return out
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,19 +132,13 @@ def probe(path: str | Path, fmt: str | None = None, max_pixels: int | None = Non
             f"supported: {', '.join(sorted(set(IMAGE_SUFFIXES)))} and DICOM without extension",
             path,
         )
-    try:
+    with _reading(path, f"unreadable {fmt.upper()} header"):
         if fmt == "dicom":
             info = _probe_dicom(path)
         elif fmt == "npy":
             info = _probe_npy(path)
         else:
             info = _probe_pillow(path, fmt)
-    except ImageReadError:
-        raise
-    except PermissionError as exc:
-        raise ImageReadError(f"cannot read ({exc.strerror or 'permission denied'})", path) from exc
-    except Exception as exc:  # decoder libraries raise anything
-        raise ImageReadError(f"unreadable {fmt.upper()} header ({_short(exc)})", path) from exc
     _check_geometry(info, path, max_pixels)
     return info
 
@@ -158,6 +153,21 @@ def _check_geometry(info: ImageInfo, path: Path, max_pixels: int | None) -> None
             f"exceeds the limit of {limit:,} (possible image bomb; raise it with --max-pixels)",
             path,
         )
+
+
+@contextmanager
+def _reading(path: Path, problem: str):
+    """Turn whatever a decoder library raises into one :class:`ImageReadError` naming the file."""
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except PermissionError as exc:
+        raise ImageReadError(f"cannot read ({exc.strerror or 'permission denied'})", path) from exc
+    except MemoryError as exc:
+        raise ImageReadError("not enough memory to decode", path) from exc
+    except Exception as exc:  # decoder libraries raise anything
+        raise ImageReadError(f"{problem} ({_short(exc)})", path) from exc
 
 
 def _short(exc: BaseException) -> str:
@@ -292,21 +302,13 @@ def decode(path: str | Path, fmt: str | None = None, max_pixels: int | None = No
     """
     path = Path(path)
     info = probe(path, fmt, max_pixels)
-    try:
+    with _reading(path, f"corrupt or truncated {info.format.upper()} data"):
         if info.format == "dicom":
             stored = _decode_dicom(path, info)
         elif info.format == "npy":
             stored = _decode_npy(path, info)
         else:
             stored = _decode_pillow(path, info)
-    except ImageReadError:
-        raise
-    except PermissionError as exc:
-        raise ImageReadError(f"cannot read ({exc.strerror or 'permission denied'})", path) from exc
-    except MemoryError as exc:
-        raise ImageReadError("not enough memory to decode", path) from exc
-    except Exception as exc:
-        raise ImageReadError(f"corrupt or truncated {info.format.upper()} data ({_short(exc)})", path) from exc
     expected = (info.n_frames, info.height, info.width, info.channels)
     if stored.shape != expected:
         raise ImageReadError(f"decoded shape {stored.shape} disagrees with the header {expected}", path)

@@ -21,6 +21,17 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks on a shared 2-core machine: OpenMP spin-waiting made 2 threads several times slower than 1."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def phantom_png(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms") / "png"

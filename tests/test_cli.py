@@ -107,12 +107,6 @@ def test_usage_errors_are_one_line_exit_2(capsys, argv, needle):
     _one_line_error(code, err, needle)
 
 
-def test_later_commands_say_not_yet_available(capsys):
-    for argv in (["demo"],):
-        code, _, err = run(capsys, *argv)
-        assert code == 2 and "not yet available" in err, argv
-
-
 def test_internal_error_exit_3_with_log(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("SYNTHGATE_LOG_DIR", str(tmp_path / "logs"))
     monkeypatch.setattr(cli, "cmd_inspect", lambda args: 1 / 0)

@@ -24,12 +24,7 @@ from synthgate.imageset import ImageSet
 from synthgate.phantoms import generate, write_phantoms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _t(a):

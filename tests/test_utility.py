@@ -24,13 +24,7 @@ from synthgate.phantoms import generate, write_phantoms
 from conftest import write_labelled_set
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the test machines are small and shared; one thread avoids oversubscription (10x faster there)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- statistics
