@@ -37,6 +37,7 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     p.add_argument("--samples", type=int, default=40, help="synthetic images to generate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    p.add_argument("--checks", help="run only these checks of the demo policy (comma-separated)")
     return p
 
 
@@ -90,7 +91,8 @@ def run_demo(args) -> int:
     t = _step(4, "audit the synthetic set against the real training data and the unseen holdout")
     code = audit_cli.main(["check", str(synthetic), "--holdout", str(data / "holdout"), "--policy", str(POLICY),
                            "--out", str(audit_dir), "--seed", str(args.seed)]
-                          + (["--device", args.device] if args.device else []))
+                          + (["--device", args.device] if args.device else [])
+                          + (["--checks", args.checks] if args.checks else []))
     if code not in (0, 1):
         return code
     _done(t, f"verdict: {'PASS' if code == 0 else 'FAIL'}")
