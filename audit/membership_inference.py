@@ -530,6 +530,16 @@ class MembershipInference(Check):
                     raise InputError("the model is class-conditional but images of this set have no label "
                                      "(metadata.csv label or class folders); the model attacks need each image's label",
                                      set_.root)
+        if (info.get("conditioning") or {}).get("type") == "attributes":
+            names = [c["name"] for c in info["conditioning"]["columns"]]
+            for set_ in (ctx.real, ctx.holdout):
+                for r in set_.records:
+                    values = dict(r.attributes, label=r.label)
+                    gap = next((n for n in names if not values.get(n)), None)
+                    if gap is not None:
+                        raise InputError(f"the model is conditioned on {', '.join(names)} but {r.key} has no "
+                                         f"{gap!r} in metadata.csv; the model attacks need each image's attributes",
+                                         set_.root)
         if self.params["resize_for_model"]:
             return geo
         for set_ in (ctx.real, ctx.holdout):
@@ -567,7 +577,7 @@ class MembershipInference(Check):
                                              desc=f"membership: {what}", unit="batch", enabled=ctx.progress,
                                              total=math.ceil(len(idx) / bs)):
                 x0 = model.to_model_space(batch)
-                cl = model.class_labels([set_.records[i].label for i in chunk])
+                cl = model.condition_records([set_.records[i] for i in chunk])
                 rows = (auto_batch_rows(x0.device, x0[0].numel()) if p["model_batch_rows"] == "auto"
                         else int(p["model_batch_rows"]))
                 for name, scores in self._attack_batch(model, x0, cl, gen, rows).items():

@@ -64,7 +64,10 @@ def add_train_arguments(p) -> None:
     s.add_argument("--block-out-channels", type=_csv_ints, metavar="W1,W2,...")
     s.add_argument("--attention", type=_csv_flags, metavar="0,0,1", help="self-attention per level")
     s.add_argument("--layers-per-block", type=int)
-    s.add_argument("--conditioning", choices=("auto", "none", "class"))
+    s.add_argument("--conditioning", choices=("auto", "none", "class", "attributes"))
+    s.add_argument("--condition-on", action="append", metavar="COLUMN[:numeric]", dest="condition_columns",
+                   help="condition on this metadata.csv column (repeat for several; implies --conditioning "
+                        "attributes; categorical unless :numeric)")
     s.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"))
     s.add_argument("--beta-schedule", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
     s.add_argument("--noise-multiplicity", type=int, metavar="K", help="noise draws per image per step (DPDM)")
@@ -96,6 +99,9 @@ def add_sample_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="SYNTHETIC", help="folder to write (must not exist)")
     p.add_argument("--label", help="generate only this label")
     p.add_argument("--per-label", metavar="L=N,...", help="images per label, e.g. 0=50,1=50")
+    p.add_argument("--condition", action="append", metavar="NAME=VALUE", default=[],
+                   help="fix an attribute of an attribute-conditioned model (repeatable); the others are "
+                        "drawn per image from the training distribution")
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpm"))
     p.add_argument("--steps", type=int, help="denoising steps (default: ddim 50, dpm 25, ddpm all)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
@@ -120,7 +126,10 @@ def resolve_config(args):
     flags = {k: getattr(args, k) for k in (
         "steps", "seed", "batch_size", "learning_rate", "resolution", "block_out_channels", "attention",
         "layers_per_block", "conditioning", "prediction_type", "beta_schedule", "noise_multiplicity",
-        "ema_decay", "mixed_precision", "vae", "checkpoint_every") if getattr(args, k) is not None}
+        "ema_decay", "mixed_precision", "vae", "checkpoint_every", "condition_columns")
+        if getattr(args, k) is not None}
+    if flags.get("condition_columns") and "conditioning" not in flags:
+        flags["conditioning"] = "attributes"
     if "block_out_channels" in flags and "attention" not in flags:
         flags["attention"] = [False] * len(flags["block_out_channels"])
     data.update(flags)
@@ -176,6 +185,18 @@ def _per_label(text: str | None) -> dict[str, int] | None:
     return out
 
 
+def _conditions(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for text in values:
+        name, eq, value = text.partition("=")
+        if not eq or not name.strip() or not value.strip():
+            raise UsageError(f"--condition {text!r} must look like NAME=VALUE")
+        if name.strip() in out:
+            raise UsageError(f"--condition names {name.strip()!r} twice")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def cmd_sample(args) -> int:
     from synthgate.device import resolve_device
     from synthgate.progress import set_quiet
@@ -188,7 +209,8 @@ def cmd_sample(args) -> int:
         set_quiet(True)
     settings = SamplerSettings(args.sampler, args.steps, args.eta, args.batch_size)
     model = load_model(args.model, resolve_device(args.device))
-    items = plan(model, args.n, seed=args.seed, label=args.label, per_label=_per_label(args.per_label))
+    items = plan(model, args.n, seed=args.seed, label=args.label, per_label=_per_label(args.per_label),
+                 conditions=_conditions(args.condition))
     manifest = write_synthetic(args.out, model, generate(model, items, settings), sampler=settings.describe(model),
                                fmt=args.format, bit_depth=None if args.bit_depth == "auto" else int(args.bit_depth),
                                seed=args.seed, overwrite=args.overwrite)

@@ -24,7 +24,7 @@ from synthgate.errors import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-CONDITIONING = ("auto", "none", "class")
+CONDITIONING = ("auto", "none", "class", "attributes")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 ACCOUNTANTS = ("prv", "rdp")
@@ -81,8 +81,12 @@ class TrainConfig:
         level, self-attention per level (one flag per level), attention in the
         middle block, GroupNorm groups (must divide every width).
     conditioning
-        ``class`` (on the set's ``label``), ``none``, or ``auto`` (class when
+        ``class`` (on the set's ``label``), ``attributes`` (on the
+        ``condition_columns`` together), ``none``, or ``auto`` (class when
         every image has a label and there are at least two).
+    condition_columns
+        For ``attributes``: ``metadata.csv`` columns, each ``NAME``
+        (categorical) or ``NAME:numeric`` (see :mod:`generators.conditioning`).
     num_train_timesteps, beta_schedule, prediction_type
         The DDPM noise schedule and what the network predicts.
     learning_rate, lr_schedule, lr_warmup_steps, weight_decay, batch_size, steps
@@ -117,6 +121,7 @@ class TrainConfig:
     mid_attention: bool = False
     norm_num_groups: int = 8
     conditioning: str = "auto"
+    condition_columns: tuple[str, ...] = ()
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
     prediction_type: str = "epsilon"
@@ -138,6 +143,9 @@ class TrainConfig:
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
         object.__setattr__(self, "attention", tuple(bool(a) for a in self.attention))
+        if isinstance(self.condition_columns, str):
+            object.__setattr__(self, "condition_columns", (self.condition_columns,))
+        object.__setattr__(self, "condition_columns", tuple(str(c) for c in self.condition_columns))
         if isinstance(self.dp, Mapping):
             object.__setattr__(self, "dp", _build(DPConfig, self.dp, "dp"))
         self._validate()
@@ -158,6 +166,7 @@ class TrainConfig:
             raise ConfigError(f"resolution {self.resolution} must be divisible by "
                               f"{2 ** (len(self.block_out_channels) - 1)} ({len(self.block_out_channels)} levels)")
         _choice("conditioning", self.conditioning, CONDITIONING)
+        self._validate_condition_columns()
         _choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -173,6 +182,18 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay {self.ema_decay} must be in [0, 1)")
 
+    def _validate_condition_columns(self) -> None:
+        from .conditioning import parse_column
+
+        names = [parse_column(c)[0] for c in self.condition_columns]
+        if self.conditioning == "attributes" and not names:
+            raise ConfigError("conditioning `attributes` needs condition_columns (e.g. --condition-on birads "
+                              "--condition-on age:numeric)")
+        if names and self.conditioning != "attributes":
+            raise ConfigError(f"condition_columns {list(self.condition_columns)} need conditioning `attributes`")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"condition_columns {list(self.condition_columns)} name a column twice")
+
     # ------------------------------------------------------------ round trip
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +201,7 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["block_out_channels"] = list(self.block_out_channels)
         out["attention"] = list(self.attention)
+        out["condition_columns"] = list(self.condition_columns)
         return out
 
     @classmethod

@@ -15,7 +15,8 @@ Rules (the README's *Training* section says the same):
 - Pixels: [0, 1] as the image set reads them (bit-depth range, DICOM
   windowing), mapped to [-1, 1] for the denoiser.
 - Labels: for class conditioning every image needs a ``label``; the classes
-  are the sorted distinct labels.
+  are the sorted distinct labels.  For attribute conditioning every image
+  needs a value in each conditioning column (see :mod:`generators.conditioning`).
 """
 from __future__ import annotations
 
@@ -45,12 +46,16 @@ class TrainingSet:
     classes
         Class names in index order (class-conditional), else ``None``.
     targets
-        Class index per image (``None`` when unconditional).
+        Class index per image, or ``(N, n_columns)`` attribute encoder inputs
+        (``None`` when unconditional).
     bit_depth
         16 when any image has more than 8 bits per sample, else 8 (the
         sampler writes PNGs at this depth).
     notes
         What was changed to reach the geometry.
+    attributes
+        The conditioning columns (:class:`~generators.conditioning.AttributeSpec`)
+        for attribute conditioning, else ``None``.
     """
 
     images: ImageSet
@@ -59,6 +64,7 @@ class TrainingSet:
     targets: np.ndarray | None
     bit_depth: int
     notes: tuple[str, ...] = ()
+    attributes: object | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -82,7 +88,8 @@ class TrainingSet:
 
 
 def open_training_set(path: str | Path, resolution: int, conditioning: str, *,
-                      skip_unreadable: bool = False, progress: bool | None = None) -> TrainingSet:
+                      skip_unreadable: bool = False, progress: bool | None = None,
+                      condition_columns: tuple[str, ...] = ()) -> TrainingSet:
     """Scan, decode and check ``path`` for training at ``resolution``.
 
     Raises
@@ -99,9 +106,18 @@ def open_training_set(path: str | Path, resolution: int, conditioning: str, *,
     if sizes != [(resolution, resolution)]:
         shown = ", ".join(f"{h}x{w}" for h, w in sizes[:6]) + (" ..." if len(sizes) > 6 else "")
         notes = (f"sizes {shown} resized to {resolution}x{resolution}",)
-    classes, targets = _classes(images, conditioning)
+    attributes = None
+    if conditioning == "attributes":
+        from .conditioning import AttributeSpec
+
+        rows = [dict(r.attributes, label=r.label) for r in images.records]
+        attributes = AttributeSpec.learn(condition_columns, rows, [r.key for r in images.records], images.root)
+        classes, targets = None, attributes.encode_rows(rows, images.root)
+    else:
+        classes, targets = _classes(images, conditioning)
     bit_depth = 16 if any((r.bit_depth or 8) > 8 for r in images.records) else 8
-    return TrainingSet(images, Geometry(resolution, resolution, channels, notes), classes, targets, bit_depth, notes)
+    return TrainingSet(images, Geometry(resolution, resolution, channels, notes), classes, targets, bit_depth, notes,
+                       attributes)
 
 
 def _channels(images: ImageSet) -> int:

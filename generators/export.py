@@ -17,12 +17,20 @@ SCHEMA_VERSION = 1
 
 
 def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overwrite: bool = False) -> Path:
-    """Save the pipeline, the VAE (latent models) and ``synthgate.json`` to ``out``."""
+    """Save the pipeline, the VAE (latent models) and ``synthgate.json`` to ``out``.
+
+    An attribute-conditioned network is saved as its UNet (``unet/``) and its
+    attribute encoder (``condition/``).
+    """
     from diffusers import DDPMPipeline
 
     out = Path(out)
+    encoder = getattr(unet, "encoder", None)
+    unet = getattr(unet, "net", unet)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp, safe_serialization=True)
+        if encoder is not None:
+            encoder.save_pretrained(tmp / "condition", safe_serialization=True)
         if vae is not None:
             vae.save_pretrained(tmp / "vae", safe_serialization=True)
         atomic_write_json(tmp / "synthgate.json", {

@@ -15,6 +15,7 @@ Layout::
       unet/                # UNet2DModel (config.json + weights)
       scheduler/           # the training noise schedule (DDPMScheduler config)
       vae/                 # AutoencoderKL, latent models only
+      condition/           # AttributeEncoder, attribute-conditioned models only
       synthgate.json       # provenance: training set digest, counts, labels, seed, steps, DP, versions
 """
 from __future__ import annotations
@@ -57,6 +58,16 @@ class DiffusionModel:
         return list(cond["labels"]) if cond.get("type") == "class" else None
 
     @property
+    def attributes(self):
+        """The conditioning columns (:class:`~generators.conditioning.AttributeSpec`), or ``None``."""
+        cond = self.info.get("conditioning") or {}
+        if cond.get("type") != "attributes":
+            return None
+        from .conditioning import AttributeSpec
+
+        return AttributeSpec.from_dict(cond)
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
@@ -79,6 +90,24 @@ class DiffusionModel:
         if unknown:
             raise InputError(f"label {unknown[0]!r} is not one the model knows ({', '.join(self.labels)})", self.path)
         return torch.tensor([index[str(v)] for v in labels], device=self.device, dtype=torch.long)
+
+    def attribute_vectors(self, rows) -> Any:
+        """Attribute rows (``{column: value}``) -> the attribute encoder's inputs on the device."""
+        import torch
+
+        return torch.as_tensor(self.attributes.encode_rows(rows, self.path), device=self.device)
+
+    def condition_items(self, items) -> Any:
+        """The denoiser's conditioning input for sample items (class, attributes, or ``None``)."""
+        if self.attributes is not None:
+            return self.attribute_vectors([dict(it.attributes or ()) for it in items])
+        return self.class_labels([it.label for it in items])
+
+    def condition_records(self, records) -> Any:
+        """The conditioning input for real images (:class:`~synthgate.imageset.ImageRecord`), e.g. for attacks."""
+        if self.attributes is not None:
+            return self.attribute_vectors([dict(r.attributes, label=r.label) for r in records])
+        return self.class_labels([r.label for r in records])
 
     def to_model_space(self, images) -> Any:
         """Images ``(N, C, H, W)`` in [0, 1] -> the denoiser's x0 (pixels in [-1, 1] or scaled latents)."""
@@ -174,6 +203,10 @@ def load_model(path: str | Path, device="cpu") -> DiffusionModel:
         unet = UNet2DModel.from_pretrained(path / "unet").to(device).eval()
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
         vae = AutoencoderKL.from_pretrained(path / "vae").to(device).eval() if (path / "vae").exists() else None
+        if (info.get("conditioning") or {}).get("type") == "attributes":
+            from .conditioning import attribute_conditioned, load_encoder
+
+            unet = attribute_conditioned(unet, load_encoder(path / "condition").to(device).eval()).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"cannot load the model ({' '.join(str(exc).split())[:200]})", path) from exc
     for module in (unet, vae):

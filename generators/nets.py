@@ -20,23 +20,33 @@ class Space:
     vae_in_channels: int | None = None
 
 
-def build_unet(config: TrainConfig, channels: int, size: int, num_classes: int | None):
+def build_unet(config: TrainConfig, channels: int, size: int, num_classes: int | None, attributes=None):
     """A diffusers ``UNet2DModel`` for ``channels x size x size`` inputs.
 
     Class conditioning uses the UNet's learned class embedding
-    (``num_class_embeds``), added to the timestep embedding.
+    (``num_class_embeds``), added to the timestep embedding.  Attribute
+    conditioning (``attributes``, an :class:`~generators.conditioning.AttributeSpec`)
+    returns the UNet wrapped with an attribute encoder whose vectors go where
+    the class embedding would (``class_embed_type="identity"``).
     """
     from diffusers import UNet2DModel
 
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention))
-    return UNet2DModel(
+    unet = UNet2DModel(
         sample_size=size, in_channels=channels, out_channels=channels,
         block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
         down_block_types=down, up_block_types=up, add_attention=config.mid_attention,
         norm_num_groups=config.norm_num_groups, num_class_embeds=num_classes,
+        class_embed_type="identity" if attributes is not None else None,
         attention_head_dim=min(8, min(config.block_out_channels)),
     )
+    if attributes is None:
+        return unet
+    from .conditioning import attribute_conditioned, build_encoder
+
+    # UNet2DModel's timestep embedding is 4x the first level's width
+    return attribute_conditioned(unet, build_encoder(attributes, 4 * config.block_out_channels[0]))
 
 
 def build_scheduler(config: TrainConfig, latent: bool):

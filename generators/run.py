@@ -73,7 +73,7 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, *, device: str
     accelerator, precision = _accelerator(config, device)
     main = accelerator.is_main_process
     training = open_training_set(real, config.resolution, config.conditioning, skip_unreadable=skip_unreadable,
-                                 progress=progress if main else False)
+                                 progress=progress if main else False, condition_columns=config.condition_columns)
     vae, space, fetch = _model_space(training, config, accelerator.device)
     state, resumed_from = _resume_state(folder, config, training, resume, log if main else None)
 
@@ -83,7 +83,7 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, *, device: str
     with torch.random.fork_rng(devices=[]):  # the initial weights follow from the seed, global RNG untouched
         torch.manual_seed(seeds.derive_seed(config.seed, "init"))
         unet = build_unet(config, space.channels, space.size,
-                          None if training.classes is None else len(training.classes))
+                          None if training.classes is None else len(training.classes), training.attributes)
     noise_scheduler = build_scheduler(config, space.latent)
     trainer = Trainer(config, unet, noise_scheduler, len(training), accelerator=accelerator, state=state)
     targets = None if training.targets is None else torch.as_tensor(training.targets)
@@ -175,6 +175,14 @@ def _resume_state(folder: Path, config: TrainConfig, training: TrainingSet, resu
     return state, int(state["step"])
 
 
+def _conditioning(training: TrainingSet) -> dict:
+    if training.attributes is not None:
+        return {**training.attributes.to_dict(), "labels": None}
+    if training.classes is None:
+        return {"type": "none", "labels": None}
+    return {"type": "class", "labels": list(training.classes)}
+
+
 def _postfix(entry: dict) -> dict:
     out = {"loss": f"{entry['loss']:.4f}"}
     if "epsilon" in entry:
@@ -201,8 +209,7 @@ def _info(config: TrainConfig, training: TrainingSet, space, trainer, precision:
         "resolution": config.resolution,
         "image_channels": training.geometry.channels,
         "bit_depth": training.bit_depth,
-        "conditioning": {"type": "none", "labels": None} if training.classes is None
-        else {"type": "class", "labels": list(training.classes)},
+        "conditioning": _conditioning(training),
         "prediction_type": config.prediction_type,
         "vae": None if vae is None else {
             "scaling_factor": space.scaling_factor, "source": str(Path(config.vae).resolve()),

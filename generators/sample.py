@@ -23,11 +23,13 @@ DEFAULT_STEPS = {"ddim": 50, "dpm": 25, "ddpm": None}  # ddpm: every training ti
 
 @dataclass(frozen=True)
 class SampleItem:
-    """One image to generate: its position, class label (``None`` if unconditional) and seed."""
+    """One image to generate: its position, class label (``None`` if unconditional), seed and,
+    for attribute-conditioned models, its attributes ``((column, value), ...)``."""
 
     index: int
     label: str | None
     seed: int
+    attributes: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,18 @@ class SamplerSettings:
 
 
 def plan(model, n: int | None = None, *, seed: int = 0, label: str | None = None,
-         per_label: Mapping[str, int] | None = None) -> list[SampleItem]:
-    """The images to generate: ``n`` class-balanced, ``n`` of one ``label``, or ``per_label`` counts."""
+         per_label: Mapping[str, int] | None = None, conditions: Mapping[str, str] | None = None) -> list[SampleItem]:
+    """The images to generate: ``n`` class-balanced, ``n`` of one ``label``, or ``per_label`` counts.
+
+    For an attribute-conditioned model, ``conditions`` fixes some attributes
+    (``--condition birads=4``); each image draws the others from the
+    training marginals with its own seed (:meth:`AttributeSpec.draw`).
+    """
+    if model.attributes is not None:
+        return _plan_attributes(model, n, seed, label, per_label, conditions or {})
+    if conditions:
+        raise UsageError("--condition needs a model trained on attributes (synthgate train --conditioning "
+                         f"attributes); this one was not ({model.path})")
     labels = model.labels
     if labels is None and (label is not None or per_label):
         raise UsageError("the model is unconditional: --label/--per-label cannot be used "
@@ -85,6 +97,23 @@ def plan(model, n: int | None = None, *, seed: int = 0, label: str | None = None
     return [SampleItem(i, lab, seeds.derive_seed(seed, f"image:{i}")) for i, lab in enumerate(wanted)]
 
 
+def _plan_attributes(model, n, seed, label, per_label, conditions) -> list[SampleItem]:
+    spec = model.attributes
+    if per_label:
+        raise UsageError("--per-label is for class-conditional models; use --condition NAME=VALUE")
+    if label is not None:
+        conditions = {**conditions, "label": label}
+    fixed = spec.check_fixed(conditions, model.path)
+    if n is None or n < 1:
+        raise UsageError("--n must be at least 1")
+    items = []
+    for i in range(n):
+        s = seeds.derive_seed(seed, f"image:{i}")
+        attrs = spec.draw(fixed, seeds.derive_seed(s, "attributes"))
+        items.append(SampleItem(i, attrs.get("label"), s, tuple(attrs.items())))
+    return items
+
+
 def _scheduler(model, settings: SamplerSettings):
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
@@ -102,7 +131,7 @@ def denoise(model, items: Sequence[SampleItem], settings: SamplerSettings):
     scheduler = _scheduler(model, settings)
     x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in gens]).to(model.device)
     x = x * scheduler.init_noise_sigma
-    labels = model.class_labels([it.label for it in items])
+    labels = model.condition_items(items)
     extra = {"generator": gens} if settings.name == "ddpm" else {"generator": gens, "eta": settings.eta} \
         if settings.name == "ddim" else {}
     with torch.no_grad():
@@ -124,6 +153,8 @@ def generate(model, items: Sequence[SampleItem], settings: SamplerSettings,
             bar.update(len(batch))
 
 
-def sample_one(model, seed: int, label: str | None = None, settings: SamplerSettings | None = None) -> np.ndarray:
-    """Regenerate one image from its manifest ``seed`` (and ``label``); ``(C, H, W)`` in [0, 1]."""
-    return denoise(model, [SampleItem(0, label, int(seed))], settings or SamplerSettings())[0]
+def sample_one(model, seed: int, label: str | None = None, settings: SamplerSettings | None = None,
+               attributes: Mapping[str, str] | None = None) -> np.ndarray:
+    """Regenerate one image from its manifest ``seed`` (and ``label`` or ``attributes``); ``(C, H, W)`` in [0, 1]."""
+    attrs = None if attributes is None else tuple(dict(attributes).items())
+    return denoise(model, [SampleItem(0, label, int(seed), attrs)], settings or SamplerSettings())[0]

@@ -33,7 +33,8 @@ def provenance(model_ref: dict, item, sampler: dict) -> dict:
     """What every file records about its own origin."""
     return {"synthetic": True, "generator": f"synthgate {__version__}", "model": model_ref,
             "seed": item.seed, "label": item.label, "index": item.index,
-            "sampler": sampler["name"], "sampler_steps": sampler["steps"]}
+            "sampler": sampler["name"], "sampler_steps": sampler["steps"],
+            **({"attributes": dict(item.attributes)} if item.attributes else {})}
 
 
 def png_bytes(image: np.ndarray, bit_depth: int, meta: dict) -> bytes:
@@ -127,8 +128,9 @@ def write_synthetic(out: str | Path, model, batches: Iterable, *, sampler: dict,
                     uids = {**set_uids, "sop": generate_uid(entropy_srcs=[*run_key, "sop", str(item.index)])}
                     data = dicom_bytes(image, bit_depth, meta, uids, item.index + 1)
                 (tmp / name).write_bytes(data)
-                records.append({"file": name, "label": item.label, "seed": item.seed})
-        if model.labels is not None:
+                records.append({"file": name, "label": item.label, "seed": item.seed,
+                                **({"attributes": dict(item.attributes)} if item.attributes else {})})
+        if model.labels is not None or model.attributes is not None:
             _write_metadata(tmp / "metadata.csv", records)
         manifest = _manifest(model, model_ref, records, sampler, fmt, bit_depth, seed)
         atomic_write_json(tmp / "manifest.json", manifest)
@@ -136,10 +138,12 @@ def write_synthetic(out: str | Path, model, batches: Iterable, *, sampler: dict,
 
 
 def _write_metadata(path: Path, records: list[dict]) -> None:
+    """``path,label`` plus one column per conditioning attribute (the synthetic image's own values)."""
+    columns = [c for c in (records[0].get("attributes") or {}) if c != "label"] if records else []
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "label"])
-    writer.writerows([r["file"], r["label"]] for r in records)
+    writer.writerow(["path", "label", *columns])
+    writer.writerows([r["file"], r["label"] or "", *(r["attributes"][c] for c in columns)] for r in records)
     path.write_text(buf.getvalue())
 
 
@@ -162,6 +166,22 @@ def _manifest(model, model_ref: dict, records: list[dict], sampler: dict, fmt: s
         "dp": (model.info.get("dp") or None) and {k: model.info["dp"][k] for k in
                                                   ("epsilon_spent", "delta", "accountant")},
         "counts": dict(sorted(Counter("unlabelled" if r["label"] is None else r["label"] for r in records).items())),
+        **({"attribute_counts": _attribute_counts(model.attributes, records)} if model.attributes else {}),
         "images": records,
         "versions": versions(),
     }
+
+
+def _attribute_counts(spec, records: list[dict]) -> dict:
+    """Images per value of each categorical conditioning column (numeric columns: their range)."""
+    from collections import Counter
+
+    out = {}
+    for col in spec.columns:
+        values = [r["attributes"][col.name] for r in records]
+        if col.kind == "categorical":
+            out[col.name] = dict(sorted(Counter(values).items()))
+        else:
+            numbers = [float(v) for v in values]
+            out[col.name] = {"min": min(numbers), "max": max(numbers)}
+    return out

@@ -12,8 +12,9 @@ Conventions (the README's "Image sets" section says the same):
 - A multi-frame file (DICOM, multi-page TIFF, 3-D/4-D ``.npy``) contributes
   one image per frame, keyed ``path#frame`` (``path`` alone when it has one).
 - Labels and patients come from ``metadata.csv`` at the root (columns
-  ``path`` and optionally ``patient_id``, ``label``, ``split``; extra columns
-  only when the caller declares them), else labels from class sub-folders
+  ``path`` and optionally ``patient_id``, ``label``, ``split``; any other
+  column -- age, view, BI-RADS -- is kept as an image *attribute*, except one
+  that looks like a misspelt known column, which is an error), else labels from class sub-folders
   (every image one level or more below the root: the first folder is the
   label) and patients from the DICOM PatientID tag.
 - The set digest is the SHA-256 of the sorted ``(path, file SHA-256)`` pairs,
@@ -101,8 +102,8 @@ class ImageSet:
     max_pixels
         Refuse files with more pixels than this (all frames together).
     extra_columns
-        ``metadata.csv`` columns besides the known ones that the caller uses
-        (e.g. conditioning attributes); any other unknown column is an error.
+        Columns the caller uses even though they resemble a known column name
+        (every other extra column is kept as an attribute anyway).
     cache
         A :class:`DecodeCache`, ``None`` for no cache, or ``"default"``.
     progress
@@ -166,7 +167,7 @@ class ImageSet:
             row = metadata.get(rel, {}) if metadata is not None else {}
             label = row.get("label") or (rel.split("/", 1)[0] if labels_from_folders else None)
             patient = row.get("patient_id") or (info.patient_id if "patient_id" not in row else None)
-            attributes = tuple((k, row[k]) for k in self.extra_columns if row.get(k))
+            attributes = tuple((k, v) for k, v in row.items() if k not in KNOWN_COLUMNS and v)
             for frame in range(info.n_frames):
                 records.append(ImageRecord(
                     key=rel if info.n_frames == 1 else f"{rel}#{frame}",
@@ -219,12 +220,11 @@ class ImageSet:
         columns = [c.strip() for c in (reader.fieldnames or [])]
         if "path" not in columns:
             raise MetadataError(f"has no 'path' column (columns: {', '.join(columns) or 'none'})", path)
-        allowed = list(KNOWN_COLUMNS) + list(self.extra_columns)
         for col in columns:
-            if col not in allowed:
-                near = difflib.get_close_matches(col, allowed, n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise MetadataError(f"unknown column {col!r}{hint}; allowed: {', '.join(allowed)}", path)
+            near = _misspelt_known_column(col) if col not in KNOWN_COLUMNS and col not in self.extra_columns else None
+            if near:
+                raise MetadataError(f"unknown column {col!r} (did you mean {near!r}?); known columns: "
+                                    f"{', '.join(KNOWN_COLUMNS)}; other columns are kept as attributes", path)
         if len(set(columns)) != len(columns):
             raise MetadataError("has a repeated column name", path)
         self._metadata_columns = columns
@@ -395,6 +395,25 @@ class ImageSet:
     def geometry(self) -> Geometry:
         """This set's own geometry; if sizes or channels vary, the common one."""
         return harmonize(self)
+
+
+# Column names that mean "the patient" in hospital exports; read as attributes they would silently
+# drop the patient grouping that re-identification and patient-disjoint splits rely on.
+_PATIENT_SYNONYMS = frozenset({"patient", "patientid", "subject", "subjectid", "mrn", "participant",
+                               "participantid", "caseid"})
+
+
+def _misspelt_known_column(column: str) -> str | None:
+    """The known column ``column`` most likely stands for (``PatientID``, ``labels``, ``subject_id``), or ``None``.
+
+    Other columns (age, view, BI-RADS...) are kept as attributes.
+    """
+    norm = "".join(ch for ch in column.lower() if ch.isalnum())
+    if norm in _PATIENT_SYNONYMS:
+        return "patient_id"
+    by_norm = {k.replace("_", ""): k for k in KNOWN_COLUMNS}
+    near = difflib.get_close_matches(norm, list(by_norm), n=1, cutoff=0.8)
+    return by_norm[near[0]] if near else None
 
 
 def harmonize(*sets: ImageSet, size: tuple[int, int] | None = None, channels: int | None = None) -> Geometry:

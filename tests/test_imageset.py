@@ -80,13 +80,19 @@ def test_digest_stable_and_sensitive(tmp_path):
     assert ImageSet(tmp_path).digest != d2
 
 
-def test_extra_columns_only_when_declared(tmp_path):
+def test_extra_columns_are_attributes(tmp_path):
     make_set(tmp_path, n=2)
-    (tmp_path / "metadata.csv").write_text("path,label,birads\nim0.png,1,4\nim1.png,0,2\n")
-    with pytest.raises(MetadataError, match="unknown column 'birads'"):
-        ImageSet(tmp_path)
-    s = ImageSet(tmp_path, extra_columns=["birads"])
-    assert s[0].attribute("birads") == "4"
+    (tmp_path / "metadata.csv").write_text("path,label,birads,age\nim0.png,1,4,61\nim1.png,0,2,\n")
+    s = ImageSet(tmp_path)
+    assert s[0].attribute("birads") == "4" and s[0].attribute("age") == "61"
+    assert s[1].attribute("age") is None  # an empty cell is a missing value
+    for column, known in (("labels", "label"), ("PatientID", "patient_id"), ("Subject ID", "patient_id"),
+                          ("MRN", "patient_id"), ("Split", "split")):
+        (tmp_path / "metadata.csv").write_text(f"path,{column}\nim0.png,1\nim1.png,0\n")
+        with pytest.raises(MetadataError, match=f"unknown column '{column}' \\(did you mean '{known}'"):
+            ImageSet(tmp_path)
+    (tmp_path / "metadata.csv").write_text("path,labels\nim0.png,1\nim1.png,0\n")
+    assert ImageSet(tmp_path, extra_columns=["labels"])[0].attribute("labels") == "1"
 
 
 @pytest.mark.parametrize("csv_text,message", [
