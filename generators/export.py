@@ -16,13 +16,22 @@ from synthgate.fsutil import atomic_directory, atomic_write_json
 SCHEMA_VERSION = 1
 
 
-def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overwrite: bool = False) -> Path:
-    """Save the pipeline, the VAE (latent models) and ``synthgate.json`` to ``out``."""
+def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overwrite: bool = False,
+               pipeline=None, extra=None) -> Path:
+    """Save the pipeline, the VAE (latent models) and ``synthgate.json`` to ``out``.
+
+    ``pipeline`` replaces the default ``DDPMPipeline`` (e.g. a
+    ``StableDiffusionPipeline``); ``extra(tmp)`` writes more files into the
+    folder before it is moved into place.
+    """
     from diffusers import DDPMPipeline
 
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp, safe_serialization=True)
+        pipeline = pipeline or DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
         if vae is not None:
             vae.save_pretrained(tmp / "vae", safe_serialization=True)
         atomic_write_json(tmp / "synthgate.json", {

@@ -80,6 +80,10 @@ class DiffusionModel:
             raise InputError(f"label {unknown[0]!r} is not one the model knows ({', '.join(self.labels)})", self.path)
         return torch.tensor([index[str(v)] for v in labels], device=self.device, dtype=torch.long)
 
+    def condition(self, items) -> Any:
+        """What the denoiser is conditioned on for these sample items (their class indices here)."""
+        return self.class_labels([it.label for it in items])
+
     def to_model_space(self, images) -> Any:
         """Images ``(N, C, H, W)`` in [0, 1] -> the denoiser's x0 (pixels in [-1, 1] or scaled latents)."""
         import torch
@@ -170,6 +174,10 @@ def load_model(path: str | Path, device="cpu") -> DiffusionModel:
     path = Path(path)
     info = read_info(path)
     device = torch.device(device)
+    if (info.get("conditioning") or {}).get("type") == "text":  # fine-tuned Stable Diffusion
+        from .text2image import load_text_model
+
+        return load_text_model(path, info, device)
     try:
         unet = UNet2DModel.from_pretrained(path / "unet").to(device).eval()
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")

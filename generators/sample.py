@@ -28,6 +28,7 @@ class SampleItem:
     index: int
     label: str | None
     seed: int
+    prompt: str | None = None  # text-conditioned models: the prompt (recorded per image)
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def denoise(model, items: Sequence[SampleItem], settings: SamplerSettings):
     scheduler = _scheduler(model, settings)
     x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in gens]).to(model.device)
     x = x * scheduler.init_noise_sigma
-    labels = model.class_labels([it.label for it in items])
+    labels = model.condition(items)
     extra = {"generator": gens} if settings.name == "ddpm" else {"generator": gens, "eta": settings.eta} \
         if settings.name == "ddim" else {}
     with torch.no_grad():
