@@ -20,7 +20,7 @@ from synthgate.phantoms import write_phantoms
 
 TEMPLATE = "Phantom showing {label}"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: 1 thread is ~10x faster here
-FAST = ["--resolution", "16", "--batch-size", "4", "--ema-decay", "0", "--quiet"]
+FAST = ["--resolution", "16", "--batch-size", "4", "--quiet"]
 
 
 def run(capsys, *argv):
@@ -82,7 +82,7 @@ def sd(tmp_path_factory, one_torch_thread) -> Path:
 @pytest.fixture(scope="module")
 def ph(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("t2i") / "ph"
-    write_phantoms(out, patients=4, images_per_patient=3, size=16, seed=3)
+    write_phantoms(out, patients=10, images_per_patient=2, size=16, seed=3, holdout_fraction=0.5)
     return out / "train"
 
 
@@ -364,6 +364,23 @@ def test_membership_attacks_run_conditioned_on_captions(full, ph):
     assert np.isfinite(secmi_scores(model, x0, cl, 10, 10)).all()
     other = model.class_labels(["1" if r.label == "0" else "0" for r in images.records[:4]])
     assert not np.allclose(loss_scores(model, x0, other, [50], 1, torch.Generator().manual_seed(0)), scores)
+
+
+def test_membership_check_attacks_the_text_model(full, ph, tmp_path, capsys):
+    from audit.base import create_check
+    from audit.context import AuditContext
+    from synthgate.imageset import ImageSet
+
+    code, _, err = run(capsys, "sample", full, "--n", "4", "--steps", "2", "--out", tmp_path / "syn")
+    assert code == 0, err
+    ctx = AuditContext(synthetic=ImageSet(tmp_path / "syn"), real=ImageSet(ph), holdout=ImageSet(ph.parent / "holdout"),
+                       model=full, device="cpu")
+    r = create_check("membership_inference", control_model=False, max_tpr_at_1pct_fpr=None, timesteps=[50],
+                     noise_draws=1, pia_timesteps=[100], n_boot=100).run(ctx)
+    assert r.status != "error", r.reason
+    assert "attacks" in r.metrics, (r.status, r.reason, r.metrics)
+    model_attacks = {n for n, a in r.metrics["attacks"].items() if a["scenario"] == 2}
+    assert {"loss_t50", "pia_t100", "secmi_t100"} <= model_attacks
 
 
 # ---------------------------------------------------------------- bad inputs
