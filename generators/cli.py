@@ -73,7 +73,8 @@ def add_train_arguments(p) -> None:
     s.add_argument("--vae", metavar="PATH", help="local AutoencoderKL folder: latent diffusion")
     s.add_argument("--checkpoint-every", type=int, metavar="N")
     t = p.add_argument_group("text-guided fine-tuning of a local Stable Diffusion folder (MediSyn recipe)")
-    t.add_argument("--base-model", metavar="SD_DIR", help="local diffusers Stable Diffusion 1.x/2.x folder to fine-tune")
+    t.add_argument("--base-model", metavar="SD_DIR",
+                   help="local diffusers Stable Diffusion 1.x/2.x folder to fine-tune")
     t.add_argument("--caption-template", metavar="TEXT", help='captions from metadata.csv columns, e.g. '
                    '"Chest X-ray showing {label}" (default "{label}")')
     t.add_argument("--caption-dropout", type=float, metavar="P", help="caption drop rate for guidance (default 0.1)")
@@ -172,14 +173,14 @@ def cmd_train(args) -> int:
         return clikit.EXIT_OK
     if args.json or args.quiet:
         set_quiet(True)
-    from .run import train
-
     if text is not None:
         from functools import partial
 
         from .text2image import train as train_text
 
         train = partial(train_text, text=text)
+    else:
+        from .run import train
     log = None if (args.json or args.quiet) else (lambda line: print(line, file=sys.stderr, flush=True))
     result = train(args.real, args.out, config, device=args.device or "auto", checkpoint_dir=args.checkpoint_dir,
                    resume=args.resume, keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, log=log,

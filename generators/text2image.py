@@ -222,9 +222,16 @@ def _load(cls, folder: Path, what: str):
 def load_text_components(path: Path, device):
     """The frozen tokenizer and CLIP text encoder of a pipeline folder (never downloaded)."""
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
 
-    tokenizer = _load(CLIPTokenizer, path / "tokenizer", "tokenizer")
-    encoder = _load(CLIPTextModel, path / "text_encoder", "text encoder")
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar is noise on our stderr
+    try:
+        tokenizer = _load(CLIPTokenizer, path / "tokenizer", "tokenizer")
+        encoder = _load(CLIPTextModel, path / "text_encoder", "text encoder")
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return tokenizer, encoder.to(device).eval().requires_grad_(False)
 
 
@@ -346,7 +353,9 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
     folder = Path(checkpoint_dir) if checkpoint_dir else checkpoint.default_folder(out)
     accelerator, precision = _accelerator(config, device)
     main = accelerator.is_main_process
-    extra = [c for c in columns if c in template_fields(text.caption_template)]
+    from synthgate.imageset import KNOWN_COLUMNS
+
+    extra = [c for c in columns if c not in KNOWN_COLUMNS]  # every other column may fill the template
     training = open_training_set(real, config.resolution, "none", skip_unreadable=skip_unreadable,
                                  progress=progress if main else False, extra_columns=extra)
     captions = build_captions(text.caption_template, training.images.records)

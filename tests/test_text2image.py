@@ -197,7 +197,8 @@ def test_full_finetune_writes_a_stable_diffusion_pipeline(full, sd, ph):
     assert cond["type"] == "text" and cond["template"] == TEMPLATE and cond["dropout"] == 0.5
     assert cond["captions"] == ["Phantom showing 0", "Phantom showing 1"] and cond["labels"] == ["0", "1"]
     assert info["training_set"]["sha256"] == ImageSet(ph).digest and info["seed"] == 5 and info["steps"] == 4
-    assert info["base_model"]["unet_config_sha256"] == unet_config_digest(sd) and info["base_model"]["finetune"] == "full"
+    assert info["base_model"]["unet_config_sha256"] == unet_config_digest(sd)
+    assert info["base_model"]["finetune"] == "full"
     assert info["vae"]["latent_size"] == 8 and info["vae"]["scaling_factor"] == pytest.approx(0.18215)
     assert info["dp"] is None and "transformers" in info["versions"]
     assert changed_weights(sd, full)  # it did train
@@ -254,7 +255,8 @@ def test_lora_trains_adapters_only_and_saves_them_merged(lora, sd):
     adapter = load_file(lora / "lora" / "pytorch_lora_weights.safetensors")
     assert adapter and all("lora" in k for k in adapter)
     info = json.loads((lora / "synthgate.json").read_text())
-    assert info["base_model"]["finetune"] == "lora" and info["base_model"]["lora_rank"] == 2 and "peft" in info["versions"]
+    assert info["base_model"]["finetune"] == "lora" and info["base_model"]["lora_rank"] == 2
+    assert "peft" in info["versions"]
 
 
 def test_dp_lora_per_example_gradients_are_exact(sd):
@@ -298,7 +300,8 @@ def test_dp_lora_trains_and_accounts(sd, ph, tmp_path, capsys):
                          *[a for a in FAST if a != "--quiet"], "--json")
     assert code == 0, err
     dp = json.loads((tmp_path / "dp" / "synthgate.json").read_text())["dp"]
-    assert 0 < dp["epsilon_spent"] <= 8.0 and dp["noise_multiplier"] > 0 and json.loads(out)["dp"]["epsilon_target"] == 8
+    assert 0 < dp["epsilon_spent"] <= 8.0 and dp["noise_multiplier"] > 0
+    assert json.loads(out)["dp"]["epsilon_target"] == 8
     changed = changed_weights(sd, tmp_path / "dp")
     assert changed and all(".to_" in k for k in changed)  # only the adapters' targets moved
 
@@ -418,3 +421,16 @@ def test_bad_inputs_give_clear_errors(sd, ph, tmp_path, capsys):
     _one_line_error(train(sd, "--dp-epsilon", "8"), "--finetune lora")
     _one_line_error(run(capsys, "train", ph, "--out", tmp_path / "m", "--finetune", "lora"), "need --base-model")
     assert not (tmp_path / "m").exists()
+
+
+def test_sampling_bad_inputs(full, ph, tmp_path, capsys):
+    _one_line_error(run(capsys, "sample", full, "--n", "2", "--label", "pneumonia", "--out", tmp_path / "s"),
+                    "'pneumonia'", "0, 1")
+    _one_line_error(run(capsys, "sample", full, "--n", "2", "--guidance-scale", "-1", "--out", tmp_path / "s"),
+                    "--guidance-scale")
+    pixel = tmp_path / "pixel"
+    assert run(capsys, "train", ph, "--out", pixel, "--resolution", "16", "--block-out-channels", "16,32",
+               "--steps", "1", "--quiet")[0] == 0
+    _one_line_error(run(capsys, "sample", pixel, "--n", "2", "--prompt", "x", "--out", tmp_path / "s"),
+                    "text-conditioned model")
+    assert not (tmp_path / "s").exists()
