@@ -383,9 +383,10 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
             add_lora(unet, text.lora_rank)
     model = wrap_unet(unet)
     trainer = Trainer(config, model, noise_scheduler, len(training), accelerator=accelerator, state=state)
-    dropout = CaptionDropout(text.caption_dropout, seeds.derive_seed(config.seed, "caption-dropout"))
-    if state is not None:
-        dropout.load_state_dict(state["caption_dropout"])
+    rank = accelerator.process_index
+    dropout = CaptionDropout(text.caption_dropout, seeds.derive_seed(config.seed, f"caption-dropout:{rank}"))
+    if state is not None:  # one generator state per process, as the trainer keeps its own
+        dropout.load_state_dict(state["caption_dropout"][rank])
 
     log_every = log_every or max(1, config.steps // 50)
     start, began, window = trainer.step_count, time.perf_counter(), []
@@ -404,7 +405,7 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
                     log(_log_line(entry, config.steps, (done - start) / (time.perf_counter() - began)))
             bar.update(1)
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-                state = {**trainer.state_dict(), "caption_dropout": dropout.state_dict()}
+                state = {**trainer.state_dict(), "caption_dropout": _gathered(dropout.state_dict(), accelerator)}
                 if main:
                     checkpoint.save(folder, done, {"config": run_config, "training_sha256": training.images.digest,
                                                    **state})
@@ -423,6 +424,15 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
     last = trainer.history[-1] if trainer.history else {}
     return TrainResult(out, config.steps, config.steps - start, resumed_from, float(last.get("loss", np.nan)),
                        trainer.epsilon(), seconds, tuple(trainer.history), info)
+
+
+def _gathered(value, accelerator) -> list:
+    """``value`` of every process, in process order (a one-item list in one process)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
 
 
 def _check_geometry(unet, space, base: Path) -> None:

@@ -294,11 +294,16 @@ def test_dp_lora_per_example_gradients_are_exact(sd):
     assert torch.allclose(folded, direct, atol=1e-5 * float(direct.abs().max()), rtol=1e-4)
 
 
-def test_dp_lora_trains_and_accounts(sd, ph, tmp_path, capsys):
-    code, out, err = run(capsys, "train", ph, "--out", tmp_path / "dp", "--base-model", sd, "--finetune", "lora",
-                         "--lora-rank", "2", "--steps", "2", "--dp-epsilon", "8", "--accountant", "rdp",
-                         *[a for a in FAST if a != "--quiet"], "--json")
+def test_dp_lora_trains_accounts_and_resumes_exactly(sd, ph, tmp_path, capsys):
+    args = ["train", ph, "--base-model", sd, "--finetune", "lora", "--lora-rank", "2", "--steps", "2",
+            "--dp-epsilon", "8", "--accountant", "rdp", "--checkpoint-every", "1",
+            *[a for a in FAST if a != "--quiet"], "--json"]
+    code, out, err = run(capsys, *args, "--out", tmp_path / "dp", "--keep-checkpoints")
     assert code == 0, err
+    shutil.copytree(tmp_path / "dp-checkpoints", tmp_path / "again-checkpoints")
+    code, _, err = run(capsys, *args, "--out", tmp_path / "again", "--resume")
+    assert code == 0, err
+    assert changed_weights(tmp_path / "dp", tmp_path / "again") == []  # Poisson sample, noise, dropout replayed
     dp = json.loads((tmp_path / "dp" / "synthgate.json").read_text())["dp"]
     assert 0 < dp["epsilon_spent"] <= 8.0 and dp["noise_multiplier"] > 0
     assert json.loads(out)["dp"]["epsilon_target"] == 8
