@@ -52,6 +52,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # What a Stable Diffusion 1.x/2.x folder must hold (diffusers layout).
 REQUIRED = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
             "tokenizer": "tokenizer/", "scheduler": "scheduler/scheduler_config.json"}
+XL_REQUIRED = {"text_encoder_2": "text_encoder_2/config.json", "tokenizer_2": "tokenizer_2/"}
 
 
 @dataclass(frozen=True)
@@ -174,23 +175,32 @@ def check_base_model(path: str | Path) -> Path:
     if not path.is_dir():
         raise MissingInputError("base model folder does not exist (--base-model must be a local diffusers "
                                 "Stable Diffusion folder)", path)
-    if (path / "text_encoder_2").exists() or (path / "tokenizer_2").exists():
-        raise UsageError("is a Stable Diffusion XL folder (text_encoder_2/tokenizer_2); SDXL fine-tuning is not "
-                         "supported yet (its second text encoder and size/crop conditioning are not wired): use a "
-                         "Stable Diffusion 1.x/2.x folder", path)
-    missing = [f"{name} ({rel})" for name, rel in REQUIRED.items() if not (path / rel).exists()]
-    tok = path / "tokenizer"
-    if tok.is_dir() and not ((tok / "tokenizer.json").exists() or
-                             ((tok / "vocab.json").exists() and (tok / "merges.txt").exists())):
-        missing.append("tokenizer files (tokenizer/vocab.json + merges.txt, or tokenizer.json)")
+    unet_config = _read_json(path / "unet" / "config.json") if (path / "unet" / "config.json").exists() else {}
+    xl = is_xl(path)
+    required = {**REQUIRED, **(XL_REQUIRED if xl else {})}
+    missing = [f"{name} ({rel})" for name, rel in required.items() if not (path / rel).exists()]
+    for tok in (("tokenizer", "tokenizer_2") if xl else ("tokenizer",)):
+        folder = path / tok
+        if folder.is_dir() and not ((folder / "tokenizer.json").exists() or
+                                    ((folder / "vocab.json").exists() and (folder / "merges.txt").exists())):
+            missing.append(f"tokenizer files ({tok}/vocab.json + merges.txt, or {tok}/tokenizer.json)")
     if missing:
-        raise InputError(f"is not a complete Stable Diffusion folder: missing {', '.join(missing)}", path)
-    unet_config = _read_json(path / "unet" / "config.json")
-    if unet_config.get("addition_embed_type") or unet_config.get("_class_name") not in (None, "UNet2DConditionModel"):
-        raise UsageError(f"unet/ is a {unet_config.get('_class_name')} with addition_embed_type "
-                         f"{unet_config.get('addition_embed_type')!r} (SDXL-style); only Stable Diffusion 1.x/2.x "
-                         "U-Nets are supported", path)
+        kind = "Stable Diffusion XL" if xl else "Stable Diffusion"
+        raise InputError(f"is not a complete {kind} folder: missing {', '.join(missing)}", path)
+    extra = unet_config.get("addition_embed_type")
+    if unet_config.get("_class_name") not in (None, "UNet2DConditionModel") or extra not in (None, "text_time") \
+            or (extra == "text_time") != xl:
+        raise UsageError(f"unet/ is a {unet_config.get('_class_name')} with addition_embed_type {extra!r}; "
+                         "supported are Stable Diffusion 1.x/2.x U-Nets (none) and SDXL base U-Nets ('text_time' "
+                         "with text_encoder_2/)", path)
     return path
+
+
+def is_xl(path: Path) -> bool:
+    """Whether ``path`` looks like a Stable Diffusion XL folder (a second text encoder, size conditioning)."""
+    unet = path / "unet" / "config.json"
+    return (path / "text_encoder_2").exists() or (path / "tokenizer_2").exists() or \
+        (unet.exists() and _read_json(unet).get("addition_embed_type") == "text_time")
 
 
 def native_resolution(path: str | Path) -> int:
@@ -219,47 +229,92 @@ def _load(cls, folder: Path, what: str):
         raise InputError(f"cannot load the {what} ({' '.join(str(exc).split())[:200]})", folder) from exc
 
 
-def load_text_components(path: Path, device):
-    """The frozen tokenizer and CLIP text encoder of a pipeline folder (never downloaded)."""
-    from transformers import CLIPTextModel, CLIPTokenizer
+@dataclass
+class PromptEncoder:
+    """The frozen tokenizer(s) and CLIP text encoder(s) of a pipeline: prompts -> conditioning tensors.
+
+    Stable Diffusion 1.x/2.x: the text encoder's last hidden states
+    ``(N, tokens, dim)``.  SDXL: both encoders' penultimate hidden states
+    side by side, plus one extra row carrying the second encoder's pooled
+    projection and the six size/crop conditioning values (``resolution,
+    resolution, 0, 0, resolution, resolution``: no crop), so that the
+    conditioning still travels as one tensor per example through the
+    trainer, opacus and the attacks; :func:`wrap_unet` unpacks it.
+    """
+
+    tokenizers: tuple
+    encoders: tuple
+    resolution: int = 0
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """SDXL: width of the pooled text embedding (``None`` for 1.x/2.x)."""
+        return int(self.encoders[1].config.projection_dim) if len(self.encoders) == 2 else None
+
+    def __call__(self, prompts: Sequence[str], batch_size: int = 32):
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                out.append(self._encode(list(prompts[start:start + batch_size])))
+        return torch.cat(out)
+
+    def _encode(self, prompts: list[str]):
+        import torch
+
+        hidden, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.encoders):
+            ids = tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                      return_tensors="pt").input_ids.to(next(enc.parameters()).device)
+            if self.pooled_dim is None:
+                return enc(ids)[0]
+            o = enc(ids, output_hidden_states=True)
+            hidden.append(o.hidden_states[-2])  # SDXL conditions on the penultimate layer
+            pooled = o[0]  # the projection model's text_embeds (the last encoder)
+        emb = torch.cat(hidden, -1)
+        n, _, width = emb.shape
+        if self.pooled_dim + 6 > width:
+            raise InputError(f"the SDXL text embeddings ({width} wide) cannot carry the pooled embedding "
+                             f"({self.pooled_dim}) and the size conditioning")
+        row = torch.zeros(n, 1, width, dtype=emb.dtype, device=emb.device)
+        row[:, 0, :self.pooled_dim] = pooled
+        r = float(self.resolution)
+        row[:, 0, self.pooled_dim:self.pooled_dim + 6] = torch.tensor([r, r, 0.0, 0.0, r, r], dtype=emb.dtype)
+        return torch.cat([emb, row], 1)
+
+
+def load_text_components(path: Path, device, resolution: int = 0) -> PromptEncoder:
+    """The frozen tokenizer(s) and CLIP text encoder(s) of a pipeline folder (never downloaded)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its "Loading weights" bar is noise on our stderr
     try:
-        tokenizer = _load(CLIPTokenizer, path / "tokenizer", "tokenizer")
-        encoder = _load(CLIPTextModel, path / "text_encoder", "text encoder")
+        tokenizers = [_load(CLIPTokenizer, path / "tokenizer", "tokenizer")]
+        encoders = [_load(CLIPTextModel, path / "text_encoder", "text encoder")]
+        if (path / "text_encoder_2").exists():
+            tokenizers.append(_load(CLIPTokenizer, path / "tokenizer_2", "second tokenizer"))
+            encoders.append(_load(CLIPTextModelWithProjection, path / "text_encoder_2", "second text encoder"))
     finally:
         if shown:
             hf_logging.enable_progress_bar()
-    return tokenizer, encoder.to(device).eval().requires_grad_(False)
-
-
-def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], batch_size: int = 32):
-    """CLIP last hidden states ``(N, tokens, dim)`` of ``prompts``, padded to the tokenizer's length."""
-    import torch
-
-    device = next(text_encoder.parameters()).device
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            ids = tokenizer(list(prompts[start:start + batch_size]), padding="max_length", truncation=True,
-                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-            out.append(text_encoder(ids.to(device))[0])
-    return torch.cat(out)
+    return PromptEncoder(tuple(tokenizers), tuple(e.to(device).eval().requires_grad_(False) for e in encoders),
+                         resolution)
 
 
 # ------------------------------------------------------------------ the denoiser
 
 
-def wrap_unet(unet, uncond=None):
+def wrap_unet(unet, uncond=None, pooled_dim: int | None = None):
     """``unet`` (a ``UNet2DConditionModel``) behind the ``(x_t, t, class_labels)`` call the trainer makes.
 
     ``class_labels`` carries text embeddings.  With ``guidance_scale != 1``
     (sampling) the conditional and unconditional predictions come from one
     doubled batch and are combined as in classifier-free guidance.
     """
-    return _wrapper_class()(unet, uncond)
+    return _wrapper_class()(unet, uncond, pooled_dim)
 
 
 _WRAPPER = None
@@ -271,10 +326,11 @@ def _wrapper_class():
         import torch
 
         class TextConditionedUNet(torch.nn.Module):
-            def __init__(self, unet, uncond=None):
+            def __init__(self, unet, uncond=None, pooled_dim=None):
                 super().__init__()
                 self.unet = unet
                 self.uncond = uncond
+                self.pooled_dim = pooled_dim
                 self.guidance_scale = 1.0
 
             @property
@@ -285,15 +341,22 @@ def _wrapper_class():
             def dtype(self):
                 return self.unet.dtype
 
+            def _unet(self, sample, timestep, emb):
+                if self.pooled_dim is None:
+                    return self.unet(sample, timestep, encoder_hidden_states=emb)
+                p, extra = self.pooled_dim, emb[:, -1]  # SDXL: unpack PromptEncoder's extra row
+                return self.unet(sample, timestep, encoder_hidden_states=emb[:, :-1],
+                                 added_cond_kwargs={"text_embeds": extra[:, :p], "time_ids": extra[:, p:p + 6]})
+
             def forward(self, sample, timestep, class_labels=None):
                 g = self.guidance_scale
                 if g == 1.0 or self.training:
-                    return self.unet(sample, timestep, encoder_hidden_states=class_labels)
+                    return self._unet(sample, timestep, class_labels)
                 n = sample.shape[0]
                 t = torch.as_tensor(timestep, device=sample.device)
                 t = torch.cat([t, t]) if t.ndim else t
                 emb = torch.cat([self.uncond.to(class_labels.dtype).expand(n, -1, -1), class_labels])
-                out = self.unet(torch.cat([sample, sample]), t, encoder_hidden_states=emb).sample
+                out = self._unet(torch.cat([sample, sample]), t, emb).sample
                 uncond, cond = out.chunk(2)
                 return SimpleNamespace(sample=uncond + g * (cond - uncond))
 
@@ -363,8 +426,8 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
     caption_ids = torch.as_tensor([distinct.index(c) for c in captions])
 
     vae, space, fetch = _model_space(training, config.replace(vae=str(base)), accelerator.device)
-    tokenizer, encoder = load_text_components(base, accelerator.device)
-    table = encode_prompts(tokenizer, encoder, ["", *distinct])  # row 0: the empty prompt (dropout)
+    prompts = load_text_components(base, accelerator.device, config.resolution)
+    table = prompts(["", *distinct])  # row 0: the empty prompt (dropout)
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     unet = _load(UNet2DConditionModel, base / "unet", "U-Net")
@@ -381,7 +444,7 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
         torch.manual_seed(seeds.derive_seed(config.seed, "init"))
         if text.finetune == "lora":
             add_lora(unet, text.lora_rank)
-    model = wrap_unet(unet)
+    model = wrap_unet(unet, pooled_dim=prompts.pooled_dim)
     trainer = Trainer(config, model, noise_scheduler, len(training), accelerator=accelerator, state=state)
     rank = accelerator.process_index
     dropout = CaptionDropout(text.caption_dropout, seeds.derive_seed(config.seed, f"caption-dropout:{rank}"))
@@ -415,7 +478,7 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
     info = _info(config, text, training, space, trainer, precision, accelerator, resumed_from, seconds, distinct,
                  base)
     if main:
-        _save(out, trainer, text, noise_scheduler, vae, tokenizer, encoder, space, info, overwrite)
+        _save(out, trainer, text, noise_scheduler, vae, prompts, space, info, overwrite)
         if not keep_checkpoints and folder.exists():
             import shutil
 
@@ -445,17 +508,26 @@ def _check_geometry(unet, space, base: Path) -> None:
                          base)
 
 
-def _save(out: Path, trainer, text: TextConfig, noise_scheduler, vae, tokenizer, encoder, space, info, overwrite):
-    from diffusers import StableDiffusionPipeline
-
+def _save(out: Path, trainer, text: TextConfig, noise_scheduler, vae, prompts: PromptEncoder, space, info,
+          overwrite):
     from .export import save_model
 
     tuned = trainer.final_unet().unet
     unet = merged_unet(tuned, text.finetune == "lora")
     unet.register_to_config(sample_size=space.size)  # diffusers' default size is then the trained one
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=noise_scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    parts = dict(vae=vae, unet=unet, scheduler=noise_scheduler, text_encoder=prompts.encoders[0],
+                 tokenizer=prompts.tokenizers[0])
+    if prompts.pooled_dim is None:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        from diffusers import StableDiffusionXLPipeline
+
+        # the empty prompt's embeddings, not zeros, for the unconditional branch: what training dropped to
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=prompts.encoders[1], tokenizer_2=prompts.tokenizers[1],
+                                         force_zeros_for_empty_prompt=False, add_watermarker=False)
 
     def extra(tmp: Path) -> None:
         if text.finetune == "lora":
@@ -486,6 +558,7 @@ def _info(config: TrainConfig, text: TextConfig, training, space, trainer, preci
         "vae": {"scaling_factor": space.scaling_factor, "source": str(base.resolve() / "vae"),
                 "latent_channels": space.channels, "latent_size": space.size, "in_channels": space.vae_in_channels},
         "base_model": {"path": str(base.resolve()), "unet_config_sha256": unet_config_digest(base),
+                       "family": "sdxl" if is_xl(base) else "sd",
                        "finetune": text.finetune, "lora_rank": text.lora_rank if text.finetune == "lora" else None,
                        "lora_targets": list(LORA_TARGETS) if text.finetune == "lora" else None},
         "text": text.to_dict(),
@@ -507,8 +580,7 @@ class TextDiffusionModel(DiffusionModel):
     (:meth:`set_guidance`) applies to sampling only.
     """
 
-    tokenizer: Any = None
-    text_encoder: Any = None
+    prompts: Any = None  # PromptEncoder
     _embeddings: dict = field(default_factory=dict, repr=False)
 
     is_text = True
@@ -556,7 +628,7 @@ class TextDiffusionModel(DiffusionModel):
 
         todo = sorted({p for p in prompts if p not in self._embeddings})
         if todo:
-            for p, e in zip(todo, encode_prompts(self.tokenizer, self.text_encoder, todo)):
+            for p, e in zip(todo, self.prompts(todo)):
                 self._embeddings[p] = e
         return torch.stack([self._embeddings[p] for p in prompts]).to(self.device)
 
@@ -579,8 +651,9 @@ def load_text_model(path: Path, info: dict, device) -> TextDiffusionModel:
     unet = _load(UNet2DConditionModel, path / "unet", "U-Net").to(device).eval().requires_grad_(False)
     scheduler = _load(DDPMScheduler, path / "scheduler", "scheduler")
     vae = _load(AutoencoderKL, path / "vae", "VAE").to(device).eval().requires_grad_(False)
-    tokenizer, encoder = load_text_components(path, device)
-    model = TextDiffusionModel(path, wrap_unet(unet).eval(), scheduler, vae, info, device, tokenizer, encoder)
+    prompts = load_text_components(path, device, int(info["resolution"]))
+    model = TextDiffusionModel(path, wrap_unet(unet, pooled_dim=prompts.pooled_dim).eval(), scheduler, vae, info,
+                               device, prompts)
     model.unet.uncond = model.embed([""])[0:1]
     return model
 

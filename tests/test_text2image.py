@@ -420,7 +420,7 @@ def test_bad_inputs_give_clear_errors(sd, ph, tmp_path, capsys):
     xl = tmp_path / "xl"
     shutil.copytree(sd, xl)
     shutil.copytree(xl / "text_encoder", xl / "text_encoder_2")
-    _one_line_error(train(xl), "Stable Diffusion XL", "not supported")
+    _one_line_error(train(xl), "not a complete Stable Diffusion XL folder", "tokenizer_2")
     _one_line_error(train(sd, "--caption-template", "{view} of {label}"), "'view'", "metadata.csv")
     _one_line_error(train(sd, "--caption-dropout", "1.5"), "caption dropout")
     _one_line_error(train(sd, "--dp-epsilon", "8"), "--finetune lora")
