@@ -74,6 +74,28 @@ def tiny_stable_diffusion(root: Path) -> Path:
     return root / "sd"
 
 
+def tiny_stable_diffusion_xl(root: Path, sd: Path) -> Path:
+    """A randomly initialised SDXL-layout pipeline (two text encoders, size conditioning) at ``root/sdxl``."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(1)
+    tokenizer = CLIPTokenizer.from_pretrained(sd / "tokenizer")
+    config = CLIPTextModel.from_pretrained(sd / "text_encoder").config.to_dict()
+    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**config, "projection_dim": 32}))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+    StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(sd / "vae"), text_encoder=CLIPTextModel.from_pretrained(sd / "text_encoder"),
+        text_encoder_2=encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+        scheduler=DDPMScheduler.from_pretrained(sd / "scheduler"), add_watermarker=False).save_pretrained(root / "sdxl")
+    return root / "sdxl"
+
+
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory, one_torch_thread) -> Path:
     return tiny_stable_diffusion(tmp_path_factory.mktemp("t2i"))
@@ -389,6 +411,30 @@ def test_membership_check_attacks_the_text_model(full, ph, tmp_path, capsys):
     assert "attacks" in r.metrics, (r.status, r.reason, r.metrics)
     model_attacks = {n for n, a in r.metrics["attacks"].items() if a["scenario"] == 2}
     assert {"loss_t50", "pia_t100", "secmi_t100"} <= model_attacks
+
+
+def test_sdxl_finetunes_samples_and_loads_in_diffusers(sd, ph, tmp_path, capsys):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    xl = tiny_stable_diffusion_xl(tmp_path, sd)
+    code, _, err = run(capsys, "train", ph, "--out", tmp_path / "xl-model", "--base-model", xl, "--caption-template",
+                       TEMPLATE, "--steps", "2", *FAST)
+    assert code == 0, err
+    info = json.loads((tmp_path / "xl-model" / "synthgate.json").read_text())
+    assert info["base_model"]["family"] == "sdxl" and changed_weights(xl, tmp_path / "xl-model")
+    args = ["sample", tmp_path / "xl-model", "--n", "2", "--steps", "2", "--seed", "1"]
+    for name, scale in (("a", "7.5"), ("b", "7.5"), ("g", "1")):
+        code, _, err = run(capsys, *args, "--guidance-scale", scale, "--out", tmp_path / name)
+        assert code == 0, err
+    a, b, g = (sorted((tmp_path / n).glob("*.png")) for n in "abg")
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert a[1].read_bytes() != g[1].read_bytes()
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "xl-model")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    image = pipe("Phantom showing 1", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
 
 
 # ---------------------------------------------------------------- bad inputs
