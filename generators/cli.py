@@ -74,7 +74,7 @@ def add_train_arguments(p) -> None:
     s.add_argument("--checkpoint-every", type=int, metavar="N")
     t = p.add_argument_group("text-guided fine-tuning of a local Stable Diffusion folder (MediSyn recipe)")
     t.add_argument("--base-model", metavar="SD_DIR",
-                   help="local diffusers Stable Diffusion 1.x/2.x folder to fine-tune")
+                   help="local diffusers Stable Diffusion 1.x/2.x or SDXL folder to fine-tune")
     t.add_argument("--caption-template", metavar="TEXT", help='captions from metadata.csv columns, e.g. '
                    '"Chest X-ray showing {label}" (default "{label}")')
     t.add_argument("--caption-dropout", type=float, metavar="P", help="caption drop rate for guidance (default 0.1)")

@@ -1,7 +1,7 @@
 """Text-guided latent diffusion fine-tuned from a local Stable Diffusion folder (the MediSyn recipe).
 
 ``synthgate train REAL --out MODEL --base-model SD_DIR`` fine-tunes the U-Net
-of a Stable Diffusion 1.x/2.x pipeline on image-caption pairs, the captions
+of a Stable Diffusion 1.x/2.x or SDXL pipeline on image-caption pairs, the captions
 built from a template over ``metadata.csv`` columns (``"Chest X-ray showing
 {label}"``).  The VAE and the CLIP text encoder stay frozen; the caption of
 each image is encoded once up front, and during training it is replaced by
@@ -12,7 +12,8 @@ adapters (peft), reusing :class:`generators.train.Trainer` unchanged: the
 text embeddings travel in its ``labels`` slot and :func:`wrap_unet` hands them
 to the U-Net as ``encoder_hidden_states``.
 
-The model directory is a diffusers ``StableDiffusionPipeline`` (LoRA merged
+The model directory is a diffusers ``StableDiffusionPipeline`` or
+``StableDiffusionXLPipeline`` (LoRA merged
 into the weights; the adapter alone in ``lora/``) plus ``synthgate.json``
 (``conditioning.type == "text"``); :func:`load_text_model` reads it back for
 ``synthgate sample`` (guidance scale, per-image prompts) and for the
@@ -25,7 +26,9 @@ Cui et al. 2024/25 (MediSyn): SDXL U-Net fine-tuned on captions built from
 labels, captions dropped 10% of the time.  Ho & Salimans 2022 (classifier-free
 guidance): ``eps = eps_uncond + w (eps_cond - eps_uncond)``.  Hu et al. 2022
 (LoRA); the adapter placement (attention ``to_q/to_k/to_v/to_out.0``) follows
-diffusers' ``train_text_to_image_lora.py``.
+diffusers' ``train_text_to_image_lora.py``; SDXL's conditioning (penultimate
+hidden states of both encoders, pooled embedding, size/crop ids) follows
+``train_text_to_image_sdxl.py``.
 """
 from __future__ import annotations
 
