@@ -75,6 +75,14 @@ def add_train_arguments(p) -> None:
     s.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"))
     s.add_argument("--vae", metavar="PATH", help="local AutoencoderKL folder: latent diffusion")
     s.add_argument("--checkpoint-every", type=int, metavar="N")
+    t = p.add_argument_group("text-guided fine-tuning of a local Stable Diffusion folder (MediSyn recipe)")
+    t.add_argument("--base-model", metavar="SD_DIR",
+                   help="local diffusers Stable Diffusion 1.x/2.x or SDXL folder to fine-tune")
+    t.add_argument("--caption-template", metavar="TEXT", help='captions from metadata.csv columns, e.g. '
+                   '"Chest X-ray showing {label}" (default "{label}")')
+    t.add_argument("--caption-dropout", type=float, metavar="P", help="caption drop rate for guidance (default 0.1)")
+    t.add_argument("--finetune", choices=("full", "lora"), help="the whole U-Net (default) or LoRA adapters")
+    t.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank (default 4)")
     d = p.add_argument_group("differential privacy")
     d.add_argument("--dp-epsilon", type=float, metavar="E", help="train with DP-SGD to this epsilon")
     d.add_argument("--dp-delta", type=float, metavar="D", help="delta (default 1e-5)")
@@ -102,6 +110,10 @@ def add_sample_arguments(p) -> None:
     p.add_argument("--condition", action="append", metavar="NAME=VALUE", default=[],
                    help="fix an attribute of an attribute-conditioned model (repeatable); the others are "
                         "drawn per image from the training distribution")
+    p.add_argument("--prompt", help="text-conditioned models: this prompt for every image (default: the caption "
+                   "of each image's label)")
+    p.add_argument("--guidance-scale", type=float, help="text-conditioned models: classifier-free guidance "
+                   "scale (default 7.5; 1: no guidance)")
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm", "dpm"))
     p.add_argument("--steps", type=int, help="denoising steps (default: ddim 50, dpm 25, ddpm all)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
@@ -144,17 +156,40 @@ def resolve_config(args):
     return TrainConfig.from_dict(data, source=args.config)
 
 
+def _text_config(args):
+    """The ``--base-model`` settings (``None`` without it; the text flags alone are refused)."""
+    flags = {k: getattr(args, k) for k in ("caption_template", "caption_dropout", "finetune", "lora_rank")
+             if getattr(args, k) is not None}
+    if args.base_model is None:
+        if flags:
+            raise UsageError("--caption-template/--caption-dropout/--finetune/--lora-rank need --base-model SD_DIR")
+        return None
+    from .text2image import TextConfig, check_base_model, native_resolution
+
+    check_base_model(args.base_model)
+    if args.resolution is None:
+        args.resolution = native_resolution(args.base_model)
+    return TextConfig(base_model=args.base_model, **flags)
+
+
 def cmd_train(args) -> int:
     from synthgate.progress import set_quiet
 
+    text = _text_config(args)
     config = resolve_config(args)
     if args.print_config:
         print(config.to_json(), end="")
         return clikit.EXIT_OK
     if args.json or args.quiet:
         set_quiet(True)
-    from .run import train
+    if text is not None:
+        from functools import partial
 
+        from .text2image import train as train_text
+
+        train = partial(train_text, text=text)
+    else:
+        from .run import train
     log = None if (args.json or args.quiet) else (lambda line: print(line, file=sys.stderr, flush=True))
     result = train(args.real, args.out, config, device=args.device or "auto", checkpoint_dir=args.checkpoint_dir,
                    resume=args.resume, keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, log=log,
@@ -211,7 +246,16 @@ def cmd_sample(args) -> int:
     model = load_model(args.model, resolve_device(args.device))
     items = plan(model, args.n, seed=args.seed, label=args.label, per_label=_per_label(args.per_label),
                  conditions=_conditions(args.condition))
-    manifest = write_synthetic(args.out, model, generate(model, items, settings), sampler=settings.describe(model),
+    sampler = settings.describe(model)
+    if getattr(model, "is_text", False):
+        from .text2image import prompt_items
+
+        items = prompt_items(model, items, args.prompt, bool(args.label or args.per_label))
+        sampler["guidance_scale"] = model.set_guidance(7.5 if args.guidance_scale is None else args.guidance_scale)
+    elif args.prompt is not None or args.guidance_scale is not None:
+        raise UsageError(f"--prompt/--guidance-scale need a text-conditioned model (trained with --base-model); "
+                         f"{args.model} is not one")
+    manifest = write_synthetic(args.out, model, generate(model, items, settings), sampler=sampler,
                                fmt=args.format, bit_depth=None if args.bit_depth == "auto" else int(args.bit_depth),
                                seed=args.seed, overwrite=args.overwrite)
     if args.json:

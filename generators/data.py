@@ -89,7 +89,7 @@ class TrainingSet:
 
 def open_training_set(path: str | Path, resolution: int, conditioning: str, *,
                       skip_unreadable: bool = False, progress: bool | None = None,
-                      condition_columns: tuple[str, ...] = ()) -> TrainingSet:
+                      condition_columns: tuple[str, ...] = (), extra_columns: tuple[str, ...] | list[str] = ()) -> TrainingSet:
     """Scan, decode and check ``path`` for training at ``resolution``.
 
     Raises
@@ -98,7 +98,7 @@ def open_training_set(path: str | Path, resolution: int, conditioning: str, *,
         No images, an unreadable image, mixed channel counts, or missing
         labels for class conditioning.
     """
-    images = ImageSet(path, skip_unreadable=skip_unreadable, progress=progress)
+    images = ImageSet(path, skip_unreadable=skip_unreadable, progress=progress, extra_columns=extra_columns)
     images.verify(progress=progress)
     channels = _channels(images)
     sizes = sorted({(r.height, r.width) for r in images.records})

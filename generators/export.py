@@ -16,8 +16,13 @@ from synthgate.fsutil import atomic_directory, atomic_write_json
 SCHEMA_VERSION = 1
 
 
-def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overwrite: bool = False) -> Path:
+def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overwrite: bool = False,
+               pipeline=None, extra=None) -> Path:
     """Save the pipeline, the VAE (latent models) and ``synthgate.json`` to ``out``.
+
+    ``pipeline`` replaces the default ``DDPMPipeline`` (e.g. a
+    ``StableDiffusionPipeline``); ``extra(tmp)`` writes more files into the
+    folder before it is moved into place.
 
     An attribute-conditioned network is saved as its UNet (``unet/``) and its
     attribute encoder (``condition/``).
@@ -28,7 +33,10 @@ def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overw
     encoder = getattr(unet, "encoder", None)
     unet = getattr(unet, "net", unet)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp, safe_serialization=True)
+        pipeline = pipeline or DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
         if encoder is not None:
             encoder.save_pretrained(tmp / "condition", safe_serialization=True)
         if vae is not None:

@@ -97,7 +97,7 @@ class DiffusionModel:
 
         return torch.as_tensor(self.attributes.encode_rows(rows, self.path), device=self.device)
 
-    def condition_items(self, items) -> Any:
+    def condition(self, items) -> Any:
         """The denoiser's conditioning input for sample items (class, attributes, or ``None``)."""
         if self.attributes is not None:
             return self.attribute_vectors([dict(it.attributes or ()) for it in items])
@@ -199,6 +199,10 @@ def load_model(path: str | Path, device="cpu") -> DiffusionModel:
     path = Path(path)
     info = read_info(path)
     device = torch.device(device)
+    if (info.get("conditioning") or {}).get("type") == "text":  # fine-tuned Stable Diffusion
+        from .text2image import load_text_model
+
+        return load_text_model(path, info, device)
     try:
         unet = UNet2DModel.from_pretrained(path / "unet").to(device).eval()
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")

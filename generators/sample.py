@@ -30,6 +30,7 @@ class SampleItem:
     label: str | None
     seed: int
     attributes: tuple[tuple[str, str], ...] | None = None
+    prompt: str | None = None  # text-conditioned models: the prompt (recorded per image)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def denoise(model, items: Sequence[SampleItem], settings: SamplerSettings):
     scheduler = _scheduler(model, settings)
     x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in gens]).to(model.device)
     x = x * scheduler.init_noise_sigma
-    labels = model.condition_items(items)
+    labels = model.condition(items)
     extra = {"generator": gens} if settings.name == "ddpm" else {"generator": gens, "eta": settings.eta} \
         if settings.name == "ddim" else {}
     with torch.no_grad():

@@ -114,7 +114,7 @@ class Trainer:
         name = "cosine" if config.lr_schedule == "cosine" else "constant_with_warmup" if warmup else "constant"
         self.lr_scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=warmup,
                                           num_training_steps=config.steps)
-        self.ema = EMAModel(self.unet.parameters(), decay=config.ema_decay) if config.ema_decay > 0 else None
+        self.ema = EMAModel(self.trainable(), decay=config.ema_decay) if config.ema_decay > 0 else None
         self.diffusion_generator = seeds.generator(seeds.derive_seed(config.seed, f"diffusion:{rank}"), device)
         self.history: list[dict] = []
         self.step_count = 0
@@ -138,6 +138,10 @@ class Trainer:
             self.model, self.prepared_optimizer = accelerator.prepare(self.unet, self.optimizer)
         if state is not None:
             self._load(state)
+
+    def trainable(self) -> list:
+        """The parameters that train (all of them, except frozen base weights under LoRA): what the EMA follows."""
+        return [p for p in self.unet.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ data
 
@@ -171,7 +175,7 @@ class Trainer:
             loss = loss.detach()
         self.lr_scheduler.step()
         if self.ema is not None:
-            self.ema.step(self.unet.parameters())
+            self.ema.step(self.trainable())
         self.step_count += 1
         return loss
 
@@ -236,5 +240,5 @@ class Trainer:
         """The plain network carrying the weights to save (the EMA when enabled), in eval mode."""
         unet = self.private.unwrap() if self.private is not None else self.accelerator.unwrap_model(self.model)
         if self.ema is not None:
-            self.ema.copy_to(unet.parameters())
+            self.ema.copy_to([p for p in unet.parameters() if p.requires_grad])
         return unet.eval()

@@ -34,7 +34,9 @@ def provenance(model_ref: dict, item, sampler: dict) -> dict:
     return {"synthetic": True, "generator": f"synthgate {__version__}", "model": model_ref,
             "seed": item.seed, "label": item.label, "index": item.index,
             "sampler": sampler["name"], "sampler_steps": sampler["steps"],
-            **({"attributes": dict(item.attributes)} if item.attributes else {})}
+            **({"attributes": dict(item.attributes)} if item.attributes else {}),
+            **({"prompt": item.prompt} if getattr(item, "prompt", None) is not None else {}),
+            **({"guidance_scale": sampler["guidance_scale"]} if "guidance_scale" in sampler else {})}
 
 
 def png_bytes(image: np.ndarray, bit_depth: int, meta: dict) -> bytes:
@@ -129,7 +131,8 @@ def write_synthetic(out: str | Path, model, batches: Iterable, *, sampler: dict,
                     data = dicom_bytes(image, bit_depth, meta, uids, item.index + 1)
                 (tmp / name).write_bytes(data)
                 records.append({"file": name, "label": item.label, "seed": item.seed,
-                                **({"attributes": dict(item.attributes)} if item.attributes else {})})
+                                **({"attributes": dict(item.attributes)} if item.attributes else {}),
+                                **({"prompt": item.prompt} if getattr(item, "prompt", None) is not None else {})})
         if model.labels is not None or model.attributes is not None:
             _write_metadata(tmp / "metadata.csv", records)
         manifest = _manifest(model, model_ref, records, sampler, fmt, bit_depth, seed)

@@ -444,3 +444,20 @@ def harmonize(*sets: ImageSet, size: tuple[int, int] | None = None, channels: in
         shown = ", ".join(f"{a}x{b}" for a, b in sorted(sizes)[:6]) + (" ..." if len(sizes) > 6 else "")
         notes.append(f"sizes {shown} resized to {h}x{w}")
     return Geometry(h, w, target_c, tuple(notes))
+
+
+def metadata_columns(root: str | Path) -> list[str]:
+    """The column names of ``root/metadata.csv`` (empty when the set has none), read from its header only.
+
+    Lets a caller declare a set's extra columns (``ImageSet(extra_columns=...)``)
+    before scanning it, e.g. to fill caption templates.
+    """
+    path = Path(root) / "metadata.csv"
+    if not path.is_file():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise MetadataError(f"cannot read metadata.csv ({exc})", path) from exc
+    return [c.strip() for c in header]
