@@ -1,9 +1,13 @@
 """Write a model directory that diffusers and synthgate both load.
 
-Layout (see :mod:`generators.model`): a ``DDPMPipeline`` (``model_index.json``,
-``unet/``, ``scheduler/``) so ``DiffusionPipeline.from_pretrained(MODEL)``
-works anywhere, ``vae/`` for latent models, and ``synthgate.json`` with the
-provenance.  Written atomically.
+Layout (see :mod:`generators.model`): for a UNet a ``DDPMPipeline``
+(``model_index.json``, ``unet/``, ``scheduler/``) so
+``DiffusionPipeline.from_pretrained(MODEL)`` works anywhere; for the
+transformer denoisers the network in ``denoiser/`` (Swin-UNet) or
+``transformer/`` (DiT) with ``scheduler/`` beside it, loaded by
+:func:`generators.model.load_model` (``synthgate.json["architecture"]``
+names the folder and class).  ``vae/`` for latent models, and
+``synthgate.json`` with the provenance.  Written atomically.
 """
 from __future__ import annotations
 
@@ -17,12 +21,18 @@ SCHEMA_VERSION = 1
 
 
 def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overwrite: bool = False) -> Path:
-    """Save the pipeline, the VAE (latent models) and ``synthgate.json`` to ``out``."""
+    """Save the denoiser ``unet`` (of ``info["architecture"]``, a UNet without it) with its schedule, the VAE
+    (latent models) and ``synthgate.json`` to ``out``."""
     from diffusers import DDPMPipeline
 
     out = Path(out)
+    arch = info.get("architecture") or {"name": "unet"}
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp, safe_serialization=True)
+        if arch["name"] == "unet":
+            DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp, safe_serialization=True)
+        else:  # no diffusers pipeline runs these denoisers: the network and its schedule, side by side
+            unet.save_pretrained(tmp / arch["folder"], safe_serialization=True)
+            noise_scheduler.save_pretrained(tmp / "scheduler")
         if vae is not None:
             vae.save_pretrained(tmp / "vae", safe_serialization=True)
         atomic_write_json(tmp / "synthgate.json", {
