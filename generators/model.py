@@ -117,13 +117,14 @@ class DiffusionModel:
         if self.vae is None:
             return self.image_channels, self.resolution, self.resolution
         cfg = self.vae.config
-        size = int((self.info.get("vae") or {}).get("latent_size", self.resolution // 2 ** (len(cfg.block_out_channels) - 1)))
-        return int(cfg.latent_channels), size, size
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        size = (self.info.get("vae") or {}).get("latent_size", self.resolution // factor)
+        return int(cfg.latent_channels), int(size), int(size)
 
     @property
     def architecture(self) -> str:
         """``unet``, ``swin`` or ``dit``."""
-        return str((self.info.get("architecture") or {}).get("name", "unet"))
+        return architecture_name(self.info)
 
     def from_model_space(self, x0) -> Any:
         """The denoiser's x0 -> images ``(N, C, H, W)`` in [0, 1] (inverse of :meth:`to_model_space`)."""
@@ -154,6 +155,11 @@ class DiffusionModel:
         if self.prediction_type == "sample":
             return (x_t - a.sqrt() * out) / (1 - a).sqrt()
         raise InputError(f"prediction_type {self.prediction_type!r} is not supported", self.path)
+
+
+def architecture_name(info: dict) -> str:
+    """The denoiser's architecture from ``synthgate.json`` (models written before there was a choice: ``unet``)."""
+    return str((info.get("architecture") or {}).get("name", "unet"))
 
 
 def read_info(path: str | Path) -> dict:
@@ -191,7 +197,7 @@ def load_model(path: str | Path, device="cpu") -> DiffusionModel:
     path = Path(path)
     info = read_info(path)
     device = torch.device(device)
-    arch = (info.get("architecture") or {}).get("name", "unet")  # models written before architectures: UNet
+    arch = architecture_name(info)
     if arch not in DENOISERS:
         raise InputError(f"synthgate.json names architecture {arch!r}; this synthgate knows "
                          + ", ".join(DENOISERS), path / "synthgate.json")

@@ -142,6 +142,18 @@ class SwinUNetDenoiser(ModelMixin, ConfigMixin):
         # final patch expanding: one token -> a patch_size x patch_size block of output cells
         self.out_proj = nn.Linear(embed_dim, patch_size * patch_size * out_channels)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """diffusers' loader, building the network for real first (not on the meta device).
+
+        timm's blocks keep their attention masks and relative-position
+        indices in non-persistent buffers, which are not in the weights file:
+        built on the meta device, as diffusers does by default, they would
+        stay empty.
+        """
+        kwargs.setdefault("low_cpu_mem_usage", False)
+        return super().from_pretrained(*args, **kwargs)
+
     def _embedding(self, t, class_labels, batch: int, dtype) -> torch.Tensor:
         t = torch.as_tensor(t, device=self.device)
         if t.ndim == 0:

@@ -15,7 +15,8 @@ import pytest
 from synthgate import cli
 from synthgate.phantoms import write_phantoms
 
-SWIN = {"architecture": "swin", "swin": {"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4}}
+# two blocks at the first level: the second uses shifted windows (an attention mask)
+SWIN = {"architecture": "swin", "swin": {"embed_dim": 16, "depths": [2, 1], "num_heads": [1, 2], "window_size": 4}}
 DIT = {"architecture": "dit", "dit": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8}}
 TINY = {"swin": SWIN, "dit": DIT}
 COMMON = {"resolution": 16, "batch_size": 8, "lr_warmup_steps": 0}
@@ -189,6 +190,24 @@ def test_model_dir_names_its_architecture_and_training_is_reproducible(arch, tra
     assert all(np.array_equal(weights[0][k].numpy(), weights[1][k].numpy()) for k in weights[0])
 
 
+def test_resumed_dit_run_equals_the_uninterrupted_one(ph16, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    args = ["train", ph16 / "train", "--config", config_file(tmp_path, "dit"), "--steps", "4",
+            "--checkpoint-every", "2", "--quiet"]
+    assert run(capsys, *args, "--out", tmp_path / "full", "--keep-checkpoints")[0] == 0
+    (tmp_path / "full-checkpoints" / "step-00000004.pt").unlink(missing_ok=True)
+    shutil.copytree(tmp_path / "full-checkpoints", tmp_path / "resumed-checkpoints")
+    code, _, err = run(capsys, *args, "--out", tmp_path / "resumed", "--resume")
+    assert code == 0, err
+    assert json.loads((tmp_path / "resumed" / "synthgate.json").read_text())["training"]["resumed_from"] == 2
+    a, b = (load_file(m / "transformer" / "diffusion_pytorch_model.safetensors")
+            for m in (tmp_path / "full", tmp_path / "resumed"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
 @pytest.mark.parametrize("arch", ["swin", "dit"])
 def test_save_load_round_trip_gives_identical_outputs(arch, tmp_path):
     import torch
@@ -304,14 +323,19 @@ def test_membership_attacks_run_unchanged_on_a_swin_model(trained, ph16):
 
 def test_old_model_dirs_without_architecture_load_as_unet(tmp_path):
     from audit.mia_control import save_model_dir, tiny_unet
+    from generators.config import TrainConfig
     from generators.model import load_model
     from generators.nets import build_scheduler
-    from generators.config import TrainConfig
+    from synthgate.errors import InputError
 
     save_model_dir(tmp_path / "old", tiny_unet(16, 1), build_scheduler(TrainConfig(resolution=16), False))
     assert "architecture" not in json.loads((tmp_path / "old" / "synthgate.json").read_text())
     model = load_model(tmp_path / "old")
     assert model.architecture == "unet" and model.sample_shape == (1, 16, 16)
+    info = json.loads((tmp_path / "old" / "synthgate.json").read_text())
+    (tmp_path / "old" / "synthgate.json").write_text(json.dumps({**info, "architecture": {"name": "vit"}}))
+    with pytest.raises(InputError, match="names architecture 'vit'; this synthgate knows unet, swin, dit"):
+        load_model(tmp_path / "old")
 
 
 # ----------------------------------------------------------------------- DP
