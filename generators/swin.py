@@ -20,7 +20,9 @@ Pan et al. 2023, "2D medical image synthesis using transformer-based
 denoising diffusion probabilistic model" (a Swin-transformer noise
 estimator); Hosseini & Serag 2025 (DDPM + Swin, three modalities); the
 U-shape with patch merging / expanding and skips is Swin-UNet (Cao et al.
-2021), the blocks Swin (Liu et al. 2021).  The timestep enters every block
+2021), the blocks Swin (Liu et al. 2021); after the final patch expanding a
+3 x 3 convolution maps the cells to the output channels (as the DDPM UNet
+ends), which lets neighbouring patches agree at their seams.  The timestep enters every block
 as a learned projection of its sinusoidal embedding added to the tokens (as
 the DDPM UNet adds it to every ResNet block, Ho et al. 2020); a class
 embedding, or a projected conditioning vector, is added to the timestep
@@ -139,8 +141,11 @@ class SwinUNetDenoiser(ModelMixin, ConfigMixin):
         self.skip = nn.ModuleList(nn.Linear(2 * dims[i], dims[i]) for i in range(len(depths) - 1))
         self.up = nn.ModuleList(stage(i) for i in range(len(depths) - 1))
         self.out_norm = nn.LayerNorm(embed_dim)
-        # final patch expanding: one token -> a patch_size x patch_size block of output cells
-        self.out_proj = nn.Linear(embed_dim, patch_size * patch_size * out_channels)
+        # final patch expanding: one token -> a patch_size x patch_size block of cells with `features` channels,
+        # then a 3x3 convolution to the output channels (as the DDPM UNet ends) so patch seams can be smoothed
+        self.features = max(8, embed_dim // 2)
+        self.out_proj = nn.Linear(embed_dim, patch_size * patch_size * self.features)
+        self.out_conv = nn.Conv2d(self.features, out_channels, 3, padding=1)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -187,9 +192,10 @@ class SwinUNetDenoiser(ModelMixin, ConfigMixin):
         for i in reversed(range(len(self.up))):
             x = self.skip[i](torch.cat([self.expand[i](x), skips[i]], dim=-1))
             x = self.up[i](x, emb)
-        x = self.out_proj(self.out_norm(x))  # (B, H/p, W/p, p*p*C)
-        c = x.shape[-1] // (p * p)
-        out = x.view(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        x = self.out_proj(self.out_norm(x))  # (B, H/p, W/p, p*p*F)
+        f = self.features
+        x = x.view(b, h // p, w // p, p, p, f).permute(0, 5, 1, 3, 2, 4).reshape(b, f, h, w)
+        out = self.out_conv(nn.functional.silu(x))
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
