@@ -83,7 +83,6 @@ def pixel_attack(root: Path, rate: float, n_boot: int) -> dict:
     gallery, real = embed(root / "p" / "train")
     hold, hs = embed(root / "p" / "holdout")
     codes = {p: i for i, p in enumerate(sorted(set(real.patient_ids) | set(hs.patient_ids)))}
-    g_ids = np.array([codes[p] for p in real.patient_ids])
     h_ids = np.array([codes[p] for p in hs.patient_ids])
     rng = np.random.default_rng(0)
     impostor, _ = best_match(hold, gallery)

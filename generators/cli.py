@@ -20,8 +20,11 @@ recording the training set's digest, counts, seed, steps and, with
 --dp-epsilon, the privacy budget actually spent.
 
 Settings come from --preset (tiny: 32x32, minutes on a CPU; base: 128x128, a
-GPU), then --config FILE (JSON/YAML, or an earlier model's synthgate.json),
-then the flags below. Under --dp-epsilon training is differentially private
+GPU; swin-tiny/swin-base and dit-tiny/dit-base the same for the Swin-UNet and
+DiT transformer denoisers), then --config FILE (JSON/YAML, or an earlier
+model's synthgate.json), then the flags below. --architecture picks the
+denoiser (unet, swin, dit); its own settings come from the preset or the
+"swin"/"dit" block of --config. Under --dp-epsilon training is differentially private
 (opacus DP-SGD, Poisson sampling, per-example clipping to --max-grad-norm).
 Checkpoints (--checkpoint-every) go to MODEL-checkpoints; --resume continues
 from the newest one exactly where it stopped.
@@ -51,15 +54,18 @@ def _csv_flags(text: str) -> list[bool]:
 
 
 def add_train_arguments(p) -> None:
+    from .config import ARCHITECTURES, PRESETS  # stdlib only: --help stays light
+
     p.add_argument("real", metavar="REAL", help="the training image set (folder)")
     p.add_argument("--out", required=True, metavar="MODEL", help="model folder to write (must not exist)")
-    p.add_argument("--preset", default="tiny", choices=("tiny", "base"))
+    p.add_argument("--preset", default="tiny", choices=tuple(PRESETS))
     p.add_argument("--config", metavar="FILE", help="settings file (JSON/YAML or a synthgate.json)")
     s = p.add_argument_group("training settings (override the preset and --config)")
     s.add_argument("--steps", type=int)
     s.add_argument("--seed", type=int)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--lr", type=float, dest="learning_rate")
+    s.add_argument("--architecture", choices=ARCHITECTURES, help="the denoiser (default: the preset's)")
     s.add_argument("--resolution", type=int)
     s.add_argument("--block-out-channels", type=_csv_ints, metavar="W1,W2,...")
     s.add_argument("--attention", type=_csv_flags, metavar="0,0,1", help="self-attention per level")
@@ -145,6 +151,11 @@ def resolve_config(args):
     if "block_out_channels" in flags and "attention" not in flags:
         flags["attention"] = [False] * len(flags["block_out_channels"])
     data.update(flags)
+    if args.architecture is not None:
+        data["architecture"] = args.architecture
+        for other in ("swin", "dit"):  # another architecture's settings do not apply
+            if other != args.architecture:
+                data.pop(other, None)
     dp_flags = {k: v for k, v in {"epsilon": args.dp_epsilon, "delta": args.dp_delta,
                                   "max_grad_norm": args.max_grad_norm, "accountant": args.accountant,
                                   "physical_batch_size": args.physical_batch_size}.items() if v is not None}

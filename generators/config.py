@@ -9,7 +9,11 @@ Unknown keys are an error with a "did you mean" hint.
 
 Presets: ``tiny`` (32 x 32, a 1M-parameter UNet without attention; trains
 in minutes on 2 CPU cores) and ``base`` (128 x 128, the diffusers DDPM
-example's 6-level UNet with attention, sized for one GPU).
+example's 6-level UNet with attention, sized for one GPU); the transformer
+denoisers have ``swin-tiny`` / ``swin-base`` (:mod:`generators.swin`) and
+``dit-tiny`` / ``dit-base`` (diffusers' ``DiTTransformer2DModel``).  The
+architecture's own settings live in a nested :class:`SwinConfig` or
+:class:`DiTConfig`; the UNet's stay at the top level (as before).
 """
 from __future__ import annotations
 
@@ -28,6 +32,99 @@ CONDITIONING = ("auto", "none", "class", "attributes")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 ACCOUNTANTS = ("prv", "rdp")
+ARCHITECTURES = ("unet", "swin", "dit")
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """The Swin-UNet denoiser (:class:`generators.swin.SwinUNetDenoiser`).
+
+    Attributes
+    ----------
+    patch_size
+        Pixels (or latent cells) per token side: the token grid is
+        ``size / patch_size``.
+    embed_dim
+        Token width at the first level; it doubles at every patch merging.
+    depths, num_heads
+        Swin blocks and attention heads per level (encoder and decoder alike);
+        the last level is the bottleneck.  ``embed_dim * 2**i`` must be
+        divisible by ``num_heads[i]``.
+    window_size
+        Side of the attention windows; it must divide the token grid of every
+        level whose grid is at least that large (a smaller grid is one window).
+    mlp_ratio
+        Width of the blocks' MLP relative to the token width.
+    """
+
+    patch_size: int = 2
+    embed_dim: int = 32
+    depths: tuple[int, ...] = (2, 2, 2)
+    num_heads: tuple[int, ...] = (2, 4, 8)
+    window_size: int = 4
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
+        for name in ("patch_size", "embed_dim", "window_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"swin.{name} {getattr(self, name)} must be at least 1")
+        if not self.depths or any(d < 1 for d in self.depths):
+            raise ConfigError(f"swin.depths {list(self.depths)} must be one or more positive block counts")
+        if len(self.num_heads) != len(self.depths):
+            raise ConfigError(f"swin.num_heads has {len(self.num_heads)} entries but swin.depths has "
+                              f"{len(self.depths)} levels")
+        for i, heads in enumerate(self.num_heads):
+            width = self.embed_dim * 2 ** i
+            if heads < 1 or width % heads:
+                raise ConfigError(f"swin.num_heads[{i}] = {heads} must divide the level's width {width} "
+                                  f"(swin.embed_dim * 2**{i})")
+        if not self.mlp_ratio > 0:
+            raise ConfigError(f"swin.mlp_ratio {self.mlp_ratio} must be > 0")
+
+    def check_size(self, size: int, where: str = "resolution") -> None:
+        """Refuse a ``size`` the patching, merging and windows do not tile exactly."""
+        if size % self.patch_size:
+            raise ConfigError(f"swin.patch_size {self.patch_size} must divide the {where} {size}")
+        grid = size // self.patch_size
+        levels = len(self.depths)
+        if grid % 2 ** (levels - 1):
+            raise ConfigError(f"the token grid {grid} ({where} {size} / swin.patch_size {self.patch_size}) must be "
+                              f"divisible by {2 ** (levels - 1)} for {levels} levels (swin.depths)")
+        for i in range(levels):
+            g = grid // 2 ** i
+            if g >= self.window_size and g % self.window_size:
+                raise ConfigError(f"swin.window_size {self.window_size} does not divide the {g} x {g} token grid "
+                                  f"of level {i} ({where} {size})")
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """diffusers' ``DiTTransformer2DModel`` (Peebles & Xie 2023).
+
+    Attributes
+    ----------
+    patch_size
+        Pixels (or latent cells) per token side.
+    num_layers, num_attention_heads, attention_head_dim
+        Transformer depth, heads, and width per head (hidden size is their
+        product with one another: ``heads * head_dim``).
+    """
+
+    patch_size: int = 2
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    attention_head_dim: int = 16
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ConfigError(f"dit.{f.name} {getattr(self, f.name)} must be at least 1")
+
+    def check_size(self, size: int, where: str = "resolution") -> None:
+        if size % self.patch_size:
+            raise ConfigError(f"dit.patch_size {self.patch_size} must divide the {where} {size}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +200,13 @@ class TrainConfig:
         loss per image (DPDM, Dockhorn et al. 2022).
     mixed_precision
         ``auto`` (bf16 on a GPU that has it, not under DP), ``no``, ``bf16``, ``fp16``.
+    architecture
+        The denoiser: ``unet`` (diffusers ``UNet2DModel``, the settings
+        above), ``swin`` (settings in ``swin``) or ``dit`` (settings in ``dit``).
+    swin, dit
+        :class:`SwinConfig` / :class:`DiTConfig`; filled with the defaults
+        when the architecture is chosen without them, refused for another
+        architecture.
     vae
         Local folder of a diffusers ``AutoencoderKL``: train in its latent
         space (latent diffusion) instead of pixels.
@@ -135,6 +239,9 @@ class TrainConfig:
     ema_decay: float = 0.995
     noise_multiplicity: int = 1
     mixed_precision: str = "auto"
+    architecture: str = "unet"
+    swin: SwinConfig | None = None
+    dit: DiTConfig | None = None
     vae: str | None = None
     dp: DPConfig | None = None
     seed: int = 0
@@ -148,7 +255,22 @@ class TrainConfig:
         object.__setattr__(self, "condition_columns", tuple(str(c) for c in self.condition_columns))
         if isinstance(self.dp, Mapping):
             object.__setattr__(self, "dp", _build(DPConfig, self.dp, "dp"))
+        _choice("architecture", self.architecture, ARCHITECTURES)
+        for name, cls in (("swin", SwinConfig), ("dit", DiTConfig)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                value = _build(cls, value, name)
+            if value is None and self.architecture == name:
+                value = cls()
+            if value is not None and self.architecture != name:
+                raise ConfigError(f"{name} settings were given but architecture is {self.architecture!r}")
+            object.__setattr__(self, name, value)
         self._validate()
+
+    @property
+    def arch_settings(self) -> SwinConfig | DiTConfig | None:
+        """The nested settings of a transformer architecture (``None`` for the UNet)."""
+        return getattr(self, self.architecture, None)
 
     def _validate(self) -> None:
         if not 8 <= self.resolution <= 4096:
@@ -162,7 +284,7 @@ class TrainConfig:
         if self.norm_num_groups < 1 or bad:
             raise ConfigError(f"norm_num_groups {self.norm_num_groups} must divide every width in "
                               f"block_out_channels {list(self.block_out_channels)}")
-        if self.resolution % 2 ** (len(self.block_out_channels) - 1):
+        if self.architecture == "unet" and self.resolution % 2 ** (len(self.block_out_channels) - 1):
             raise ConfigError(f"resolution {self.resolution} must be divisible by "
                               f"{2 ** (len(self.block_out_channels) - 1)} ({len(self.block_out_channels)} levels)")
         _choice("conditioning", self.conditioning, CONDITIONING)
@@ -181,6 +303,10 @@ class TrainConfig:
             raise ConfigError(f"learning_rate {self.learning_rate} must be > 0")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay {self.ema_decay} must be in [0, 1)")
+        if self.arch_settings is not None and self.vae is None:  # latent sizes are checked when the VAE is read
+            self.arch_settings.check_size(self.resolution)
+        if self.dp is not None and self.architecture == "swin":
+            raise ConfigError(DP_REFUSED_SWIN)
 
     def _validate_condition_columns(self) -> None:
         from .conditioning import parse_column
@@ -193,6 +319,9 @@ class TrainConfig:
             raise ConfigError(f"condition_columns {list(self.condition_columns)} need conditioning `attributes`")
         if len(set(names)) != len(names):
             raise ConfigError(f"condition_columns {list(self.condition_columns)} name a column twice")
+        if self.conditioning == "attributes" and self.architecture == "dit":
+            raise ConfigError("conditioning `attributes` is for the unet and swin architectures: DiT's adaLN-Zero "
+                              "embeds class indices only (use --conditioning class, or --architecture unet|swin)")
 
     # ------------------------------------------------------------ round trip
 
@@ -202,6 +331,8 @@ class TrainConfig:
         out["block_out_channels"] = list(self.block_out_channels)
         out["attention"] = list(self.attention)
         out["condition_columns"] = list(self.condition_columns)
+        if out["swin"] is not None:
+            out["swin"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["swin"].items()}
         return out
 
     @classmethod
@@ -220,6 +351,13 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+# Measured, see tests/test_generators_transformers.py::test_dp_swin_is_refused_and_opacus_really_fails.
+DP_REFUSED_SWIN = (
+    "dp: opacus cannot train architecture 'swin' privately: it refuses timm's WindowAttention (its "
+    "relative_position_bias_table is indexed through a buffer; opacus 1.6 rejects such layers in hooks and "
+    "functorch modes), and the window partition folds windows into the batch dimension; use 'dit' or 'unet'")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -262,6 +400,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 50_000,
         "ema_decay": 0.9999,
     },
+    # 32 x 32, 0.85M parameters: three levels (token grids 16, 8, 4) with 4 x 4 windows.
+    "swin-tiny": {"architecture": "swin", "learning_rate": 5e-4, "lr_warmup_steps": 50},
+    # 128 x 128: Swin-UNet's Swin-T layout (Cao et al. 2021: embed 96, depths 2-2-2-2, heads 3-6-12-24),
+    # patch 2 and window 8 so the 64/32/16/8 token grids tile; optimisation as the UNet base preset.
+    "swin-base": {
+        "architecture": "swin", "resolution": 128,
+        "swin": {"patch_size": 2, "embed_dim": 96, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24),
+                 "window_size": 8, "mlp_ratio": 4.0},
+        "learning_rate": 1e-4, "lr_schedule": "cosine", "lr_warmup_steps": 500, "weight_decay": 1e-6,
+        "batch_size": 64, "steps": 50_000, "ema_decay": 0.9999,
+    },
+    # 32 x 32, 0.39M parameters: 256 tokens of width 64, 4 layers.
+    "dit-tiny": {"architecture": "dit", "learning_rate": 5e-4, "lr_warmup_steps": 50},
+    # DiT-B/4 (Peebles & Xie 2023, Table 1: 12 layers, hidden 768, 12 heads) on 128 x 128 pixels (1,024
+    # tokens); the paper's AdamW lr 1e-4 without weight decay, EMA 0.9999. In a VAE's latent space the
+    # paper's patch 2 is the usual choice (dit.patch_size).
+    "dit-base": {
+        "architecture": "dit", "resolution": 128,
+        "dit": {"patch_size": 4, "num_layers": 12, "num_attention_heads": 12, "attention_head_dim": 64},
+        "learning_rate": 1e-4, "lr_warmup_steps": 0, "batch_size": 64, "steps": 100_000, "ema_decay": 0.9999,
+    },
 }
 
 
@@ -297,4 +456,4 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["DPConfig", "TrainConfig", "PRESETS", "preset", "load_config_file"]
+__all__ = ["DPConfig", "SwinConfig", "DiTConfig", "TrainConfig", "PRESETS", "preset", "load_config_file"]

@@ -1,9 +1,13 @@
 """Write a model directory that diffusers and synthgate both load.
 
-Layout (see :mod:`generators.model`): a ``DDPMPipeline`` (``model_index.json``,
-``unet/``, ``scheduler/``) so ``DiffusionPipeline.from_pretrained(MODEL)``
-works anywhere, ``vae/`` for latent models, and ``synthgate.json`` with the
-provenance.  Written atomically.
+Layout (see :mod:`generators.model`): for a UNet a ``DDPMPipeline``
+(``model_index.json``, ``unet/``, ``scheduler/``) so
+``DiffusionPipeline.from_pretrained(MODEL)`` works anywhere; for the
+transformer denoisers the network in ``denoiser/`` (Swin-UNet) or
+``transformer/`` (DiT) with ``scheduler/`` beside it, loaded by
+:func:`generators.model.load_model` (``synthgate.json["architecture"]``
+names the folder and class).  ``vae/`` for latent models, and
+``synthgate.json`` with the provenance.  Written atomically.
 """
 from __future__ import annotations
 
@@ -18,23 +22,27 @@ SCHEMA_VERSION = 1
 
 def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overwrite: bool = False,
                pipeline=None, extra=None) -> Path:
-    """Save the pipeline, the VAE (latent models) and ``synthgate.json`` to ``out``.
+    """Save the denoiser ``unet`` (of ``info["architecture"]``, a UNet without it) with its schedule, the VAE
+    (latent models) and ``synthgate.json`` to ``out``.
 
     ``pipeline`` replaces the default ``DDPMPipeline`` (e.g. a
     ``StableDiffusionPipeline``); ``extra(tmp)`` writes more files into the
-    folder before it is moved into place.
-
-    An attribute-conditioned network is saved as its UNet (``unet/``) and its
-    attribute encoder (``condition/``).
+    folder before it is moved into place.  An attribute-conditioned network
+    is saved as its denoiser and its attribute encoder (``condition/``).
     """
     from diffusers import DDPMPipeline
 
     out = Path(out)
+    arch = info.get("architecture") or {"name": "unet"}
     encoder = getattr(unet, "encoder", None)
     unet = getattr(unet, "net", unet)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        pipeline = pipeline or DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if pipeline is not None or arch["name"] == "unet":
+            pipeline = pipeline or DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+            pipeline.save_pretrained(tmp, safe_serialization=True)
+        else:  # no diffusers pipeline runs these denoisers: the network and its schedule, side by side
+            unet.save_pretrained(tmp / arch["folder"], safe_serialization=True)
+            noise_scheduler.save_pretrained(tmp / "scheduler")
         if extra is not None:
             extra(tmp)
         if encoder is not None:

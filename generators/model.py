@@ -11,12 +11,18 @@ whatever its ``prediction_type``.
 Layout::
 
     MODEL/
-      model_index.json     # diffusers pipeline index
-      unet/                # UNet2DModel (config.json + weights)
+      model_index.json     # diffusers pipeline index (UNet models only)
+      unet/                # UNet2DModel (config.json + weights), or for the transformer denoisers
+      denoiser/            #   generators.swin.SwinUNetDenoiser (architecture "swin")
+      transformer/         #   generators.dit.DiTDenoiser, a DiTTransformer2DModel (architecture "dit")
       scheduler/           # the training noise schedule (DDPMScheduler config)
       vae/                 # AutoencoderKL, latent models only
       condition/           # AttributeEncoder, attribute-conditioned models only
-      synthgate.json       # provenance: training set digest, counts, labels, seed, steps, DP, versions
+      synthgate.json       # provenance: training set digest, counts, labels, seed, steps, DP, versions,
+                           # and "architecture" (name, folder, class; absent in older UNet models)
+
+``DiffusionModel.unet`` is the denoiser whatever its architecture: every one
+is called as ``unet(x_t, t, class_labels).sample``.
 """
 from __future__ import annotations
 
@@ -136,9 +142,18 @@ class DiffusionModel:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of the denoiser's input (pixels, or latents)."""
-        size = int(self.unet.config.sample_size)
-        return int(self.unet.config.in_channels), size, size
+        """``(C, H, W)`` of the denoiser's input (pixels, or latents), from ``synthgate.json``."""
+        if self.vae is None:
+            return self.image_channels, self.resolution, self.resolution
+        cfg = self.vae.config
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        size = (self.info.get("vae") or {}).get("latent_size", self.resolution // factor)
+        return int(cfg.latent_channels), int(size), int(size)
+
+    @property
+    def architecture(self) -> str:
+        """``unet``, ``swin`` or ``dit``."""
+        return architecture_name(self.info)
 
     def from_model_space(self, x0) -> Any:
         """The denoiser's x0 -> images ``(N, C, H, W)`` in [0, 1] (inverse of :meth:`to_model_space`)."""
@@ -171,6 +186,11 @@ class DiffusionModel:
         raise InputError(f"prediction_type {self.prediction_type!r} is not supported", self.path)
 
 
+def architecture_name(info: dict) -> str:
+    """The denoiser's architecture from ``synthgate.json`` (models written before there was a choice: ``unet``)."""
+    return str((info.get("architecture") or {}).get("name", "unet"))
+
+
 def read_info(path: str | Path) -> dict:
     """``synthgate.json`` of a model directory, with clear errors."""
     path = Path(path)
@@ -192,9 +212,16 @@ def read_info(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path, device="cpu") -> DiffusionModel:
-    """Load ``path`` (a model directory) onto ``device`` in eval mode."""
+    """Load ``path`` (a model directory, any architecture) onto ``device`` in eval mode.
+
+    This is the documented loader of every model ``synthgate train`` writes;
+    ``model.unet(x_t, t, class_labels).sample`` is the denoiser's output and
+    :meth:`DiffusionModel.predict_eps` its noise prediction.
+    """
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from .nets import DENOISERS, load_denoiser
 
     path = Path(path)
     info = read_info(path)
@@ -203,8 +230,12 @@ def load_model(path: str | Path, device="cpu") -> DiffusionModel:
         from .text2image import load_text_model
 
         return load_text_model(path, info, device)
+    arch = architecture_name(info)
+    if arch not in DENOISERS:
+        raise InputError(f"synthgate.json names architecture {arch!r}; this synthgate knows "
+                         + ", ".join(DENOISERS), path / "synthgate.json")
     try:
-        unet = UNet2DModel.from_pretrained(path / "unet").to(device).eval()
+        unet = load_denoiser(arch, path / DENOISERS[arch][0]).to(device).eval()
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
         vae = AutoencoderKL.from_pretrained(path / "vae").to(device).eval() if (path / "vae").exists() else None
         if (info.get("conditioning") or {}).get("type") == "attributes":

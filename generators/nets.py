@@ -1,4 +1,4 @@
-"""Build the networks a config describes: the UNet, its noise schedule, the (frozen) VAE."""
+"""Build the networks a config describes: the denoiser (UNet, Swin-UNet or DiT), its noise schedule, the VAE."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,6 +47,65 @@ def build_unet(config: TrainConfig, channels: int, size: int, num_classes: int |
 
     # UNet2DModel's timestep embedding is 4x the first level's width
     return attribute_conditioned(unet, build_encoder(attributes, 4 * config.block_out_channels[0]))
+
+
+# architecture -> (folder in the model directory, the class that loads it); read by export and model
+DENOISERS = {
+    "unet": ("unet", "diffusers:UNet2DModel"),
+    "swin": ("denoiser", "generators.swin:SwinUNetDenoiser"),
+    "dit": ("transformer", "generators.dit:DiTDenoiser"),
+}
+
+
+def build_denoiser(config: TrainConfig, channels: int, size: int, num_classes: int | None, attributes=None):
+    """The denoiser ``config.architecture`` names, for ``channels x size x size`` inputs.
+
+    Every one is called as ``net(x_t, t, class_labels).sample``.  A latent
+    ``size`` is only known once the VAE is read, so the transformer settings
+    are checked against it here.  With ``attributes`` (an
+    :class:`~generators.conditioning.AttributeSpec`) the denoiser comes wrapped
+    with its attribute encoder.
+    """
+    if config.architecture == "unet":
+        return build_unet(config, channels, size, num_classes, attributes)
+    settings = config.arch_settings
+    settings.check_size(size, "latent size" if config.vae else "resolution")
+    if config.architecture == "swin":
+        from .swin import SwinUNetDenoiser
+
+        width = 4 * settings.embed_dim  # the Swin denoiser's timestep-embedding width
+        net = SwinUNetDenoiser(sample_size=size, in_channels=channels, patch_size=settings.patch_size,
+                               embed_dim=settings.embed_dim, depths=settings.depths, num_heads=settings.num_heads,
+                               window_size=settings.window_size, mlp_ratio=settings.mlp_ratio,
+                               num_classes=num_classes, cond_dim=width if attributes is not None else 0)
+        if attributes is None:
+            return net
+        from .conditioning import attribute_conditioned, build_encoder
+
+        return attribute_conditioned(net, build_encoder(attributes, width))
+    from .dit import build_dit
+
+    # adaLN-Zero always embeds a label: an unconditional model is a one-class DiT
+    return build_dit(sample_size=size, in_channels=channels, out_channels=channels, patch_size=settings.patch_size,
+                     num_layers=settings.num_layers, num_attention_heads=settings.num_attention_heads,
+                     attention_head_dim=settings.attention_head_dim, num_embeds_ada_norm=num_classes or 1)
+
+
+def denoiser_info(architecture: str) -> dict:
+    """``synthgate.json["architecture"]``: the name, its folder, and the class that loads it."""
+    folder, cls = DENOISERS[architecture]
+    return {"name": architecture, "folder": folder, "class": cls}
+
+
+def load_denoiser(architecture: str, folder):
+    """Load a saved denoiser of ``architecture`` from ``folder`` (fixed classes, never one named by the file)."""
+    if architecture == "unet":
+        from diffusers import UNet2DModel as cls
+    elif architecture == "swin":
+        from .swin import SwinUNetDenoiser as cls
+    else:
+        from .dit import DiTDenoiser as cls
+    return cls.from_pretrained(folder)
 
 
 def build_scheduler(config: TrainConfig, latent: bool):

@@ -77,13 +77,13 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, *, device: str
     vae, space, fetch = _model_space(training, config, accelerator.device)
     state, resumed_from = _resume_state(folder, config, training, resume, log if main else None)
 
-    from .nets import build_scheduler, build_unet
+    from .nets import build_denoiser, build_scheduler
     from .train import Trainer
 
     with torch.random.fork_rng(devices=[]):  # the initial weights follow from the seed, global RNG untouched
         torch.manual_seed(seeds.derive_seed(config.seed, "init"))
-        unet = build_unet(config, space.channels, space.size,
-                          None if training.classes is None else len(training.classes), training.attributes)
+        unet = build_denoiser(config, space.channels, space.size,
+                              None if training.classes is None else len(training.classes), training.attributes)
     noise_scheduler = build_scheduler(config, space.latent)
     trainer = Trainer(config, unet, noise_scheduler, len(training), accelerator=accelerator, state=state)
     targets = None if training.targets is None else torch.as_tensor(training.targets)
@@ -154,6 +154,8 @@ def _model_space(training: TrainingSet, config: TrainConfig, device):
         return None, Space(training.geometry.channels, config.resolution, False), pixels
     vae = load_vae(config.vae, device)
     space = latent_space(vae, training.geometry.channels, config.resolution)
+    if config.arch_settings is not None:  # before encoding the whole set
+        config.arch_settings.check_size(space.size, "latent size")
     # The VAE is frozen and public: encode once, train on the latent means.
     chunks = [encode(vae, pixels(idx), space.scaling_factor)
               for idx in np.array_split(np.arange(len(pixels)), max(1, len(pixels) // 256))]
@@ -204,8 +206,11 @@ def _info(config: TrainConfig, training: TrainingSet, space, trainer, precision:
     if trainer.private is not None:
         dp = trainer.private.describe()
         dp["epsilon_history"] = [[h["step"], h["epsilon"]] for h in trainer.history if "epsilon" in h]
+    from .nets import denoiser_info
+
     return {
         "kind": "latent" if space.latent else "pixel",
+        "architecture": denoiser_info(config.architecture),
         "resolution": config.resolution,
         "image_channels": training.geometry.channels,
         "bit_depth": training.bit_depth,

@@ -86,7 +86,7 @@ class Trainer:
     config
         The run's settings.
     unet, noise_scheduler
-        A fresh network (from :func:`generators.nets.build_unet`) and its schedule.
+        A fresh denoiser (from :func:`generators.nets.build_denoiser`) and its schedule.
     n_examples
         Size of the training set (for sampling).
     accelerator

@@ -238,3 +238,25 @@ def test_model_attacks_condition_on_each_images_attributes(attr_model, tmp_path)
     x = model.to_model_space(np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32))
     eps = model.predict_eps(torch.randn_like(x), 500, cond)
     assert eps.shape == x.shape
+
+
+def test_swin_denoiser_takes_attributes_and_dit_refuses_them(tmp_path):
+    from generators.config import preset
+    from generators.model import load_model
+    from generators.run import train
+    from generators.sample import SamplerSettings, denoise, plan
+    from synthgate.errors import ConfigError
+
+    data = exposure_set(tmp_path / "data", n=8)
+    config = preset("swin-tiny", steps=2, batch_size=4, conditioning="attributes",
+                    condition_columns=("exposure", "age:numeric"))
+    train(data, tmp_path / "swin", config, progress=False)
+    model = load_model(tmp_path / "swin")
+    assert model.info["architecture"]["name"] == "swin" and (tmp_path / "swin" / "condition").exists()
+    settings = SamplerSettings("ddim", 2)
+    dark = denoise(model, plan(model, 2, seed=3, conditions={"exposure": "dark"}), settings)
+    assert np.array_equal(dark, denoise(model, plan(model, 2, seed=3, conditions={"exposure": "dark"}), settings))
+    bright = denoise(model, plan(model, 2, seed=3, conditions={"exposure": "bright"}), settings)
+    assert not np.allclose(dark, bright)  # the attribute reaches the network
+    with pytest.raises(ConfigError, match="DiT's adaLN-Zero"):
+        preset("dit-tiny", conditioning="attributes", condition_columns=("exposure",))
