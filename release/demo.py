@@ -30,10 +30,10 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     p = clikit.new_parser(prog, DESCRIPTION)
     p.add_argument("--out", default="synthgate-demo", help="folder for everything the demo writes "
                                                           "(must not exist; default: ./synthgate-demo)")
-    p.add_argument("--patients", type=int, default=10, help="phantom patients (a quarter held out)")
-    p.add_argument("--images-per-patient", type=int, default=2)
+    p.add_argument("--patients", type=int, default=12, help="phantom patients (a quarter held out)")
+    p.add_argument("--images-per-patient", type=int, default=4)
     p.add_argument("--size", type=int, default=32, help="image side (the tiny preset trains at 32)")
-    p.add_argument("--steps", type=int, default=800, help="training steps (more steps, more memorisation)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (more steps, more memorisation)")
     p.add_argument("--samples", type=int, default=40, help="synthetic images to generate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
@@ -109,9 +109,11 @@ def run_demo(args) -> int:
     else:
         _step(6, "no bundle: the gate refused this release (see the report for why)")
     print("\nWhat this shows: a generator trained on a handful of images reproduces some of them; the gate "
-          "finds them exactly, drops or blocks them with the evidence, and only what passed can be bundled. "
-          "What it cannot show: a tiny CPU model's images are blurry, so fidelity and utility here say little "
-          "about a real generator trained on a GPU.")
+          "finds them exactly and drops or blocks them with the evidence; a check that cannot prove its own "
+          "attack works on so little data (re-identification and membership inference need hundreds of "
+          "patients) says so, and the gate then refuses rather than passes; only an audit that passes can be "
+          "bundled. What it cannot show: a tiny CPU model's images are blurry, so fidelity and utility here say "
+          "little about a real generator trained on a GPU.")
     print(f"\nopen {audit_dir / 'report.html'}")
     return clikit.EXIT_OK
 
