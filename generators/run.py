@@ -88,16 +88,56 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, *, device: str
     trainer = Trainer(config, unet, noise_scheduler, len(training), accelerator=accelerator, state=state)
     targets = None if training.targets is None else torch.as_tensor(training.targets)
 
-    log_every = log_every or max(1, config.steps // 50)
-    start, began, window = trainer.step_count, time.perf_counter(), []
+    def next_batch():
+        idx = trainer.next_indices()
+        x0 = torch.as_tensor(fetch(idx), device=accelerator.device)
+        labels = None if targets is None else targets[torch.as_tensor(idx, dtype=torch.long)].to(accelerator.device)
+        return x0, labels
+
+    def save_checkpoint(done: int) -> None:
+        state = trainer.state_dict()  # on every process: it gathers each one's generator
+        if main:
+            checkpoint.save(folder, done, {"config": config.to_dict(), "training_sha256": training.images.digest,
+                                           **state})
+
+    start = trainer.step_count
+    seconds = train_loop(trainer, config, accelerator, next_batch, save_checkpoint, progress=progress, log=log,
+                         log_every=log_every)
+
+    info = _info(config, training, space, trainer, precision, accelerator, resumed_from, seconds, vae)
+    if main:
+        from .export import save_model
+
+        save_model(out, trainer.final_unet(), noise_scheduler, vae, info, overwrite=overwrite)
+    return finish(out, trainer, config, accelerator, folder, keep_checkpoints, start, resumed_from, seconds, info)
+
+
+def finish(out: Path, trainer, config: TrainConfig, accelerator, folder: Path, keep_checkpoints: bool, start: int,
+           resumed_from, seconds: float, info: dict) -> TrainResult:
+    """After the model is saved: drop the checkpoints (unless kept), wait for every process, sum up the run."""
+    if accelerator.is_main_process and not keep_checkpoints and folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    last = trainer.history[-1] if trainer.history else {}
+    return TrainResult(out, config.steps, config.steps - start, resumed_from, float(last.get("loss", np.nan)),
+                       trainer.epsilon(), seconds, tuple(trainer.history), info)
+
+
+def train_loop(trainer, config: TrainConfig, accelerator, next_batch: Callable, save_checkpoint: Callable, *,
+               progress: bool | None, log: Callable[[str], None] | None, log_every: int | None) -> float:
+    """Step ``trainer`` to ``config.steps`` with progress, log lines and checkpoints; returns the seconds taken.
+
+    ``next_batch()`` gives ``(x0, conditioning)`` for the next step; ``save_checkpoint(step)`` runs on
+    every process (it may gather) and saves on the main one.
+    """
     from synthgate.progress import Progress
 
+    main = accelerator.is_main_process
+    log_every = log_every or max(1, config.steps // 50)
+    start, began, window = trainer.step_count, time.perf_counter(), []
     with Progress(config.steps - start, desc="train", unit="step", enabled=progress if main else False) as bar:
         while trainer.step_count < config.steps:
-            idx = trainer.next_indices()
-            x0 = torch.as_tensor(fetch(idx), device=accelerator.device)
-            labels = None if targets is None else targets[torch.as_tensor(idx, dtype=torch.long)].to(accelerator.device)
-            window.append(trainer.step(x0, labels))
+            window.append(trainer.step(*next_batch()))
             done = trainer.step_count
             if done % log_every == 0 or done == config.steps:
                 entry = trainer.record(window)
@@ -107,24 +147,9 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, *, device: str
                     log(_log_line(entry, config.steps, (done - start) / (time.perf_counter() - began)))
             bar.update(1)
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-                state = trainer.state_dict()  # on every process: it gathers each one's generator
-                if main:
-                    checkpoint.save(folder, done, {"config": config.to_dict(),
-                                                   "training_sha256": training.images.digest, **state})
+                save_checkpoint(done)
                 accelerator.wait_for_everyone()
-    seconds = time.perf_counter() - began
-
-    info = _info(config, training, space, trainer, precision, accelerator, resumed_from, seconds, vae)
-    if main:
-        from .export import save_model
-
-        save_model(out, trainer.final_unet(), noise_scheduler, vae, info, overwrite=overwrite)
-        if not keep_checkpoints and folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    last = trainer.history[-1] if trainer.history else {}
-    return TrainResult(out, config.steps, config.steps - start, resumed_from, float(last.get("loss", np.nan)),
-                       trainer.epsilon(), seconds, tuple(trainer.history), info)
+    return time.perf_counter() - began
 
 
 def _accelerator(config: TrainConfig, device: str):

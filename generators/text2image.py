@@ -36,13 +36,10 @@ import copy
 import hashlib
 import json
 import string
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Sequence
-
-import numpy as np
 
 from synthgate.errors import ConfigError, InputError, MissingInputError, UsageError
 
@@ -401,10 +398,9 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
     import torch
 
     from synthgate.imageset import metadata_columns
-    from synthgate.progress import Progress
 
     from .data import open_training_set
-    from .run import TrainResult, _accelerator, _log_line, _model_space, _postfix, _resume_state
+    from .run import _accelerator, _model_space, _resume_state, finish, train_loop
     from .train import Trainer
 
     out = Path(out)
@@ -454,42 +450,27 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
     if state is not None:  # one generator state per process, as the trainer keeps its own
         dropout.load_state_dict(state["caption_dropout"][rank])
 
-    log_every = log_every or max(1, config.steps // 50)
-    start, began, window = trainer.step_count, time.perf_counter(), []
-    with Progress(config.steps - start, desc="train", unit="step", enabled=progress if main else False) as bar:
-        while trainer.step_count < config.steps:
-            idx = torch.as_tensor(trainer.next_indices(), dtype=torch.long)
-            rows = torch.where(dropout.draw(len(idx)), 0, caption_ids[idx] + 1)
-            x0 = torch.as_tensor(fetch(idx.numpy()), device=accelerator.device)
-            window.append(trainer.step(x0, table[rows.to(table.device)]))
-            done = trainer.step_count
-            if done % log_every == 0 or done == config.steps:
-                entry = trainer.record(window)
-                window = []
-                bar.update(0, **_postfix(entry))
-                if log and main:
-                    log(_log_line(entry, config.steps, (done - start) / (time.perf_counter() - began)))
-            bar.update(1)
-            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-                state = {**trainer.state_dict(), "caption_dropout": _gathered(dropout.state_dict(), accelerator)}
-                if main:
-                    checkpoint.save(folder, done, {"config": run_config, "training_sha256": training.images.digest,
-                                                   **state})
-                accelerator.wait_for_everyone()
-    seconds = time.perf_counter() - began
+    def next_batch():
+        idx = torch.as_tensor(trainer.next_indices(), dtype=torch.long)
+        rows = torch.where(dropout.draw(len(idx)), 0, caption_ids[idx] + 1)
+        x0 = torch.as_tensor(fetch(idx.numpy()), device=accelerator.device)
+        return x0, table[rows.to(table.device)]
+
+    def save_checkpoint(done: int) -> None:
+        state = {**trainer.state_dict(), "caption_dropout": _gathered(dropout.state_dict(), accelerator)}
+        if main:
+            checkpoint.save(folder, done, {"config": run_config, "training_sha256": training.images.digest, **state})
+
+    start = trainer.step_count
+    seconds = train_loop(trainer, config, accelerator, next_batch, save_checkpoint, progress=progress, log=log,
+                         log_every=log_every)
 
     info = _info(config, text, training, space, trainer, precision, accelerator, resumed_from, seconds, distinct,
                  base)
     if main:
         _save(out, trainer, text, noise_scheduler, vae, prompts, space, info, overwrite)
-        if not keep_checkpoints and folder.exists():
-            import shutil
-
-            shutil.rmtree(folder, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    last = trainer.history[-1] if trainer.history else {}
-    return TrainResult(out, config.steps, config.steps - start, resumed_from, float(last.get("loss", np.nan)),
-                       trainer.epsilon(), seconds, tuple(trainer.history), info)
+    return finish(Path(out), trainer, config, accelerator, folder, keep_checkpoints, start, resumed_from, seconds,
+                  info)
 
 
 def _gathered(value, accelerator) -> list:

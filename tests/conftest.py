@@ -84,3 +84,31 @@ def write_labelled_set(root: Path, images, labels, patients=None) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return root
+
+
+def one_line_error(result, *needles):
+    """A CLI result ``(code, out, err)`` is exit 2 with one stderr line holding every needle."""
+    code, _, err = result
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def assert_training_halves_the_loss(trainer, x, draws: int) -> None:
+    """``trainer.steps`` steps on ``x`` must halve the loss measured on fixed timesteps and noise."""
+    import torch
+
+    from generators.train import diffusion_loss
+
+    def fixed_loss():  # the same timesteps and noise before and after
+        with torch.no_grad():
+            return float(diffusion_loss(trainer.unet, trainer.noise_scheduler, x, None, draws,
+                                        torch.Generator().manual_seed(0)).mean())
+
+    before = fixed_loss()
+    for _ in range(trainer.config.steps):
+        trainer.step(x[torch.as_tensor(trainer.next_indices())])
+    after = fixed_loss()
+    assert after < 0.5 * before, (before, after)

@@ -16,6 +16,7 @@ import pytest
 
 from synthgate import cli
 from synthgate.phantoms import write_phantoms
+from conftest import assert_training_halves_the_loss, one_line_error
 
 TINY = ["--resolution", "16", "--block-out-channels", "16,32", "--batch-size", "8"]
 
@@ -99,7 +100,7 @@ def test_a_few_steps_reduce_the_loss(ph16):
     from generators.config import TrainConfig
     from generators.data import PixelSource, open_training_set
     from generators.nets import build_scheduler, build_unet
-    from generators.train import Trainer, diffusion_loss
+    from generators.train import Trainer
 
     training = open_training_set(ph16 / "train", 16, "none")
     x = torch.as_tensor(PixelSource(training)(range(len(training))))
@@ -109,16 +110,7 @@ def test_a_few_steps_reduce_the_loss(ph16):
     trainer = Trainer(cfg, build_unet(cfg, 1, 16, None), build_scheduler(cfg, False), len(x),
                       accelerator=Accelerator(cpu=True))
 
-    def fixed_loss():  # the same timesteps and noise before and after
-        with torch.no_grad():
-            return float(diffusion_loss(trainer.unet, trainer.noise_scheduler, x, None, 4,
-                                        torch.Generator().manual_seed(0)).mean())
-
-    before = fixed_loss()
-    for _ in range(cfg.steps):
-        trainer.step(x[torch.as_tensor(trainer.next_indices())])
-    after = fixed_loss()
-    assert after < 0.5 * before, (before, after)
+    assert_training_halves_the_loss(trainer, x, 4)
 
 
 def test_model_dir_contract_and_plain_diffusers_load(trained, ph16):
@@ -371,34 +363,27 @@ def test_cli_sample_dicom_is_marked_synthetic_without_identifiers(trained, tmp_p
 # --------------------------------------------------------------- bad inputs
 
 
-def _one_line_error(result, *needles):
-    code, _, err = result
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_bad_inputs_give_clear_errors(trained, tmp_path, capsys):
     from conftest import write_png
 
     (tmp_path / "empty").mkdir()
-    _one_line_error(run(capsys, "train", tmp_path / "empty", "--out", tmp_path / "m"), "no images")
+    one_line_error(run(capsys, "train", tmp_path / "empty", "--out", tmp_path / "m"), "no images")
     write_png(tmp_path / "mixed" / "a.png", np.zeros((16, 16), np.uint8))
     write_png(tmp_path / "mixed" / "b.png", np.zeros((16, 16, 3), np.uint8))
-    _one_line_error(run(capsys, "train", tmp_path / "mixed", "--out", tmp_path / "m", *TINY),
+    one_line_error(run(capsys, "train", tmp_path / "mixed", "--out", tmp_path / "m", *TINY),
                     "mixes channel counts", "a.png", "b.png")
-    _one_line_error(run(capsys, "train", tmp_path / "mixed", "--out", tmp_path / "m", *TINY,
+    one_line_error(run(capsys, "train", tmp_path / "mixed", "--out", tmp_path / "m", *TINY,
                         "--vae", tmp_path / "no-vae"), "VAE folder does not exist", "no-vae")
     (tmp_path / "not-a-vae").mkdir()
-    _one_line_error(run(capsys, "train", tmp_path / "mixed", "--out", tmp_path / "m", *TINY,
+    one_line_error(run(capsys, "train", tmp_path / "mixed", "--out", tmp_path / "m", *TINY,
                         "--vae", tmp_path / "not-a-vae"), "not a diffusers AutoencoderKL folder")
-    _one_line_error(run(capsys, "train", tmp_path / "mixed", "--out", trained), "already exists")
-    _one_line_error(run(capsys, "sample", trained, "--n", "2", "--label", "pneumonia", "--out", tmp_path / "s"),
+    one_line_error(run(capsys, "train", tmp_path / "mixed", "--out", trained), "already exists")
+    one_line_error(run(capsys, "sample", trained, "--n", "2", "--label", "pneumonia", "--out", tmp_path / "s"),
                     "'pneumonia'", "0, 1")
-    _one_line_error(run(capsys, "sample", tmp_path / "mixed", "--n", "2", "--out", tmp_path / "s"), "synthgate.json")
-    _one_line_error(run(capsys, "sample", trained, "--n", "2", "--sampler", "euler", "--out", tmp_path / "s"),
+    one_line_error(run(capsys, "sample", tmp_path / "mixed", "--n", "2", "--out", tmp_path / "s"), "synthgate.json")
+    one_line_error(run(capsys, "sample", trained, "--n", "2", "--sampler", "euler", "--out", tmp_path / "s"),
                     "invalid choice")
     assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()
 

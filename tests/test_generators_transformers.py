@@ -14,6 +14,7 @@ import pytest
 
 from synthgate import cli
 from synthgate.phantoms import write_phantoms
+from conftest import assert_training_halves_the_loss, one_line_error
 
 # two blocks at the first level: the second uses shifted windows (an attention mask)
 SWIN = {"architecture": "swin", "swin": {"embed_dim": 16, "depths": [2, 1], "num_heads": [1, 2], "window_size": 4}}
@@ -30,13 +31,6 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def one_line_error(result, *needles):
-    code, _, err = result
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def config_file(tmp: Path, arch: str, **extra) -> Path:
@@ -142,7 +136,7 @@ def test_an_overfit_run_reduces_the_loss(arch):
 
     from generators.config import TrainConfig
     from generators.nets import build_denoiser, build_scheduler
-    from generators.train import Trainer, diffusion_loss
+    from generators.train import Trainer
     from synthgate.phantoms import generate
 
     images, _ = generate(patients=2, images_per_patient=2, size=16, seed=1, holdout_fraction=0)
@@ -154,16 +148,7 @@ def test_an_overfit_run_reduces_the_loss(arch):
     trainer = Trainer(cfg, build_denoiser(cfg, 1, 16, None), build_scheduler(cfg, False), 4,
                       accelerator=Accelerator(cpu=True))
 
-    def fixed_loss():  # the same timesteps and noise before and after
-        with torch.no_grad():
-            return float(diffusion_loss(trainer.unet, trainer.noise_scheduler, x, None, 8,
-                                        torch.Generator().manual_seed(0)).mean())
-
-    before = fixed_loss()
-    for _ in range(cfg.steps):
-        trainer.step(x[torch.as_tensor(trainer.next_indices())])
-    after = fixed_loss()
-    assert after < 0.5 * before, (before, after)
+    assert_training_halves_the_loss(trainer, x, 8)
 
 
 @pytest.mark.parametrize("arch", ["swin", "dit"])

@@ -17,6 +17,7 @@ import pytest
 
 from synthgate import cli
 from synthgate.phantoms import write_phantoms
+from conftest import one_line_error
 
 TEMPLATE = "Phantom showing {label}"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks: 1 thread is ~10x faster here
@@ -442,13 +443,6 @@ def test_sdxl_finetunes_samples_and_loads_in_diffusers(sd, ph, tmp_path, capsys)
 # ---------------------------------------------------------------- bad inputs
 
 
-def _one_line_error(result, *needles):
-    code, _, err = result
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_bad_inputs_give_clear_errors(sd, ph, tmp_path, capsys):
@@ -458,32 +452,32 @@ def test_bad_inputs_give_clear_errors(sd, ph, tmp_path, capsys):
     no_unet = tmp_path / "no-unet"
     shutil.copytree(sd, no_unet)
     shutil.rmtree(no_unet / "unet")
-    _one_line_error(train(no_unet), "missing unet (unet/config.json)", "no-unet")
+    one_line_error(train(no_unet), "missing unet (unet/config.json)", "no-unet")
     no_tok = tmp_path / "no-tok"
     shutil.copytree(sd, no_tok)
     for f in (no_tok / "tokenizer").iterdir():
         f.unlink()
-    _one_line_error(train(no_tok), "missing tokenizer files", "no-tok")
-    _one_line_error(train(tmp_path / "nowhere"), "base model folder does not exist")
+    one_line_error(train(no_tok), "missing tokenizer files", "no-tok")
+    one_line_error(train(tmp_path / "nowhere"), "base model folder does not exist")
     xl = tmp_path / "xl"
     shutil.copytree(sd, xl)
     shutil.copytree(xl / "text_encoder", xl / "text_encoder_2")
-    _one_line_error(train(xl), "not a complete Stable Diffusion XL folder", "tokenizer_2")
-    _one_line_error(train(sd, "--caption-template", "{view} of {label}"), "'view'", "metadata.csv")
-    _one_line_error(train(sd, "--caption-dropout", "1.5"), "caption dropout")
-    _one_line_error(train(sd, "--dp-epsilon", "8"), "--finetune lora")
-    _one_line_error(run(capsys, "train", ph, "--out", tmp_path / "m", "--finetune", "lora"), "need --base-model")
+    one_line_error(train(xl), "not a complete Stable Diffusion XL folder", "tokenizer_2")
+    one_line_error(train(sd, "--caption-template", "{view} of {label}"), "'view'", "metadata.csv")
+    one_line_error(train(sd, "--caption-dropout", "1.5"), "caption dropout")
+    one_line_error(train(sd, "--dp-epsilon", "8"), "--finetune lora")
+    one_line_error(run(capsys, "train", ph, "--out", tmp_path / "m", "--finetune", "lora"), "need --base-model")
     assert not (tmp_path / "m").exists()
 
 
 def test_sampling_bad_inputs(full, ph, tmp_path, capsys):
-    _one_line_error(run(capsys, "sample", full, "--n", "2", "--label", "pneumonia", "--out", tmp_path / "s"),
+    one_line_error(run(capsys, "sample", full, "--n", "2", "--label", "pneumonia", "--out", tmp_path / "s"),
                     "'pneumonia'", "0, 1")
-    _one_line_error(run(capsys, "sample", full, "--n", "2", "--guidance-scale", "-1", "--out", tmp_path / "s"),
+    one_line_error(run(capsys, "sample", full, "--n", "2", "--guidance-scale", "-1", "--out", tmp_path / "s"),
                     "--guidance-scale")
     pixel = tmp_path / "pixel"
     assert run(capsys, "train", ph, "--out", pixel, "--resolution", "16", "--block-out-channels", "16,32",
                "--steps", "1", "--quiet")[0] == 0
-    _one_line_error(run(capsys, "sample", pixel, "--n", "2", "--prompt", "x", "--out", tmp_path / "s"),
+    one_line_error(run(capsys, "sample", pixel, "--n", "2", "--prompt", "x", "--out", tmp_path / "s"),
                     "text-conditioned model")
     assert not (tmp_path / "s").exists()
