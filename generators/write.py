@@ -133,7 +133,7 @@ def write_synthetic(out: str | Path, model, batches: Iterable, *, sampler: dict,
                 records.append({"file": name, "label": item.label, "seed": item.seed,
                                 **({"attributes": dict(item.attributes)} if item.attributes else {}),
                                 **({"prompt": item.prompt} if getattr(item, "prompt", None) is not None else {})})
-        if model.labels is not None or model.attributes is not None:
+        if model.labels is not None or model.attributes is not None or any("prompt" in r for r in records):
             _write_metadata(tmp / "metadata.csv", records)
         manifest = _manifest(model, model_ref, records, sampler, fmt, bit_depth, seed)
         atomic_write_json(tmp / "manifest.json", manifest)
@@ -141,12 +141,15 @@ def write_synthetic(out: str | Path, model, batches: Iterable, *, sampler: dict,
 
 
 def _write_metadata(path: Path, records: list[dict]) -> None:
-    """``path,label`` plus one column per conditioning attribute (the synthetic image's own values)."""
+    """``path,label``, one column per conditioning attribute and, for text models, ``prompt``
+    (each synthetic image's own values; they read back as image attributes)."""
     columns = [c for c in (records[0].get("attributes") or {}) if c != "label"] if records else []
+    prompts = any("prompt" in r for r in records)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "label", *columns])
-    writer.writerows([r["file"], r["label"] or "", *(r["attributes"][c] for c in columns)] for r in records)
+    writer.writerow(["path", "label", *columns, *(["prompt"] if prompts else [])])
+    writer.writerows([r["file"], r["label"] or "", *(r["attributes"][c] for c in columns),
+                      *([r.get("prompt", "")] if prompts else [])] for r in records)
     path.write_text(buf.getvalue())
 
 

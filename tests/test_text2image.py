@@ -356,7 +356,8 @@ def test_sampling_is_deterministic_records_prompts_and_follows_guidance(full, tm
     assert [r["prompt"] for r in manifest["images"]] == ["Phantom showing 0", "Phantom showing 1"]
     meta = json.loads(Image.open(tmp_path / "a" / manifest["images"][1]["file"]).text["synthgate"])
     assert meta["prompt"] == "Phantom showing 1" and meta["guidance_scale"] == 7.5 and meta["label"] == "1"
-    assert a.labels == ["0", "1"]
+    assert a.labels == ["0", "1"] and [r.attribute("prompt") for r in a.records] == ["Phantom showing 0",
+                                                                                   "Phantom showing 1"]
     # one image again from its manifest seed alone, at the same guidance
     model = load_model(full)
     model.set_guidance(7.5)
@@ -370,6 +371,7 @@ def test_sampling_is_deterministic_records_prompts_and_follows_guidance(full, tm
     assert code == 0, err
     records = json.loads((tmp_path / "p" / "manifest.json").read_text())["images"]
     assert {r["prompt"] for r in records} == {"a phantom with a lesion"} and {r["label"] for r in records} == {None}
+    assert {r.attribute("prompt") for r in ImageSet(tmp_path / "p").records} == {"a phantom with a lesion"}
     assert not np.array_equal(ImageSet(tmp_path / "p").load(1), a.load(1))
 
 
