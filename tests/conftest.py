@@ -66,18 +66,25 @@ def write_png(path: Path, array, mode: str | None = None) -> Path:
     return path
 
 
+def save_unit_png(path: Path, pixels) -> Path:
+    """Float pixels in [0, 1] (clipped) as an 8-bit PNG, creating the folder."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(path)
+    return path
+
+
 def write_labelled_set(root: Path, images, labels, patients=None) -> Path:
     """A PNG image set with ``metadata.csv`` (path, label[, patient_id]) from float arrays in [0, 1]."""
     import csv
-
-    import numpy as np
-    from PIL import Image
 
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (img, label) in enumerate(zip(images, labels)):
         name = f"img_{i:05d}.png"
-        Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)).save(root / name)
+        save_unit_png(root / name, img)
         rows.append({"path": name, "label": str(label), **({"patient_id": patients[i]} if patients else {})})
     with open(root / "metadata.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")

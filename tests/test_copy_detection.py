@@ -14,6 +14,7 @@ from audit import cli as audit_cli
 from audit.copy_detection import holdout_threshold, plant
 from audit.tiled import ExactTiledSearch, TiledMetric, TileLayout, brute_force, edges, tiled_distance_np
 from synthgate.phantoms import generate
+from conftest import save_unit_png
 
 
 def tiled(a, b, grid=4):
@@ -151,11 +152,6 @@ def test_planted_transforms_are_near_copies():
 # ---------------------------------------------------------- audit end to end
 
 
-def _save(path, pixels):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(path)
-
-
 @pytest.fixture(scope="module")
 def copy_case(tmp_path_factory):
     """Training phantoms, a holdout, and a synthetic set: novel patients plus two planted near-copies."""
@@ -165,14 +161,14 @@ def copy_case(tmp_path_factory):
     write_phantoms(root / "p", patients=24, images_per_patient=4, size=32, seed=11)
     novel, _ = generate(patients=8, images_per_patient=2, size=32, seed=12)
     for i, im in enumerate(novel):
-        _save(root / "syn" / f"novel_{i:02d}.png", im.pixels)
+        save_unit_png(root / "syn" / f"novel_{i:02d}.png", im.pixels)
     rng = np.random.default_rng(0)
     train = sorted((root / "p" / "train").glob("*.png"))
     for j, f in enumerate(train[:2]):
         x = np.asarray(Image.open(f), np.float64) / 255
-        _save(root / "syn" / f"copy_{j}.png", x + rng.normal(0, 0.015, x.shape))
+        save_unit_png(root / "syn" / f"copy_{j}.png", x + rng.normal(0, 0.015, x.shape))
     for i, im in enumerate(novel[:6]):
-        _save(root / "clean" / f"novel_{i:02d}.png", im.pixels)
+        save_unit_png(root / "clean" / f"novel_{i:02d}.png", im.pixels)
     return root
 
 
@@ -253,8 +249,8 @@ def test_near_duplicates_inside_synthetic_set_warn(copy_case, capsys, tmp_path):
     novel, _ = generate(patients=2, images_per_patient=1, size=32, seed=99)
     rng = np.random.default_rng(5)
     for i in range(11):  # a clique of near-identical generations
-        _save(syn / f"mode_{i:02d}.png", novel[0].pixels + rng.normal(0, 0.005, novel[0].pixels.shape))
-    _save(syn / "other.png", novel[1].pixels)
+        save_unit_png(syn / f"mode_{i:02d}.png", novel[0].pixels + rng.normal(0, 0.005, novel[0].pixels.shape))
+    save_unit_png(syn / "other.png", novel[1].pixels)
     code, stdout, _ = run_audit(capsys, syn, "--real", copy_case / "p" / "train", "--holdout",
                                 copy_case / "p" / "holdout", "--out", tmp_path / "o", "--json")
     check = json.loads(stdout)["checks"][0]
@@ -276,7 +272,7 @@ def test_training_duplicates_across_patients_reported(tmp_path, capsys):
         fh.write(f"dup.png,{other['patient_id']},{rows[0]['label']}\n")
     novel, _ = generate(patients=2, images_per_patient=1, size=32, seed=50)
     for i, im in enumerate(novel):
-        _save(tmp_path / "syn" / f"s{i}.png", im.pixels)
+        save_unit_png(tmp_path / "syn" / f"s{i}.png", im.pixels)
     code, stdout, _ = run_audit(capsys, tmp_path / "syn", "--real", train, "--out", tmp_path / "o", "--json")
     dup = json.loads(stdout)["checks"][0]["metrics"]["duplicates"]["training"]
     assert dup["pairs"] >= 1 and dup["pairs_across_patients"] >= 1

@@ -20,6 +20,7 @@ from audit.mia_attacks import (RandomConvFeatures, ddim_step, density_ratio_scor
 from audit.stats import bootstrap_roc, percentile_ci, roc_auc, tpr_at_fpr
 from synthgate.imageset import ImageSet
 from synthgate.phantoms import generate, write_phantoms
+from conftest import save_unit_png
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -271,11 +272,6 @@ def test_secmi_score_highest_at_the_known_image():
 # ------------------------------------------------------------------ data
 
 
-def _save(path, pixels):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(path)
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """200 training and 200 holdout phantoms (patient-disjoint), a novel synthetic set and a leaky one."""
@@ -283,13 +279,13 @@ def case(tmp_path_factory):
     write_phantoms(root / "p", patients=100, images_per_patient=4, size=16, seed=3, holdout_fraction=0.5)
     novel, _ = generate(patients=50, images_per_patient=4, size=16, seed=4)
     for i, im in enumerate(novel):
-        _save(root / "syn" / f"s{i:03d}.png", im.pixels)
+        save_unit_png(root / "syn" / f"s{i:03d}.png", im.pixels)
     shutil.copytree(root / "syn", root / "leaky")
     rng = np.random.default_rng(0)
     train = sorted((root / "p" / "train").glob("*.png"))
     for j, f in enumerate(rng.choice(train, 30, replace=False)):
         x = np.asarray(Image.open(f), np.float64) / 255
-        _save(root / "leaky" / f"leak_{j:02d}.png", x + rng.normal(0, 0.02, x.shape))
+        save_unit_png(root / "leaky" / f"leak_{j:02d}.png", x + rng.normal(0, 0.02, x.shape))
     return root
 
 
@@ -359,7 +355,7 @@ def test_holdout_from_another_population_is_caught_by_exchangeability(case, tmp_
     shifted = tmp_path / "shifted"
     for f in sorted((case / "p" / "holdout").glob("*.png")):
         x = np.asarray(Image.open(f), np.float64) / 255
-        _save(shifted / f.name, np.clip(x, 0, 1) ** 0.6)  # another scanner's tone curve
+        save_unit_png(shifted / f.name, np.clip(x, 0, 1) ** 0.6)  # another scanner's tone curve
     r = create_check("membership_inference", n_boot=200).run(_ctx(case, holdout=shifted))
     ctl = next(c for c in r.controls if c.name == "holdout exchangeability")
     assert not ctl.passed and r.status == "inconclusive" and "negative control failed" in r.reason
@@ -477,7 +473,7 @@ def test_bad_inputs_exit_2_one_line(case, model_case, capsys, tmp_path, case_nam
     elif case_name == "resolution":
         big = tmp_path / "big"
         for f in sorted((model_case / "seen").glob("*.png")):
-            _save(big / f.name, np.kron(np.asarray(Image.open(f), np.float64) / 255, np.ones((2, 2))))
+            save_unit_png(big / f.name, np.kron(np.asarray(Image.open(f), np.float64) / 255, np.ones((2, 2))))
         shutil.copy(model_case / "seen" / "metadata.csv", big / "metadata.csv")
         argv[2] = big
         expect = "trained on 1x16x16 images"

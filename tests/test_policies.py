@@ -12,6 +12,7 @@ from audit.base import Check, _REGISTRY, register_check
 from policies.schema import BUILTIN, load_policy, parse_policy
 from synthgate.errors import ConfigError
 from synthgate.phantoms import generate, write_phantoms
+from conftest import save_unit_png
 
 
 class Inconclusive(Check):
@@ -77,10 +78,10 @@ def gate_case(tmp_path_factory):
     novel, _ = generate(patients=10, images_per_patient=2, size=32, seed=22)
     (root / "syn").mkdir()
     for i, im in enumerate(novel[:19]):
-        Image.fromarray(np.round(im.pixels * 255).astype(np.uint8)).save(root / "syn" / f"s{i:02d}.png")
+        save_unit_png(root / "syn" / f"s{i:02d}.png", im.pixels)
     src = sorted((root / "p" / "train").glob("*.png"))[3]
     x = np.asarray(Image.open(src), np.float64) / 255 + np.random.default_rng(0).normal(0, 0.01, (32, 32))
-    Image.fromarray(np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)).save(root / "syn" / "zz_copy.png")
+    save_unit_png(root / "syn" / "zz_copy.png", x)
     return root
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from audit import cli as audit_cli
 from release import cli as release_cli
 from synthgate.phantoms import generate, write_phantoms
+from conftest import save_unit_png
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def passed(tmp_path_factory):
     with open(root / "syn" / "metadata.csv", "w") as fh:
         fh.write("path,label\n")
         for i, im in enumerate(novel):
-            Image.fromarray(np.round(im.pixels * 255).astype(np.uint8)).save(root / "syn" / f"s{i:02d}.png")
+            save_unit_png(root / "syn" / f"s{i:02d}.png", im.pixels)
             fh.write(f"s{i:02d}.png,{im.label}\n")
     code = audit_cli.main(["check", str(root / "syn"), "--real", str(root / "p" / "train"), "--policy", "research",
                            "--checks", "copy_detection", "--out", str(root / "audit_research")])

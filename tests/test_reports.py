@@ -18,6 +18,7 @@ from reports import cli as report_cli
 from reports.plots import thumbnail_uri
 from synthgate.imageset import ImageSet
 from synthgate.phantoms import generate, write_phantoms
+from conftest import save_unit_png
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def audited(tmp_path_factory):
     novel, _ = generate(patients=10, images_per_patient=2, size=32, seed=32)
     (root / "syn").mkdir()
     for i, im in enumerate(novel[:19]):
-        Image.fromarray(np.round(im.pixels * 255).astype(np.uint8)).save(root / "syn" / f"s{i:02d}.png")
+        save_unit_png(root / "syn" / f"s{i:02d}.png", im.pixels)
     shutil.copy(sorted((root / "p" / "train").glob("*.png"))[5], root / "syn" / "zz_copy.png")
     # a tiny holdout (24 images) gives a loose conformal threshold, so allow more drops than the default
     (root / "policy.yaml").write_text("name: report-test\nmax_drop_fraction: 0.5\n"
