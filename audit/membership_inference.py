@@ -534,7 +534,7 @@ class MembershipInference(Check):
             names = [c["name"] for c in info["conditioning"]["columns"]]
             for set_ in (ctx.real, ctx.holdout):
                 for r in set_.records:
-                    values = dict(r.attributes, label=r.label)
+                    values = r.values()
                     gap = next((n for n in names if not values.get(n)), None)
                     if gap is not None:
                         raise InputError(f"the model is conditioned on {', '.join(names)} but {r.key} has no "

@@ -110,7 +110,7 @@ def open_training_set(path: str | Path, resolution: int, conditioning: str, *,
     if conditioning == "attributes":
         from .conditioning import AttributeSpec
 
-        rows = [dict(r.attributes, label=r.label) for r in images.records]
+        rows = [r.values() for r in images.records]
         attributes = AttributeSpec.learn(condition_columns, rows, [r.key for r in images.records], images.root)
         classes, targets = None, attributes.encode_rows(rows, images.root)
     else:

@@ -112,7 +112,7 @@ class DiffusionModel:
     def condition_records(self, records) -> Any:
         """The conditioning input for real images (:class:`~synthgate.imageset.ImageRecord`), e.g. for attacks."""
         if self.attributes is not None:
-            return self.attribute_vectors([dict(r.attributes, label=r.label) for r in records])
+            return self.attribute_vectors([r.values() for r in records])
         return self.class_labels([r.label for r in records])
 
     def to_model_space(self, images) -> Any:

@@ -134,7 +134,7 @@ def build_captions(template: str, records) -> list[str]:
     names = template_fields(template)
     out = []
     for r in records:
-        values = {"label": r.label, **dict(r.attributes)}
+        values = r.values()
         for name in names:
             if values.get(name) in (None, ""):
                 raise InputError(f"image {r.key!r} has no value for column {name!r}, which the caption template "
@@ -415,11 +415,11 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
     folder = Path(checkpoint_dir) if checkpoint_dir else checkpoint.default_folder(out)
     accelerator, precision = _accelerator(config, device)
     main = accelerator.is_main_process
-    from synthgate.imageset import KNOWN_COLUMNS
-
-    extra = [c for c in columns if c not in KNOWN_COLUMNS]  # every other column may fill the template
+    # Every extra column is an attribute already; declaring the template's own columns lets one that
+    # resembles a known name (e.g. {labels}) fill it, while other look-alikes are still refused.
     training = open_training_set(real, config.resolution, "none", skip_unreadable=skip_unreadable,
-                                 progress=progress if main else False, extra_columns=extra)
+                                 progress=progress if main else False,
+                                 extra_columns=template_fields(text.caption_template))
     captions = build_captions(text.caption_template, training.images.records)
     distinct = sorted(set(captions))
     caption_ids = torch.as_tensor([distinct.index(c) for c in captions])
@@ -629,7 +629,7 @@ class TextDiffusionModel(DiffusionModel):
         """
         template = self.conditioning["template"]
         fields = template_fields(template)
-        if all(({"label": r.label, **dict(r.attributes)}).get(f) not in (None, "") for r in records for f in fields):
+        if all(r.values().get(f) not in (None, "") for r in records for f in fields):
             return self.embed(build_captions(template, records))
         return self.class_labels([r.label for r in records])
 

@@ -67,6 +67,10 @@ class ImageRecord:
     def attribute(self, name: str) -> str | None:
         return dict(self.attributes).get(name)
 
+    def values(self) -> dict[str, str | None]:
+        """The image's ``metadata.csv`` values by column: ``label`` and every attribute."""
+        return {**dict(self.attributes), "label": self.label}
+
 
 @dataclass(frozen=True)
 class Skipped:

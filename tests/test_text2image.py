@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -149,9 +148,11 @@ def changed_weights(a: Path, b: Path) -> list[str]:
 def test_captions_from_template_and_metadata():
     from generators.text2image import build_captions, check_template_columns, template_fields
     from synthgate.errors import ConfigError, InputError
+    from synthgate.imageset import ImageRecord
 
     def rec(key, label, **attrs):
-        return SimpleNamespace(key=key, label=label, attributes=tuple(attrs.items()))
+        return ImageRecord(key=key, path=key, frame=0, n_frames=1, format="png", sha256="0" * 64, height=8, width=8,
+                           channels=1, bit_depth=8, source_mode="L", label=label, attributes=tuple(attrs.items()))
 
     template = "OCT image of the {eye} eye showing {label}"
     assert template_fields(template) == ("eye", "label")
