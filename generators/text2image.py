@@ -635,7 +635,7 @@ class TextDiffusionModel(DiffusionModel):
 
     def condition(self, items):
         """Embeddings of each sample item's prompt (its label's caption unless it carries its own)."""
-        return self.embed([it.prompt if getattr(it, "prompt", None) is not None else self.caption(it.label)
+        return self.embed([it.prompt if it.prompt is not None else self.caption(it.label)
                            for it in items])
 
 

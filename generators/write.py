@@ -35,7 +35,7 @@ def provenance(model_ref: dict, item, sampler: dict) -> dict:
             "seed": item.seed, "label": item.label, "index": item.index,
             "sampler": sampler["name"], "sampler_steps": sampler["steps"],
             **({"attributes": dict(item.attributes)} if item.attributes else {}),
-            **({"prompt": item.prompt} if getattr(item, "prompt", None) is not None else {}),
+            **({"prompt": item.prompt} if item.prompt is not None else {}),
             **({"guidance_scale": sampler["guidance_scale"]} if "guidance_scale" in sampler else {})}
 
 
@@ -132,7 +132,7 @@ def write_synthetic(out: str | Path, model, batches: Iterable, *, sampler: dict,
                 (tmp / name).write_bytes(data)
                 records.append({"file": name, "label": item.label, "seed": item.seed,
                                 **({"attributes": dict(item.attributes)} if item.attributes else {}),
-                                **({"prompt": item.prompt} if getattr(item, "prompt", None) is not None else {})})
+                                **({"prompt": item.prompt} if item.prompt is not None else {})})
         if model.labels is not None or model.attributes is not None or any("prompt" in r for r in records):
             _write_metadata(tmp / "metadata.csv", records)
         manifest = _manifest(model, model_ref, records, sampler, fmt, bit_depth, seed)
