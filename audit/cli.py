@@ -9,7 +9,7 @@ from typing import Sequence
 from synthgate import clikit
 from synthgate.errors import UsageError
 
-from .base import available_checks
+from audit.core.base import available_checks
 
 DESCRIPTION = """\
 Audit a synthetic image set against the real data it was made from.
@@ -79,10 +79,10 @@ def cmd_check(args) -> int:
     from synthgate.imageset import ImageSet
     from synthgate.progress import set_quiet
 
-    from .context import AuditContext
+    from audit.core.context import AuditContext
     from policies.schema import CheckPolicy, load_policy
 
-    from .runner import build_audit, check_overlap, resolve_inputs, run_policy, write_outputs
+    from audit.core.runner import build_audit, check_overlap, resolve_inputs, run_policy, write_outputs
 
     if args.json:
         set_quiet(True)

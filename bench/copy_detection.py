@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit.tiled import ExactTiledSearch, TiledMetric, TileLayout, brute_force  # noqa: E402
+from audit.copy_detection.tiled import ExactTiledSearch, TiledMetric, TileLayout, brute_force  # noqa: E402
 from synthgate.phantoms import generate  # noqa: E402
 
 
@@ -79,8 +79,8 @@ def scale_run(q: int, r: int, size: int, seed: int) -> dict:
     """The whole check from PNG files on disk: streaming, bounded memory."""
     import resource
 
-    from audit.context import AuditContext
-    from audit.copy_detection import CopyDetection
+    from audit.core.context import AuditContext
+    from audit.copy_detection.check import CopyDetection
     from synthgate.imageset import ImageSet
     from synthgate.phantoms import write_phantoms
 

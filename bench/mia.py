@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit.mia_attacks import auto_batch_rows, ddim_step, loss_scores, pia_scores, secmi_scores  # noqa: E402
-from audit.mia_control import tiny_unet  # noqa: E402
+from audit.membership_inference.attacks import auto_batch_rows, ddim_step, loss_scores, pia_scores, secmi_scores  # noqa: E402
+from audit.membership_inference.control_model import tiny_unet  # noqa: E402
 
 
 def build_model(size: int, widths, device):

@@ -30,9 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit.base import create_check  # noqa: E402
-from audit.context import AuditContext  # noqa: E402
-from audit.reidentification import (best_match, conformal_threshold, one_per_identity, pair_auc,  # noqa: E402
+from audit.core.base import create_check  # noqa: E402
+from audit.core.context import AuditContext  # noqa: E402
+from audit.reidentification.check import (best_match, conformal_threshold, one_per_identity, pair_auc,  # noqa: E402
                                     retrieval_metrics)
 from synthgate.imageset import ImageSet  # noqa: E402
 from synthgate.phantoms import _write_png, generate, render, write_phantoms  # noqa: E402

@@ -49,7 +49,7 @@ def plain_loop(x, y, steps: int, batch: int, lr: float, weight_decay: float, see
     import torch
     import torch.nn.functional as F
 
-    from audit.classifier import small_cnn
+    from audit.quality.classifier import small_cnn
 
     torch.manual_seed(seed)
     model = small_cnn(1, 2)
@@ -74,8 +74,8 @@ def plain_loop(x, y, steps: int, batch: int, lr: float, weight_decay: float, see
 def trainer_vs_plain(ctx, seed: int = 0, rounds: int = 2) -> dict:
     import torch
 
-    from audit.classifier import TrainConfig, load_images, normalizer_for, train_classifier
-    from audit.stats import roc_auc
+    from audit.quality.classifier import TrainConfig, load_images, normalizer_for, train_classifier
+    from audit.core.stats import roc_auc
 
     cfg = TrainConfig()
     index = {c: i for i, c in enumerate(sorted(ctx.real.classes))}
@@ -117,8 +117,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from audit.base import create_check
-    from audit.context import AuditContext
+    from audit.core.base import create_check
+    from audit.core.context import AuditContext
     from synthgate.imageset import ImageSet
 
     if args.threads:

@@ -62,7 +62,7 @@ class Policy(BaseModel):
     @field_validator("checks")
     @classmethod
     def _known_checks(cls, checks: dict[str, CheckPolicy]) -> dict[str, CheckPolicy]:
-        from audit.base import available_checks
+        from audit.core.base import available_checks
 
         if not checks:
             raise ValueError("a policy must name at least one check")
@@ -115,7 +115,7 @@ def _explain(exc: ValidationError) -> str:
 
 def parse_policy(text: str, source: str) -> LoadedPolicy:
     """Validate policy YAML ``text``; raise :class:`ConfigError` naming ``source`` on any problem."""
-    from audit.base import create_check
+    from audit.core.base import create_check
 
     try:
         data = yaml.safe_load(text)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from audit import cli as audit_cli
-from audit.copy_detection import holdout_threshold, plant
-from audit.tiled import ExactTiledSearch, TiledMetric, TileLayout, brute_force, edges, tiled_distance_np
+from audit.copy_detection.check import holdout_threshold, plant
+from audit.copy_detection.tiled import ExactTiledSearch, TiledMetric, TileLayout, brute_force, edges, tiled_distance_np
 from synthgate.phantoms import generate
 from conftest import save_unit_png
 
@@ -129,7 +129,7 @@ def test_holdout_threshold_conformal():
 
 
 def test_calibrated_by_hand():
-    from audit.copy_detection import CopyDetection
+    from audit.copy_detection.check import CopyDetection
 
     c = CopyDetection(alpha=0.5, n_neighbors=3)
     dist = np.array([[0.1, 0.2, 0.3, 0.9]])
@@ -395,7 +395,7 @@ def test_faiss_engine_is_exact_too():
 
 def test_calibrated_decisions_are_exact_with_the_cheap_search():
     """Only the nearest is proven up front; the k nearest are proven where the < 1 decision needs them."""
-    from audit.copy_detection import CopyDetection
+    from audit.copy_detection.check import CopyDetection
 
     rng = np.random.default_rng(6)
     refs = _smooth_set(rng, 200, (1, 24, 24))

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from audit import cli as audit_cli
-from audit.base import create_check
-from audit.context import AuditContext
-from audit.fidelity import intensity_tests, label_balance
-from audit.inception import (fid_inception_v3, frechet_distance, inception_score, kernel_inception_distance,
+from audit.core.base import create_check
+from audit.core.context import AuditContext
+from audit.quality.fidelity import intensity_tests, label_balance
+from audit.quality.inception import (fid_inception_v3, frechet_distance, inception_score, kernel_inception_distance,
                              load_inception, mmd2_unbiased)
-from audit.prdc import PRDCReference, kth_neighbour_radii
-from audit.ssim import SSIM, gaussian_window, nearest_ssim, ssim_np
-from audit.stats import benjamini_hochberg
+from audit.quality.prdc import PRDCReference, kth_neighbour_radii
+from audit.quality.ssim import SSIM, gaussian_window, nearest_ssim, ssim_np
+from audit.core.stats import benjamini_hochberg
 from conftest import write_labelled_set
 from synthgate.errors import InputError
 from synthgate.imageset import ImageSet
@@ -176,7 +176,7 @@ def test_fid_blocks_pool_like_tensorflow():
     """The FID network's blocks differ from torchvision's only where padding enters the pooling: the border."""
     from torchvision.models import inception as tv
 
-    from audit.inception import _fid_blocks
+    from audit.quality.inception import _fid_blocks
 
     block_a, _, _, _ = _fid_blocks()
     torch.manual_seed(0)

@@ -293,7 +293,7 @@ def test_cli_trains_and_samples_a_latent_swin_model(tmp_path, capsys):
 def test_membership_attacks_run_unchanged_on_a_swin_model(trained, ph16):
     import torch
 
-    from audit.mia_attacks import loss_scores, pia_scores, secmi_scores
+    from audit.membership_inference.attacks import loss_scores, pia_scores, secmi_scores
     from generators.model import load_model
     from synthgate.imageset import ImageSet
 
@@ -307,7 +307,7 @@ def test_membership_attacks_run_unchanged_on_a_swin_model(trained, ph16):
 
 
 def test_old_model_dirs_without_architecture_load_as_unet(tmp_path):
-    from audit.mia_control import save_model_dir, tiny_unet
+    from audit.membership_inference.control_model import save_model_dir, tiny_unet
     from generators.config import TrainConfig
     from generators.model import load_model
     from generators.nets import build_scheduler

@@ -12,12 +12,12 @@ from PIL import Image
 from scipy.stats import norm
 
 from audit import cli as audit_cli
-from audit.base import create_check
-from audit.context import AuditContext
-from audit.membership_inference import RocMetrics, exceeded, group_split, roc_metrics, strength
-from audit.mia_attacks import (RandomConvFeatures, ddim_step, density_ratio_scores, loo_bandwidth, loss_scores,
+from audit.core.base import create_check
+from audit.core.context import AuditContext
+from audit.membership_inference.check import RocMetrics, exceeded, group_split, roc_metrics, strength
+from audit.membership_inference.attacks import (RandomConvFeatures, ddim_step, density_ratio_scores, loo_bandwidth, loss_scores,
                                nearest_distance, nearest_rms, pca_basis, pia_scores, secmi_scores)
-from audit.stats import bootstrap_roc, percentile_ci, roc_auc, tpr_at_fpr
+from audit.core.stats import bootstrap_roc, percentile_ci, roc_auc, tpr_at_fpr
 from synthgate.imageset import ImageSet
 from synthgate.phantoms import generate, write_phantoms
 from conftest import save_unit_png
@@ -370,7 +370,7 @@ def model_case(case, tmp_path_factory):
     images it never saw, one from each of 16 other patients (so they are a fair sample of the population)."""
     from diffusers import DDPMScheduler
 
-    from audit.mia_control import overfit_model, save_model_dir
+    from audit.membership_inference.control_model import overfit_model, save_model_dir
 
     root = tmp_path_factory.mktemp("mia-model")
     train = sorted((case / "p" / "train").glob("*.png"))

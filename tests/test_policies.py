@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from audit import cli as audit_cli
-from audit.base import Check, _REGISTRY, register_check
+from audit.core.base import Check, _REGISTRY, register_check
 from policies.schema import BUILTIN, load_policy, parse_policy
 from synthgate.errors import ConfigError
 from synthgate.phantoms import generate, write_phantoms

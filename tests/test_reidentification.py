@@ -12,9 +12,9 @@ import torch
 from conftest import write_png
 
 from audit import cli as audit_cli
-from audit.reidentification import (NotEnoughData, best_match, conformal_threshold, excess_p_value, make_plan,
+from audit.reidentification.check import (NotEnoughData, best_match, conformal_threshold, excess_p_value, make_plan,
                                     one_per_identity, pair_auc, retrieval_metrics)
-from audit.stats import roc_auc
+from audit.core.stats import roc_auc
 from synthgate.imageset import ImageSet
 from synthgate.phantoms import generate, render, write_phantoms
 from synthgate.privacy import hash_id
@@ -257,7 +257,7 @@ def test_no_patient_id_in_clear_anywhere(leak_audit, case):
 
 
 def test_unseen_patients_pass_from_cache(leak_audit, case, capsys, monkeypatch, tmp_path):
-    import audit.reid_network as reid_network
+    import audit.reidentification.network as reid_network
 
     _env(monkeypatch, case)
 
@@ -389,7 +389,7 @@ def _tiny_weights(folder: Path, arch: str, suffix: str = ".safetensors") -> Path
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_backbone_weights_load_from_local_file(tmp_path, suffix):
-    from audit.reid_network import build_network, resolve_config
+    from audit.reidentification.network import build_network, resolve_config
 
     path = _tiny_weights(tmp_path, "resnet18", suffix)
     from safetensors.torch import load_file
@@ -405,7 +405,7 @@ def test_backbone_weights_load_from_local_file(tmp_path, suffix):
 
 
 def test_network_pieces():
-    from audit.reid_network import IdentityBatches, augment, build_network, prepare, resolve_config
+    from audit.reidentification.network import IdentityBatches, augment, build_network, prepare, resolve_config
 
     ids = np.array([0, 0, 0, 1, 2, 2])  # patient 1 has one image: its views are copies, made different by augment
     idx, labels = IdentityBatches(ids, per_batch=3, views=4, rng=np.random.default_rng(0))()

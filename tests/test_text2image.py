@@ -379,7 +379,7 @@ def test_sampling_is_deterministic_records_prompts_and_follows_guidance(full, tm
 def test_membership_attacks_run_conditioned_on_captions(full, ph):
     import torch
 
-    from audit.mia_attacks import loss_scores, pia_scores, secmi_scores
+    from audit.membership_inference.attacks import loss_scores, pia_scores, secmi_scores
     from generators.model import load_model
     from generators.text2image import TextDiffusionModel
     from synthgate.imageset import ImageSet
@@ -403,8 +403,8 @@ def test_membership_attacks_run_conditioned_on_captions(full, ph):
 
 
 def test_membership_check_attacks_the_text_model(full, ph, tmp_path, capsys):
-    from audit.base import create_check
-    from audit.context import AuditContext
+    from audit.core.base import create_check
+    from audit.core.context import AuditContext
     from synthgate.imageset import ImageSet
 
     code, _, err = run(capsys, "sample", full, "--n", "4", "--steps", "2", "--out", tmp_path / "syn")

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from audit import cli as audit_cli
-from audit.base import create_check
-from audit.classifier import (Normalizer, TrainConfig, build_model, load_weights, read_state_dict, resolve_preset,
+from audit.core.base import create_check
+from audit.quality.classifier import (Normalizer, TrainConfig, build_model, load_weights, read_state_dict, resolve_preset,
                               train_classifier)
-from audit.context import AuditContext
-from audit.stats import (benjamini_hochberg, bootstrap_draws, classification_metrics, compare_samples,
+from audit.core.context import AuditContext
+from audit.core.stats import (benjamini_hochberg, bootstrap_draws, classification_metrics, compare_samples,
                          percentile_ci)
-from audit.utility import independent_labels
+from audit.quality.utility import independent_labels
 from synthgate.errors import InputError, MissingInputError, UsageError
 from synthgate.imageset import ImageSet
 from synthgate.phantoms import generate, write_phantoms
@@ -129,7 +129,7 @@ def _phantom_arrays(patients, seed, size=32):
 
 
 def test_trainer_is_deterministic_and_learns():
-    from audit.stats import roc_auc
+    from audit.core.stats import roc_auc
 
     x, y, train = _phantom_arrays(60, 0)
     cfg = TrainConfig(image_size=32, epochs=10)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from synthgate.privacy import hash_id
 
-from .base import Check, CheckResult, Control, Finding
-from .stats import clopper_pearson
+from audit.core.base import Check, CheckResult, Control, Finding
+from audit.core.stats import clopper_pearson
 
 # PS3.15 Annex E identifying attributes (by keyword), grouped for the report.
 IDENTITY = (

@@ -68,9 +68,9 @@ import numpy as np
 
 from synthgate.progress import Progress
 
-from .base import Check, CheckResult, Control, Estimate
-from .classifier import PRESETS, TrainConfig, load_images, normalizer_for, resolve_preset, train_classifier
-from .stats import (CLASSIFICATION_METRICS, benjamini_hochberg, bootstrap_draws, classification_metrics,
+from audit.core.base import Check, CheckResult, Control, Estimate
+from audit.quality.classifier import PRESETS, TrainConfig, load_images, normalizer_for, resolve_preset, train_classifier
+from audit.core.stats import (CLASSIFICATION_METRICS, benjamini_hochberg, bootstrap_draws, classification_metrics,
                     compare_samples, percentile_ci, roc_points)
 
 ARMS = ("real", "synthetic", "real+synthetic")

@@ -41,9 +41,9 @@ from synthgate.imageset import ImageSet
 from synthgate.privacy import hash_id
 from synthgate.progress import progress_bar
 
-from .base import Check, CheckResult, Control, Estimate, Finding
-from .stats import clopper_pearson, summary
-from .tiled import ExactTiledSearch, TiledMetric, TileLayout
+from audit.core.base import Check, CheckResult, Control, Estimate, Finding
+from audit.core.stats import clopper_pearson, summary
+from audit.copy_detection.tiled import ExactTiledSearch, TiledMetric, TileLayout
 
 RULES = ("auto", "absolute", "calibrated", "holdout", "any")
 TRANSFORMS = ("exact", "noise", "brightness_contrast", "jpeg", "blur")
@@ -411,7 +411,7 @@ class CopyDetection(Check):
         """Embedding retrieval as extra evidence, never as a replacement for the exact search."""
         import torch
 
-        from .embeddings import embedding_agreement
+        from audit.core.embeddings import embedding_agreement
 
         synth_loader = SetLoader(ctx.synthetic, ctx.geometry)
 

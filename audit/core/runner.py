@@ -15,8 +15,8 @@ from synthgate.imageset import ImageSet
 from synthgate.privacy import salt_id
 from synthgate.provenance import versions
 
-from .base import CheckResult, check_class, create_check
-from .context import AuditContext
+from audit.core.base import CheckResult, check_class, create_check
+from audit.core.context import AuditContext
 
 SCHEMA_VERSION = 1
 

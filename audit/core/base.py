@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .context import AuditContext
+    from audit.core.context import AuditContext
 
 STATUSES = ("pass", "fail", "warn", "inconclusive", "skipped", "error")
 
@@ -194,12 +194,12 @@ class Check:
 #: name -> "module:Class"; modules are imported only when a check is created,
 #: so listing checks (and ``audit --help``) never imports torch.
 _REGISTRY: dict[str, str] = {
-    "copy_detection": "audit.copy_detection:CopyDetection",
-    "reidentification": "audit.reidentification:Reidentification",
-    "dicom_phi": "audit.dicom_phi:DicomPhi",
-    "membership_inference": "audit.membership_inference:MembershipInference",
-    "utility": "audit.utility:Utility",
-    "fidelity": "audit.fidelity:Fidelity",
+    "copy_detection": "audit.copy_detection.check:CopyDetection",
+    "reidentification": "audit.reidentification.check:Reidentification",
+    "dicom_phi": "audit.dicom_phi.check:DicomPhi",
+    "membership_inference": "audit.membership_inference.check:MembershipInference",
+    "utility": "audit.quality.utility:Utility",
+    "fidelity": "audit.quality.fidelity:Fidelity",
 }
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from synthgate.errors import InputError
 
-from .classifier import read_state_dict
+from audit.quality.classifier import read_state_dict
 
 FID_TF_CLASSES = 1008
 TORCHVISION_CLASSES = 1000

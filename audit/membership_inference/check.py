@@ -65,8 +65,8 @@ from synthgate.imageset import Geometry, ImageSet
 from synthgate.privacy import hash_id
 from synthgate.progress import progress_bar
 
-from .base import Check, CheckResult, Control, Estimate
-from .stats import bootstrap_roc, percentile_ci, roc_auc, roc_points, tpr_at_fpr
+from audit.core.base import Check, CheckResult, Control, Estimate
+from audit.core.stats import bootstrap_roc, percentile_ci, roc_auc, roc_points, tpr_at_fpr
 
 SYNTHETIC_ATTACKS = ("dcr_pixel", "dcr_embedding", "domias")
 MODEL_ATTACKS = ("loss", "pia", "secmi")
@@ -376,12 +376,12 @@ class MembershipInference(Check):
 
     def _encoder(self, ctx):
         if self.params["embedding_weights"]:
-            from .embeddings import ImageEncoder
+            from audit.core.embeddings import ImageEncoder
 
             enc = ImageEncoder(self.params["embedding_weights"], ctx.torch_device)
             enc.name = f"open_clip:{enc.name}"
             return enc
-        from .mia_attacks import RandomConvFeatures
+        from audit.membership_inference.attacks import RandomConvFeatures
 
         return RandomConvFeatures(ctx.geometry.channels, ctx.torch_generator("membership_inference.embedding"),
                                   ctx.torch_device)
@@ -394,7 +394,7 @@ class MembershipInference(Check):
 
     def _planted(self, ctx, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         """Near-copies of a random ``control_fraction`` of the members (in memory only) and which members."""
-        from .copy_detection import TRANSFORMS, SetLoader, plant
+        from audit.copy_detection.check import TRANSFORMS, SetLoader, plant
 
         rng = ctx.rng("membership_inference.plant")
         k = max(1, int(round(float(self.params["control_fraction"]) * sample.n)))
@@ -424,9 +424,9 @@ class MembershipInference(Check):
     def _pixel_dcr(self, ctx, sample: Sample, planted: np.ndarray, encoder):
         """Distance of every evaluated image to its closest synthetic image and to the closest planted copy,
         and the members' embeddings (computed while their pixels are loaded)."""
-        from .copy_detection import SetLoader
-        from .mia_attacks import nearest_rms
-        from .tiled import ExactTiledSearch, TiledMetric, TileLayout
+        from audit.copy_detection.check import SetLoader
+        from audit.membership_inference.attacks import nearest_rms
+        from audit.copy_detection.tiled import ExactTiledSearch, TiledMetric, TileLayout
 
         p, geo, dev = self.params, ctx.geometry, ctx.torch_device
         grid = int(p["dcr_grid"])
@@ -461,7 +461,7 @@ class MembershipInference(Check):
 
     def _scenario1(self, ctx, sample: Sample, run: AttackRun, planted: np.ndarray) -> dict:
         """Scores of the synthetic-set attacks, on the real synthetic set and with the planted copies added."""
-        from .mia_attacks import nearest_distance, pca_basis
+        from audit.membership_inference.attacks import nearest_distance, pca_basis
 
         p = self.params
         attacks = list(p["synthetic_attacks"])
@@ -504,7 +504,7 @@ class MembershipInference(Check):
 
     def _domias(self, q_emb, s_emb, refs, fold, basis) -> np.ndarray:
         """DOMIAS, cross-fitted: images of fold f are scored against the reference density of the other fold."""
-        from .mia_attacks import density_ratio_scores
+        from audit.membership_inference.attacks import density_ratio_scores
 
         out = np.empty(len(q_emb))
         for f in (0, 1):
@@ -562,7 +562,7 @@ class MembershipInference(Check):
     def _model_scores(self, ctx, model, images: list[tuple[ImageSet, np.ndarray]], geo: Geometry, what: str,
                       purpose: str) -> dict[str, np.ndarray]:
         """Run the model attacks on images from ``(set, indices)`` pairs; returns ``{attack: scores}``."""
-        from .mia_attacks import auto_batch_rows
+        from audit.membership_inference.attacks import auto_batch_rows
 
         p = self.params
         bs = int(p["batch_size"])
@@ -585,7 +585,7 @@ class MembershipInference(Check):
         return {k: np.concatenate(v) for k, v in parts.items()}
 
     def _attack_batch(self, model, x0, cl, gen, rows) -> dict[str, np.ndarray]:
-        from .mia_attacks import loss_scores, pia_scores, secmi_scores
+        from audit.membership_inference.attacks import loss_scores, pia_scores, secmi_scores
 
         p, out = self.params, {}
         if "loss" in p["model_attacks"]:
@@ -657,7 +657,7 @@ class MembershipInference(Check):
         by the control model).  It copies the audited model's noise schedule,
         prediction type and conditioning, at a small resolution.
         """
-        from .mia_control import control_model
+        from audit.membership_inference.control_model import control_model
 
         p = self.params
         real, hold = ctx.real, ctx.holdout

@@ -75,9 +75,9 @@ from synthgate.imageset import ImageSet
 from synthgate.privacy import hash_id
 from synthgate.progress import progress_bar
 
-from .base import Check, CheckResult, Control, Estimate, Finding
-from .copy_detection import _rate, holdout_threshold
-from .stats import bootstrap_ci, roc_auc, roc_points, summary
+from audit.core.base import Check, CheckResult, Control, Estimate, Finding
+from audit.copy_detection.check import _rate, holdout_threshold
+from audit.core.stats import bootstrap_ci, roc_auc, roc_points, summary
 
 PRESETS = ("auto", "cpu", "gpu")
 FAIL_ON = ("excess", "any")
@@ -564,7 +564,7 @@ class Reidentification(Check):
     # ------------------------------------------------------------ network
 
     def _config(self, ctx):
-        from .reid_network import resolve_config
+        from audit.reidentification.network import resolve_config
 
         preset = self.params["preset"]
         if preset == "auto":
@@ -588,7 +588,7 @@ class Reidentification(Check):
 
     def _network(self, ctx, plan: Plan, cfg, preset: str):
         """The trained network from the cache (keyed by training data and settings), or trained now."""
-        from .reid_network import load_network, save_network, train_network
+        from audit.reidentification.network import load_network, save_network, train_network
 
         key = self._cache_key(ctx, plan, cfg)
         folder = ctx.model_cache("reidentification", key[:32])
@@ -829,7 +829,7 @@ def prepare_set(ctx, imageset: ImageSet, indices, cfg, batch_size: int = 256):
     """Images of ``imageset`` at ``indices`` in the network's input form (uint8 tensor)."""
     import torch
 
-    from .reid_network import prepare
+    from audit.reidentification.network import prepare
 
     parts = [prepare(b, cfg) for _, b in ctx.batches(imageset, batch_size, list(map(int, indices)))]
     if not parts:
@@ -840,7 +840,7 @@ def prepare_set(ctx, imageset: ImageSet, indices, cfg, batch_size: int = 256):
 def embed_set(ctx, model, cfg, imageset: ImageSet, indices, batch_size: int, what: str, augmented: bool = False,
               generator=None) -> np.ndarray:
     """L2-normalised embeddings of ``imageset`` at ``indices``, streamed."""
-    from .reid_network import embed, prepare
+    from audit.reidentification.network import embed, prepare
 
     indices = list(map(int, indices))
     out = [embed(model, prepare(b, cfg), ctx.torch_device, batch_size, generator, augmented)

@@ -45,11 +45,11 @@ import math
 
 import numpy as np
 
-from .base import Check, CheckResult, Control, Estimate
-from .classifier import Normalizer, load_images
-from .prdc import PRDCReference, random_cnn_features
-from .ssim import nearest_ssim
-from .stats import benjamini_hochberg, compare_samples, percentile_ci, summary
+from audit.core.base import Check, CheckResult, Control, Estimate
+from audit.quality.classifier import Normalizer, load_images
+from audit.quality.prdc import PRDCReference, random_cnn_features
+from audit.quality.ssim import nearest_ssim
+from audit.core.stats import benjamini_hochberg, compare_samples, percentile_ci, summary
 
 INCEPTION_ABSENT = ("not computed: no local Inception-v3 weights were given (setting inception_weights); "
                     "FID, KID and IS are only ever computed with Inception-v3, never with a substitute network")
@@ -309,7 +309,7 @@ class Fidelity(Check):
         if not p["inception_weights"]:
             return {"computed": False, "absent": {"fid": INCEPTION_ABSENT, "kid": INCEPTION_ABSENT,
                                                   "inception_score": INCEPTION_ABSENT}}
-        from .inception import frechet_distance, inception_score, kernel_inception_distance, load_inception
+        from audit.quality.inception import frechet_distance, inception_score, kernel_inception_distance, load_inception
 
         net = load_inception(p["inception_weights"], ctx.torch_device)
         # from the audit geometry straight to 299 x 299, as FID is computed, not via the smaller analysis size

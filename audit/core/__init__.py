@@ -1,0 +1,1 @@
+"""Shared machinery of every check: results, registry, context, runner, statistics."""

@@ -1,0 +1,1 @@
+"""DICOM PHI: does any output file carry identifying header data?"""

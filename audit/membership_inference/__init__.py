@@ -1,0 +1,1 @@
+"""Membership inference: can an attacker tell training images from unseen ones?"""

@@ -1,0 +1,1 @@
+"""Quality: utility (train on synthetic, test on real) and fidelity."""

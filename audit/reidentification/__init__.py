@@ -1,0 +1,1 @@
+"""Re-identification: can a synthetic image be linked to a training patient?"""
