@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from synthgate import clikit
-from synthgate.errors import UsageError
+from synthgate.errors import ConfigError, UsageError
 
-from audit.core.base import available_checks
+from .core.base import available_checks
 
 DESCRIPTION = """\
 Audit a synthetic image set against the real data it was made from.
@@ -56,80 +55,66 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     return parser
 
 
-def parse_params(items: Sequence[str], checks: Sequence[str]) -> dict[str, dict]:
-    """``CHECK.KEY=VALUE`` overrides; values are read as YAML scalars (numbers, booleans, null)."""
-    import yaml
+def parse_params(items: Sequence[str]) -> dict[str, dict]:
+    """``CHECK.KEY=VALUE`` overrides; values are read as YAML scalars (numbers, booleans, null).
 
-    out: dict[str, dict] = {c: {} for c in checks}
+    Which checks and keys exist, and the values' types and ranges, are
+    validated with the policy (:func:`audit.core.policy.parse_policy`).
+    """
+    from policies.loader import scalar
+
+    out: dict[str, dict] = {}
     for item in items:
         key, eq, value = item.partition("=")
         check, dot, name = key.partition(".")
         if not eq or not dot or not name:
             raise UsageError(f"--param {item!r} must look like CHECK.KEY=VALUE")
-        if check not in out:
-            raise UsageError(f"--param {item!r} names check {check!r}, which is not being run ({', '.join(checks)})")
         try:
-            out[check][name] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise UsageError(f"--param {item!r}: cannot read the value ({exc})") from exc
+            out.setdefault(check, {})[name] = scalar(value)
+        except Exception as exc:  # noqa: BLE001 - any YAML problem is the user's value
+            raise UsageError(f"--param {item!r}: cannot read the value ({' '.join(str(exc).split())})") from None
     return out
 
 
 def cmd_check(args) -> int:
-    from synthgate.imageset import ImageSet
     from synthgate.progress import set_quiet
 
-    from audit.core.context import AuditContext
-    from policies.schema import CheckPolicy, load_policy
-
-    from audit.core.runner import build_audit, check_overlap, resolve_inputs, run_policy, write_outputs
+    from .api import check, default_out
+    from .core.result import format_summary
+    from .core.policy import load_policy
 
     if args.json:
         set_quiet(True)
-    policy = load_policy(args.policy)
     only = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else None
-    checks = only or list(policy.policy.checks)
-    for c in checks:
+    for c in only or []:
         if c not in available_checks():
-            import difflib
+            from .core.settings import did_you_mean
 
-            near = difflib.get_close_matches(c, available_checks(), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise UsageError(f"--checks: unknown check {c!r}{hint}; available: {', '.join(available_checks())}")
-    overrides = parse_params(args.param, checks)
-    for name in checks:
-        rule = policy.policy.checks.get(name) or CheckPolicy()
-        # a check named on the command line is one the user wants: missing inputs are an error
-        policy.policy.checks[name] = rule.model_copy(update={
-            "settings": {**rule.settings, **overrides[name]}, "required": rule.required or bool(only)})
-    inputs = resolve_inputs(args.synthetic, args.real, args.holdout, args.model)
+            raise UsageError(f"--checks: unknown check {c!r}{did_you_mean(c, available_checks())}; "
+                             f"available: {', '.join(available_checks())}")
+    try:
+        policy = load_policy(args.policy, only=only, overrides=parse_params(args.param))
+    except ConfigError as exc:
+        if only or args.param:  # the command line, not the file, may be what is wrong
+            raise UsageError(exc.one_line()) from None
+        raise
+    out = Path(args.out) if args.out else default_out(args.synthetic)
+    failed_report = []
 
-    def load(path):
-        if path is None:
-            return None
-        s = ImageSet(path, skip_unreadable=args.skip_unreadable, max_pixels=args.max_pixels)
-        s.verify()  # every unreadable image is found now, before hours of work
-        return s
+    def report(document, path, synthetic):
+        failed_report.append(_try_report(document, path, synthetic, args.argv))
 
-    synthetic, real, holdout = load(inputs.synthetic), load(inputs.real), load(inputs.holdout)
-    out = Path(args.out) if args.out else inputs.synthetic.resolve().parent / f"{inputs.synthetic.resolve().name}-audit"
-    with tempfile.TemporaryDirectory(prefix="synthgate-audit-") as work:
-        ctx = AuditContext(synthetic=synthetic, real=real, holdout=holdout, model=inputs.model,
-                           device=args.device or "auto", seed=args.seed, workdir=Path(work) / "files")
-        check_overlap(ctx)
-        results, decision, _ = run_policy(ctx, policy, only=only)
-        audit = build_audit(ctx, results, decision, inputs, policy=policy, command=args.argv)
-        audit["policy"]["overrides"] = {k: v for k, v in overrides.items() if v}
-        ctx.workdir.mkdir(parents=True, exist_ok=True)
-        report_failed = _try_report(audit, ctx.workdir / "report.html", synthetic, args.argv)
-        write_outputs(out, audit, ctx.workdir)
+    result = check(args.synthetic, real=args.real, holdout=args.holdout, model=args.model, policy=policy,
+                   out=out, seed=args.seed, device=args.device or "auto", skip_unreadable=args.skip_unreadable,
+                   max_pixels=args.max_pixels, command=args.argv, report=report)
+    document = result.to_dict()
     if args.json:
-        clikit.emit_json(audit)
+        clikit.emit_json(document)
     else:
-        print(format_summary(audit, out))
-    if report_failed:
+        print(format_summary(document, out))
+    if any(failed_report):
         return clikit.EXIT_INTERNAL
-    return clikit.EXIT_OK if audit["verdict"] == "pass" else clikit.EXIT_FAIL
+    return clikit.EXIT_OK if result.passed else clikit.EXIT_FAIL
 
 
 def _try_report(audit: dict, path: Path, synthetic, argv) -> bool:
@@ -147,34 +132,16 @@ def _try_report(audit: dict, path: Path, synthetic, argv) -> bool:
 
 
 def cmd_validate_policy(args) -> int:
-    from policies.schema import load_policy
+    from .core.policy import load_policy
 
-    loaded = load_policy(args.policy)
-    p = loaded.policy
-    print(f"{loaded.source}: valid policy {p.name!r} (sha256 {loaded.sha256[:12]})")
-    for name, cp in p.checks.items():
-        req = "required" if cp.required else "optional"
-        print(f"  {name:<22} {req:<9} on finding: {cp.action:<6} on inconclusive: {cp.on_inconclusive}"
-              + (f"  settings: {cp.settings}" if cp.settings else ""))
+    p = load_policy(args.policy)
+    print(f"{p.source}: valid policy {p.name!r} (sha256 {p.sha256[:12]})")
+    for name, rule in p.checks.items():
+        req = "required" if rule.required else "optional"
+        print(f"  {name:<22} {req:<9} on finding: {rule.action:<6} on inconclusive: {rule.on_inconclusive}"
+              + (f"  settings: {dict(rule.given)}" if rule.given else ""))
     print(f"  max_drop_fraction {p.max_drop_fraction:g}")
     return clikit.EXIT_OK
-
-
-def format_summary(audit: dict, out: Path) -> str:
-    lines = [f"verdict: {audit['verdict'].upper()}"]
-    for c in audit["checks"]:
-        lines.append(f"  {c['name']:<22} {c['status']:<12} {c['reason']}")
-    for r in audit["verdict_reasons"]:
-        lines.append(f"  - {r}")
-    if audit["dropped"]:
-        by: dict[str, int] = {}
-        for e in audit["dropped_evidence"].values():
-            by[e["check"]] = by.get(e["check"], 0) + 1
-        lines.append(f"dropped {len(audit['dropped'])} image(s) ({', '.join(f'{k}: {v}' for k, v in by.items())}); "
-                     "the checks above describe what remained")
-    lines.append(f"released {len(audit['released'])} of {audit['inputs']['synthetic']['n_images']} images; "
-                 f"report: {out / 'report.html'}")
-    return "\n".join(lines)
 
 
 def _run(argv: Sequence[str], prog: str) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit.copy_detection.tiled import ExactTiledSearch, TiledMetric, TileLayout, brute_force  # noqa: E402
+from audit.core.tiled import ExactTiledSearch, TiledMetric, TileLayout, brute_force  # noqa: E402
 from synthgate.phantoms import generate  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Benchmark: the batched model attacks vs naive loops, same model, same images, same run.
 
-For each model attack of ``audit.mia_attacks`` (loss at several timesteps
+For each model attack of ``audit.membership_inference.model_attacks`` (loss at several timesteps
 with several noise draws, PIA, SecMI), the cost per image of
 
 - ``ours``: every (image, timestep, draw) row of a chunk in one forward pass
@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audit.membership_inference.attacks import auto_batch_rows, ddim_step, loss_scores, pia_scores, secmi_scores  # noqa: E402
+from audit.membership_inference.model_attacks import auto_batch_rows, ddim_step, loss_scores, pia_scores, secmi_scores  # noqa: E402
 from audit.membership_inference.control_model import tiny_unet  # noqa: E402
 
 

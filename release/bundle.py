@@ -98,7 +98,7 @@ def bundle(synthetic: str | Path, audit_path: str | Path, out: str | Path, polic
     audit = _read_json(audit_path, "audit file")
     _check_audit(audit, audit_path)
     if policy is not None:
-        from policies.schema import load_policy
+        from audit.core.policy import load_policy
 
         wanted = load_policy(policy)
         if wanted.sha256 != (audit.get("policy") or {}).get("sha256"):

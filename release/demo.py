@@ -51,7 +51,9 @@ def _done(start: float, text: str) -> None:
 
 
 def run_demo(args) -> int:
-    from audit import cli as audit_cli
+    from audit.api import check
+    from audit.core.result import format_summary
+    from reports.cli import write_report
     from generators.config import preset
     from generators.model import load_model
     from generators.run import train
@@ -89,12 +91,12 @@ def run_demo(args) -> int:
     _done(t, f"wrote {synthetic}")
 
     t = _step(4, "audit the synthetic set against the real training data and the unseen holdout")
-    code = audit_cli.main(["check", str(synthetic), "--holdout", str(data / "holdout"), "--policy", str(POLICY),
-                           "--out", str(audit_dir), "--seed", str(args.seed)]
-                          + (["--device", args.device] if args.device else [])
-                          + (["--checks", args.checks] if args.checks else []))
-    if code not in (0, 1):
-        return code
+    only = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else None
+    result = check(synthetic, holdout=data / "holdout", policy=POLICY, checks=only, out=audit_dir, seed=args.seed,
+                   device=args.device or "auto",
+                   report=lambda document, path, synth: write_report(document, path, synthetic=synth))
+    print(format_summary(result.to_dict(), audit_dir))
+    code = 0 if result.passed else 1
     _done(t, f"verdict: {'PASS' if code == 0 else 'FAIL'}")
 
     t = _step(5, "the report")

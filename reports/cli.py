@@ -1,13 +1,11 @@
 """``synthgate report AUDIT_JSON`` (also ``audit report``): render an audit as HTML, and PDF."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from synthgate import clikit
-from synthgate.errors import InputError, MissingInputError
 
 DESCRIPTION = """\
 Render an audit.json as one self-contained HTML report (and a PDF with --pdf).
@@ -28,19 +26,7 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     return p
 
 
-def read_audit(path: Path) -> dict:
-    if not path.exists():
-        raise MissingInputError("audit file does not exist", path)
-    try:
-        audit = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"is not a readable audit.json ({exc})", path) from exc
-    if not isinstance(audit, dict) or "checks" not in audit or "verdict" not in audit:
-        raise InputError("is not an audit.json written by `audit check` (no checks/verdict)", path)
-    return audit
-
-
-def write_report(audit: dict, out: Path, internal: bool = False, synthetic=None, real=None) -> Path:
+def write_report(audit, out: Path, internal: bool = False, synthetic=None, real=None) -> Path:
     from synthgate.fsutil import atomic_write_text
 
     from .render import render_html
@@ -51,6 +37,8 @@ def write_report(audit: dict, out: Path, internal: bool = False, synthetic=None,
 def _run(argv: Sequence[str], prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     path = Path(args.audit)
+    from audit.record import read_audit
+
     audit = read_audit(path)
     default = "report-internal.html" if args.internal else "report.html"
     out = Path(args.out) if args.out else path.parent / default

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synthgate.privacy import hash_id
 
 from . import plots
+
+if TYPE_CHECKING:  # pragma: no cover
+    from audit.record import AuditRecord, CheckRecord, SetRecord
 
 MAX_THUMBNAILS = 24
 MAX_FLAGGED_ROWS = 200
@@ -95,94 +98,95 @@ def _table(table: dict | None) -> dict | None:
             "rows": [[r.get(c) for c in columns] if isinstance(r, dict) else list(r) for r in rows]}
 
 
-def _flagged(check: dict, internal: bool) -> list[dict]:
+def _flagged(check: "CheckRecord", internal: bool) -> list[dict]:
     rows = []
-    for f in check.get("flagged", [])[:MAX_FLAGGED_ROWS]:
-        evidence = {k: v for k, v in f.items() if k not in ("synthetic", "reason")}
-        if "real" in evidence and evidence["real"]:
+    for f in check.flagged[:MAX_FLAGGED_ROWS]:
+        evidence = f.evidence
+        if evidence.get("real"):
             evidence["real"] = _redact_real(str(evidence["real"]), internal)
-        reason = f["reason"]
-        if not internal and f.get("real"):
-            reason = reason.replace(str(f["real"]), evidence["real"])
-        rows.append({"synthetic": f["synthetic"], "reason": reason,
+        reason = f.reason
+        if not internal and f.real:
+            reason = reason.replace(f.real, evidence["real"])
+        rows.append({"synthetic": f.synthetic, "reason": reason,
                      "evidence": ", ".join(f"{k}: {_fmt(v)}" for k, v in evidence.items() if v is not None)})
     return rows
 
 
-def _open_set(entry: dict | None):
+def _open_set(entry: "SetRecord | None"):
     from synthgate.imageset import ImageSet
 
-    if not entry or not Path(entry["path"]).is_dir():
+    if entry is None or not Path(entry.path).is_dir():
         return None
     try:
-        s = ImageSet(entry["path"], skip_unreadable=True)
+        s = ImageSet(entry.path, skip_unreadable=True)
     except Exception:  # the report must render even if the data moved
         return None
-    return s if s.digest == entry.get("sha256") else None
+    return s if s.digest == entry.sha256 else None
 
 
-def _thumbnails(audit: dict, synthetic, real, internal: bool) -> tuple[list[dict], list[dict], str | None]:
+def _thumbnails(audit: "AuditRecord", synthetic, real, internal: bool) -> tuple[list[dict], list[dict], str | None]:
     """Released thumbnails (shareable) and flagged pairs (internal only)."""
     if synthetic is None:
         return [], [], "the synthetic set could not be opened (moved or changed since the audit); no thumbnails"
     index = {r.key: i for i, r in enumerate(synthetic.records)}
     # a flagged image is patient data by the audit's own finding, even when a 'warn' policy released it
-    flagged = {f["synthetic"] for c in audit["checks"] for f in c.get("flagged", [])}
-    released = [k for k in audit.get("released", []) if k in index and k not in flagged][:MAX_THUMBNAILS]
+    flagged = audit.flagged
+    released = [k for k in audit.released if k in index and k not in flagged][:MAX_THUMBNAILS]
     thumbs = [{"key": k, "uri": plots.thumbnail_uri(synthetic.load(index[k]))} for k in released]
     pairs = []
     if internal:
         real_index = {r.key: i for i, r in enumerate(real.records)} if real is not None else {}
-        for check in audit["checks"]:
-            for f in check.get("flagged", [])[:MAX_THUMBNAILS]:
-                if f["synthetic"] not in index:
+        for check in audit.checks:
+            for f in check.flagged[:MAX_THUMBNAILS]:
+                if f.synthetic not in index:
                     continue
-                pair = {"check": check["name"], "synthetic": f["synthetic"],
-                        "uri": plots.thumbnail_uri(synthetic.load(index[f["synthetic"]]))}
-                if f.get("real") in real_index:
-                    pair["real"] = f["real"]
-                    pair["real_uri"] = plots.thumbnail_uri(real.load(real_index[f["real"]]))
+                pair = {"check": check.name, "synthetic": f.synthetic,
+                        "uri": plots.thumbnail_uri(synthetic.load(index[f.synthetic]))}
+                if f.real in real_index:
+                    pair["real"] = f.real
+                    pair["real_uri"] = plots.thumbnail_uri(real.load(real_index[f.real]))
                 pairs.append(pair)
     return thumbs, pairs, None
 
 
-def build_context(audit: dict, internal: bool = False, synthetic=None, real=None) -> dict:
+def build_context(audit: "AuditRecord | dict", internal: bool = False, synthetic=None, real=None) -> dict:
     """Everything the template shows, already made safe for the chosen audience."""
+    from audit.record import AuditRecord, parse_audit
+
+    if not isinstance(audit, AuditRecord):
+        audit = parse_audit(audit, "audit.json")
     checks = []
-    for c in audit["checks"]:
+    for c in audit.checks:
         checks.append({
-            "name": c["name"], "status": c["status"], "reason": c["reason"], "method": c.get("method", ""),
-            "references": c.get("references", []), "limitations": c.get("limitations", []),
-            "thresholds": _rows(c.get("thresholds", {})), "metrics": _rows(c.get("metrics", {})),
-            "controls": c.get("controls", []), "flagged": _flagged(c, internal), "n_flagged": len(c.get("flagged", [])),
-            "plots": _plots(c.get("data") or {}, c["name"]), "table": _table((c.get("data") or {}).get("table")),
-            "seconds": c.get("seconds"),
+            "name": c.name, "status": c.status, "reason": c.reason, "method": c.method,
+            "references": c.references, "limitations": c.limitations,
+            "thresholds": _rows(c.thresholds), "metrics": _rows(c.metrics),
+            "controls": c.controls, "flagged": _flagged(c, internal), "n_flagged": len(c.flagged),
+            "plots": _plots(c.data, c.name), "table": _table(c.data.get("table")),
+            "seconds": c.seconds,
         })
     if synthetic is None:
-        synthetic = _open_set(audit["inputs"].get("synthetic"))
+        synthetic = _open_set(audit.inputs.synthetic)
     if real is None and internal:
-        real = _open_set(audit["inputs"].get("real"))
+        real = _open_set(audit.inputs.real)
     thumbs, pairs, thumb_note = _thumbnails(audit, synthetic, real, internal)
     inputs = []
     for name in ("synthetic", "real", "holdout"):
-        e = audit["inputs"].get(name)
-        if e:
-            inputs.append({"name": name, "path": e["path"], "n": e["n_images"], "sha256": e["sha256"],
-                           "skipped": e.get("skipped", [])})
-    model = audit["inputs"].get("model")
-    policy = audit.get("policy") or {}
+        e = getattr(audit.inputs, name)
+        if e is not None:
+            inputs.append({"name": name, "path": e.path, "n": e.n_images, "sha256": e.sha256, "skipped": e.skipped})
+    policy = audit.policy
     return {
-        "audit": audit, "internal": internal, "checks": checks, "inputs": inputs, "model": model,
-        "geometry": audit["inputs"].get("geometry", {}), "policy": policy,
-        "policy_rules": [(n, r) for n, r in (policy.get("checks") or {}).items()],
+        "audit": audit, "internal": internal, "checks": checks, "inputs": inputs, "model": audit.inputs.model,
+        "geometry": audit.inputs.geometry or {}, "policy": policy,
+        "policy_rules": list(policy.checks.items()) if policy is not None else [],
         "thumbnails": thumbs, "pairs": pairs, "thumb_note": thumb_note,
-        "n_synthetic": audit["inputs"]["synthetic"]["n_images"], "fmt": _fmt,
-        "dropped": [{"key": k, "check": (audit.get("dropped_evidence") or {}).get(k, {}).get("check", "")}
-                    for k in audit.get("dropped", [])],
+        "n_synthetic": audit.inputs.synthetic.n_images, "fmt": _fmt,
+        "dropped": [{"key": k, "check": audit.dropped_evidence.get(k, {}).get("check", "")} for k in audit.dropped],
     }
 
 
-def render_html(audit: dict, internal: bool = False, synthetic=None, real=None) -> str:
+def render_html(audit: "AuditRecord | dict", internal: bool = False, synthetic=None, real=None) -> str:
     """The report as one HTML string."""
     import jinja2
 

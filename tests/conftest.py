@@ -8,16 +8,32 @@ import pytest
 from synthgate.phantoms import write_phantoms
 
 
-@pytest.fixture(autouse=True)
-def _isolated_env(tmp_path_factory, monkeypatch):
-    home = tmp_path_factory.mktemp("home")
+def _isolate(monkeypatch, home: Path) -> None:
+    """Caches, logs, keys and salt under ``home``: nothing a test does touches the developer's real ones."""
     monkeypatch.setenv("SYNTHGATE_CACHE_DIR", str(home / "cache"))
     monkeypatch.setenv("SYNTHGATE_LOG_DIR", str(home / "logs"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg-cache"))
     monkeypatch.setenv("SYNTHGATE_SALT", "test-salt")
     monkeypatch.setenv("SYNTHGATE_QUIET", "1")
-    monkeypatch.delenv("SYNTHGATE_MAX_PIXELS", raising=False)
-    monkeypatch.delenv("SYNTHGATE_DEVICE", raising=False)
+    for name in ("SYNTHGATE_MAX_PIXELS", "SYNTHGATE_DEVICE", "SYNTHGATE_KEY", "SYNTHGATE_RAY_ADDRESS",
+                 "SYNTHGATE_LEDGER"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session_env(tmp_path_factory):
+    """Session-wide isolation, so module- and session-scoped fixtures are isolated too."""
+    mp = pytest.MonkeyPatch()
+    _isolate(mp, tmp_path_factory.mktemp("session-home"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    """Per test, a fresh home on top of the session's."""
+    _isolate(monkeypatch, tmp_path_factory.mktemp("home"))
     yield
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from audit import cli as audit_cli
 from audit.copy_detection.check import holdout_threshold, plant
-from audit.copy_detection.tiled import ExactTiledSearch, TiledMetric, TileLayout, brute_force, edges, tiled_distance_np
+from audit.core.tiled import ExactTiledSearch, TiledMetric, TileLayout, brute_force, edges, tiled_distance_np
 from synthgate.phantoms import generate
 from conftest import save_unit_png
 

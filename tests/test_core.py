@@ -68,3 +68,19 @@ def test_device_choice(monkeypatch):
             resolve_device("cuda")
     monkeypatch.setenv("SYNTHGATE_DEVICE", "cpu")
     assert resolve_device(None).type == "cpu"
+
+
+@pytest.fixture(scope="module")
+def module_env():
+    import os
+
+    return {k: os.environ.get(k) for k in ("SYNTHGATE_CACHE_DIR", "SYNTHGATE_SALT", "SYNTHGATE_LOG_DIR",
+                                             "XDG_CONFIG_HOME")}
+
+
+def test_module_scoped_fixtures_run_isolated(module_env, tmp_path_factory):
+    """Module fixtures (trained networks, audits) must not see the developer's cache, salt or logs."""
+    base = str(tmp_path_factory.getbasetemp())
+    assert module_env["SYNTHGATE_SALT"] == "test-salt"
+    for key in ("SYNTHGATE_CACHE_DIR", "SYNTHGATE_LOG_DIR", "XDG_CONFIG_HOME"):
+        assert module_env[key] and module_env[key].startswith(base), (key, module_env[key])

@@ -311,7 +311,7 @@ def test_sampling_is_deterministic_per_seed_and_per_image(trained):
 def test_cli_sample_png_manifest_provenance_and_audit_inputs(trained, ph16, tmp_path, capsys):
     from PIL import Image
 
-    from audit.core.runner import resolve_inputs
+    from audit.core.inputs import resolve_inputs
     from synthgate.fsutil import digest_folder
     from synthgate.imageset import ImageSet
 

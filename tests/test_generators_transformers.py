@@ -293,7 +293,7 @@ def test_cli_trains_and_samples_a_latent_swin_model(tmp_path, capsys):
 def test_membership_attacks_run_unchanged_on_a_swin_model(trained, ph16):
     import torch
 
-    from audit.membership_inference.attacks import loss_scores, pia_scores, secmi_scores
+    from audit.membership_inference.model_attacks import loss_scores, pia_scores, secmi_scores
     from generators.model import load_model
     from synthgate.imageset import ImageSet
 

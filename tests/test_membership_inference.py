@@ -14,9 +14,11 @@ from scipy.stats import norm
 from audit import cli as audit_cli
 from audit.core.base import create_check
 from audit.core.context import AuditContext
-from audit.membership_inference.check import RocMetrics, exceeded, group_split, roc_metrics, strength
-from audit.membership_inference.attacks import (RandomConvFeatures, ddim_step, density_ratio_scores, loo_bandwidth, loss_scores,
-                               nearest_distance, nearest_rms, pca_basis, pia_scores, secmi_scores)
+from audit.membership_inference.design import group_split
+from audit.membership_inference.statistics import RocMetrics, exceeded, roc_metrics, strength
+from audit.membership_inference.model_attacks import ddim_step, loss_scores, pia_scores, secmi_scores
+from audit.membership_inference.synthetic_attacks import (RandomConvFeatures, density_ratio_scores, loo_bandwidth,
+                                                          nearest_distance, nearest_rms, pca_basis)
 from audit.core.stats import bootstrap_roc, percentile_ci, roc_auc, tpr_at_fpr
 from synthgate.imageset import ImageSet
 from synthgate.phantoms import generate, write_phantoms

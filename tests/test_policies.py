@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from audit import cli as audit_cli
-from audit.core.base import Check, _REGISTRY, register_check
-from policies.schema import BUILTIN, load_policy, parse_policy
+from audit.core.base import Check, register_check, unregister_check
+from audit.core.policy import load_policy, parse_policy
+from policies.loader import BUILTIN
 from synthgate.errors import ConfigError
 from synthgate.phantoms import generate, write_phantoms
 from conftest import save_unit_png
@@ -20,7 +21,7 @@ class Inconclusive(Check):
 
     name = "always_inconclusive"
 
-    def run(self, ctx):
+    def score(self, ctx, fitted):
         return self.result("inconclusive", "the attack could not beat its baseline")
 
 
@@ -28,13 +29,13 @@ class Inconclusive(Check):
 def inconclusive_check():
     register_check("always_inconclusive", "test_policies:Inconclusive")
     yield
-    _REGISTRY.pop("always_inconclusive")
+    unregister_check("always_inconclusive")
 
 
 @pytest.mark.parametrize("name", BUILTIN)
 def test_builtin_policies_are_valid(name):
     loaded = load_policy(name)
-    assert loaded.name == name and loaded.policy.checks and len(loaded.sha256) == 64
+    assert loaded.name == name and loaded.checks and len(loaded.sha256) == 64
     assert "#" in loaded.text  # thresholds come with comments explaining them
 
 
@@ -44,11 +45,11 @@ def test_builtin_policies_are_valid(name):
     ("name: x\nchecks: {copy_detection: {acton: drop}}\n", "did you mean 'action'"),
     ("name: x\nchecks: {copy_detection: {action: delete}}\n", "checks.copy_detection.action"),
     ("name: x\nchecks: {copy_detection: {settings: {treshold: 0.2}}}\n", "did you mean 'threshold'"),
-    ("name: x\nchecks: {copy_detection: {settings: {rule: magic}}}\n", "rule 'magic' must be one of"),
+    ("name: x\nchecks: {copy_detection: {settings: {rule: magic}}}\n", "checks.copy_detection.settings.rule: Input should be"),
     ("name: x\nchecks: {}\n", "at least one check"),
     ("checks: {copy_detection: {}}\n", "name"),
     ("- a list\n", "YAML mapping"),
-    ("name: [unclosed\n", "not valid YAML"),
+    ("name: [unclosed\n", "not valid policy YAML"),
 ])
 def test_policy_errors_are_clear(text, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -133,3 +134,83 @@ def test_inconclusive_fails_unless_policy_says_warn(gate_case, capsys, tmp_path,
 def test_required_check_without_inputs_is_a_usage_error(gate_case, capsys, tmp_path):
     code = audit_cli.main(["check", str(gate_case / "syn"), "--out", str(tmp_path / "o")])
     assert code == 2 and "copy_detection is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: x\nchecks:\n  copy_detection: {settings: {grid: four}}\n",
+     "checks.copy_detection.settings.grid: Input should be a valid integer (got 'four')"),
+    ("name: x\nchecks:\n  copy_detection: {settings: {grid: 4.0}}\n", "checks.copy_detection.settings.grid"),
+    ("name: x\nchecks:\n  copy_detection: {settings: {holdout_quantile: 0.7}}\n",
+     "checks.copy_detection.settings.holdout_quantile: Input should be less than 0.5"),
+    ("name: x\nchecks:\n  membership_inference: {settings: {timesteps: 50}}\n",
+     "checks.membership_inference.settings.timesteps: Input should be a valid list"),
+    ("name: x\nchecks:\n  membership_inference: {settings: {model_attacks: [loss, magic]}}\n",
+     "'magic' is not a registered scenario-2 attack"),
+    ("name: x\nchecks:\n  reidentification: {settings: {batch_size: 4, views: 4}}\n", "batch_size must be at least 2 x views"),
+    ("name: x\nchecks:\n  copy_detection: {settings: {tresh: 1}}\n", "unknown setting 'tresh'"),
+    ("name: x\nchecks:\n  copy_detection: {}\n  copy_detection: {}\n", "duplicate key 'copy_detection'"),
+    ("name: x\nchecks:\n  copy_detection: {settings: {grid: 4, grid: 8}}\n", "duplicate key 'grid'"),
+    ("name: x\nbase: &b {grid: 4}\nchecks:\n  copy_detection: {settings: *b}\n", "anchor &b is not allowed"),
+    ("name: x\nchecks:\n  copy_detection: {settings: {<<: {grid: 4}}}\n", "merge keys"),
+    ("name: x\nmax_drop_fraction: '0.1'\nchecks: {copy_detection: {}}\n", "max_drop_fraction: Input should be a valid number"),
+    ("name: x\nchecks:\n  copy_detection: {required: 'yes'}\n", "checks.copy_detection.required"),
+])
+def test_policy_settings_are_typed_and_yaml_is_strict(tmp_path, capsys, text, message):
+    """validate-policy refuses each with exit 2 and one line naming the check, the key and the problem."""
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    assert audit_cli.main(["validate-policy", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path, capsys):
+    """The billion-laughs pattern: refused at the first anchor, never expanded."""
+    import time
+
+    lines = ["name: x", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    lines += ["checks:", "  copy_detection: {settings: {embedding_weights: *a8}}"]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    assert audit_cli.main(["validate-policy", str(path)]) == 2
+    assert time.perf_counter() - start < 5
+    assert "is not allowed in a policy" in capsys.readouterr().err
+
+
+def test_oversized_policy_is_refused(tmp_path, capsys):
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\ndescription: '" + "y" * 70_000 + "'\nchecks: {copy_detection: {}}\n")
+    assert audit_cli.main(["validate-policy", str(path)]) == 2
+    assert "KiB" in capsys.readouterr().err
+
+
+def test_param_overrides_are_validated_before_any_work(gate_case, capsys, tmp_path, monkeypatch):
+    import audit.api
+
+    def no_work(*a, **k):
+        raise AssertionError("the audit read its inputs although its settings are invalid")
+
+    monkeypatch.setattr(audit.api, "resolve_inputs", no_work)
+    for param, message in (("copy_detection.grid=four", "checks.copy_detection.settings.grid"),
+                           ("copy_detection.treshold=0.2", "did you mean 'threshold'"),
+                           ("reidentification.epochs=3", "not being run"),
+                           ("copy_detection.grid", "must look like CHECK.KEY=VALUE")):
+        code = audit_cli.main(["check", str(gate_case / "syn"), "--real", str(gate_case / "p" / "train"),
+                               "--checks", "copy_detection", "--param", param, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_every_check_documents_its_settings():
+    """Each registered check's settings model: defaults validate, every field has a description, JSON round-trips."""
+    from audit.core.base import available_checks, settings_class
+
+    for name in available_checks():
+        model = settings_class(name)
+        s = model()
+        assert model.model_validate_json(s.model_dump_json()) == s
+        undocumented = [n for n, _, doc in model.documented() if not doc]
+        assert not undocumented, (name, undocumented)

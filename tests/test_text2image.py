@@ -379,7 +379,7 @@ def test_sampling_is_deterministic_records_prompts_and_follows_guidance(full, tm
 def test_membership_attacks_run_conditioned_on_captions(full, ph):
     import torch
 
-    from audit.membership_inference.attacks import loss_scores, pia_scores, secmi_scores
+    from audit.membership_inference.model_attacks import loss_scores, pia_scores, secmi_scores
     from generators.model import load_model
     from generators.text2image import TextDiffusionModel
     from synthgate.imageset import ImageSet

@@ -31,9 +31,10 @@ check's status is ``error`` and the audit is invalid.
 from __future__ import annotations
 
 import csv
-import io
 import math
-from collections import Counter, OrderedDict
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -42,80 +43,60 @@ from synthgate.privacy import hash_id
 from synthgate.progress import progress_bar
 
 from audit.core.base import Check, CheckResult, Control, Estimate, Finding
-from audit.core.stats import clopper_pearson, summary
-from audit.copy_detection.tiled import ExactTiledSearch, TiledMetric, TileLayout
+from audit.core.controls import TRANSFORMS, plant
+from audit.core.loading import SetLoader
+from audit.core.stats import binomial_rate, summary
+from audit.core.thresholds import holdout_threshold
 
-RULES = ("auto", "absolute", "calibrated", "holdout", "any")
-TRANSFORMS = ("exact", "noise", "brightness_contrast", "jpeg", "blur")
-
-
-class SetLoader:
-    """Random access to a set's images at the audit geometry, with a bounded LRU."""
-
-    def __init__(self, imageset: ImageSet, geometry, max_bytes: int = 512 << 20):
-        self.imageset = imageset
-        self.geometry = geometry
-        per = geometry.height * geometry.width * geometry.channels * 4
-        self.capacity = max(8, max_bytes // per)
-        self._lru: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def one(self, i: int) -> np.ndarray:
-        if i in self._lru:
-            self._lru.move_to_end(i)
-            return self._lru[i]
-        x = np.ascontiguousarray(self.imageset.load(i, self.geometry).transpose(2, 0, 1))
-        self._lru[i] = x
-        if len(self._lru) > self.capacity:
-            self._lru.popitem(last=False)
-        return x
-
-    def __call__(self, indices) -> np.ndarray:
-        return np.stack([self.one(int(i)) for i in indices])
+from .settings import CopyDetectionSettings
+from audit.core.tiled import ExactTiledSearch, SearchStats, TiledMetric, TileLayout
 
 
-def plant(x: np.ndarray, transform: str, rng: np.random.Generator) -> np.ndarray:
-    """A near-copy of ``x`` (``(C, H, W)`` in [0, 1]) made by ``transform``."""
-    if transform == "exact":
-        y = x.copy()
-    elif transform == "noise":
-        y = x + rng.normal(0.0, 0.02, x.shape)
-    elif transform == "brightness_contrast":
-        y = (x - 0.5) * 1.05 + 0.5 + 0.03
-    elif transform == "jpeg":
-        from PIL import Image
+@dataclass
+class CopyFit:
+    """The real side of copy detection, computed once per audit and reused by every scoring round."""
 
-        chans = []
-        for c in x:
-            buf = io.BytesIO()
-            Image.fromarray(np.round(np.clip(c, 0, 1) * 255).astype(np.uint8)).save(buf, format="JPEG", quality=75)
-            chans.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255.0)
-        y = np.stack(chans)
-    elif transform == "blur":
-        from scipy.ndimage import gaussian_filter
+    metric: TiledMetric
+    search: ExactTiledSearch
+    real_loader: SetLoader
+    k: int
+    rule: str
+    h_dist: np.ndarray | None
+    h_cal: np.ndarray | None
+    tau_h: float | None
+    tau_note: str | None
+    control: Control | None = None
+    training_duplicates: dict[str, Any] | None = None
+    stats: SearchStats | None = None
 
-        y = np.stack([gaussian_filter(c, 0.8, mode="nearest") for c in x])
-    else:
-        raise ValueError(f"transform {transform!r} must be one of {', '.join(TRANSFORMS)}")
-    return np.clip(y, 0.0, 1.0).astype(np.float32)
+    def flag_fn(self, threshold: float):
+        """The decision rule in force: ``flag(nearest distance, calibrated distance) -> bool array``."""
+        tau_h = self.tau_h
 
+        def absolute(d, c):
+            return d <= threshold
 
-def holdout_threshold(distances: np.ndarray, quantile: float) -> tuple[float, int, str]:
-    """Conformal threshold from unseen-image distances.
+        def calibrated(d, c):
+            return c < 1.0
 
-    Flagging ``d < tau`` with ``tau`` the ``k``-th smallest of ``n`` holdout
-    distances, ``k = floor(quantile (n + 1))``, flags a new unseen image with
-    probability at most ``k / (n + 1) <= quantile``.  With too few holdout
-    images for that quantile, ``tau`` is the smallest distance (rate at most
-    ``1 / (n + 1)``) and the note says so.
-    """
-    d = np.sort(np.asarray(distances, np.float64))
-    n = len(d)
-    k = int(math.floor(quantile * (n + 1)))
-    if k >= 1:
-        return float(d[k - 1]), k, f"{k}-th smallest of {n} holdout distances (false-alarm rate <= {k / (n + 1):.4f})"
-    return float(d[0]), 1, (f"{n} holdout images cannot resolve a {quantile:g} quantile; using the smallest "
-                            f"holdout distance (false-alarm rate <= {1 / (n + 1):.4f})")
+        def holdout(d, c):
+            return d < tau_h
 
+        if self.rule == "any":
+            active = [absolute, calibrated] + ([holdout] if tau_h is not None else [])
+            return lambda d, c: np.logical_or.reduce([f(d, c) for f in active])
+        return {"absolute": absolute, "calibrated": calibrated, "holdout": holdout}[self.rule]
+
+    def thresholds(self, s: CopyDetectionSettings) -> dict:
+        out = {"rule": self.rule, "threshold": s.threshold, "alpha": s.alpha, "n_neighbors": self.k, "grid": s.grid}
+        if self.h_dist is not None:
+            out.update({"holdout_quantile": s.holdout_quantile, "tau_holdout": self.tau_h,
+                        "tau_holdout_note": self.tau_note})
+        if self.rule in ("holdout", "any") and self.tau_h is not None:
+            out["tau"] = self.tau_h if self.rule == "holdout" else max(self.tau_h, s.threshold)
+        elif self.rule == "absolute":
+            out["tau"] = s.threshold
+        return out
 
 def _components(pairs: list[tuple[int, int]]) -> list[list[int]]:
     """Connected groups of images joined by near-duplicate pairs, largest first."""
@@ -157,47 +138,28 @@ class CopyDetection(Check):
         "regions it is less informative.",
     )
 
-    @classmethod
-    def default_params(cls) -> dict:
-        return {
-            "threshold": 0.15, "grid": 4, "pool": 8, "rule": "auto", "alpha": 0.5, "n_neighbors": 50,
-            "holdout_quantile": 0.01, "control_copies": 10, "synthetic_duplicates": True,
-            "training_duplicates": True, "max_duplicate_queries": 5000, "query_chunk_mb": 1024,
-            "batch_size": 64, "embedding_weights": None, "engine": "torch",
-        }
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        p = self.params
-        if p["rule"] not in RULES:
-            raise ValueError(f"copy_detection: rule {p['rule']!r} must be one of {', '.join(RULES)}")
-        if not 0 < float(p["threshold"]) < 1:
-            raise ValueError("copy_detection: threshold must be in (0, 1)")
-        if not 0 < float(p["holdout_quantile"]) < 0.5:
-            raise ValueError("copy_detection: holdout_quantile must be in (0, 0.5)")
-        if int(p["n_neighbors"]) < 1 or float(p["alpha"]) <= 0:
-            raise ValueError("copy_detection: n_neighbors must be >= 1 and alpha > 0")
+    Settings = CopyDetectionSettings
 
     # ------------------------------------------------------------------ helpers
 
     def _features(self, ctx, metric, imageset: ImageSet, what: str):
         import torch
 
+        bs = self.settings.batch_size
         feats = []
-        for _, batch in progress_bar(ctx.batches(imageset, self.params["batch_size"]), desc=f"copy: index {what}",
-                                     unit="batch", enabled=ctx.progress,
-                                     total=math.ceil(len(imageset) / self.params["batch_size"])):
+        for _, batch in progress_bar(ctx.batches(imageset, bs), desc=f"copy: index {what}", unit="batch",
+                                     enabled=ctx.progress, total=math.ceil(len(imageset) / bs)):
             feats.append(metric.features(batch))
         return torch.cat(feats)
 
     def _query_chunks(self, ctx, imageset: ImageSet):
         geo = ctx.geometry
         per = geo.height * geo.width * geo.channels * 4
-        size = max(1, int(self.params["query_chunk_mb"]) * (1 << 20) // per)
+        size = max(1, self.settings.query_chunk_mb * (1 << 20) // per)
         order = list(range(len(imageset)))
         for start in range(0, len(order), size):
             idx = order[start:start + size]
-            yield idx, np.concatenate([b for _, b in ctx.batches(imageset, self.params["batch_size"], idx)])
+            yield idx, np.concatenate([b for _, b in ctx.batches(imageset, self.settings.batch_size, idx)])
 
     def _search_set(self, ctx, search, imageset, k, what):
         """Nearest training images of every image in ``imageset``: the nearest proven exact, and the
@@ -225,47 +187,85 @@ class CopyDetection(Check):
 
     def _calibrated(self, dist: np.ndarray) -> np.ndarray:
         """Carlini's calibrated distance: nearest / (alpha * mean of the n nearest, the nearest included)."""
-        n = min(int(self.params["n_neighbors"]), dist.shape[1])
+        n = min(self.settings.n_neighbors, dist.shape[1])
         mean = dist[:, :n].mean(1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            cal = dist[:, 0] / (float(self.params["alpha"]) * mean)
+            cal = dist[:, 0] / (self.settings.alpha * mean)
         return np.where(mean > 0, cal, 0.0)
 
-    # ---------------------------------------------------------------------- run
+    # ---------------------------------------------------------------------- fit
 
-    def run(self, ctx) -> CheckResult:
-        p = self.params
-        real, synth, hold = ctx.real, ctx.synthetic, ctx.holdout
+    def fit(self, ctx) -> "CopyFit":
+        """Everything about the real side: the training index, the holdout's distances and threshold, the
+        planted-copy control and the training set's own near-duplicates."""
+        s = self.settings
+        real, hold = ctx.real, ctx.holdout
         geo = ctx.geometry
-        layout = TileLayout(geo.height, geo.width, geo.channels, grid=int(p["grid"]), pool=int(p["pool"]))
+        layout = TileLayout(geo.height, geo.width, geo.channels, grid=s.grid, pool=s.pool)
         metric = TiledMetric(layout, ctx.torch_device)
         real_loader = SetLoader(real, geo)
         search = ExactTiledSearch(metric, self._features(ctx, metric, real, "training set"), real_loader,
-                                  engine=p["engine"])
-        k = min(int(p["n_neighbors"]), len(real))
-
-        s_idx, s_dist = self._search_set(ctx, search, synth, k, "synthetic")
-        s_cal = self._calibrated(s_dist)
-
+                                  engine=s.engine)
+        k = min(s.n_neighbors, len(real))
         h_dist = h_cal = None
         if hold is not None:
             _, h_d = self._search_set(ctx, search, hold, k, "holdout")
             h_dist, h_cal = h_d[:, 0], self._calibrated(h_d)
-
-        rule = p["rule"] if p["rule"] != "auto" else ("holdout" if hold is not None else "absolute")
-        if rule == "holdout" and hold is None:
-            return self.result("skipped", "rule 'holdout' needs a holdout set (--holdout); none was given")
+        rule = s.rule if s.rule != "auto" else ("holdout" if hold is not None else "absolute")
         tau_h = tau_note = None
         if h_dist is not None:
-            tau_h, _, tau_note = holdout_threshold(h_dist, float(p["holdout_quantile"]))
-        flag_fn = self._rule(rule, float(p["threshold"]), tau_h)
+            tau_h, _, tau_note = holdout_threshold(h_dist, s.holdout_quantile)
+        fit = CopyFit(metric=metric, search=search, real_loader=real_loader, k=k, rule=rule, h_dist=h_dist,
+                      h_cal=h_cal, tau_h=tau_h, tau_note=tau_note)
+        if rule == "holdout" and hold is None:
+            return fit
+        fit.control = self._control(ctx, search, real_loader, k, fit.flag_fn(s.threshold))
+        thresholds = fit.thresholds(s)
+        if s.training_duplicates and len(real) > 1:
+            fit.training_duplicates = self._duplicates(ctx, metric, real, thresholds.get("tau", s.threshold),
+                                                       "training", patients=real.has_patients)
+        fit.stats = replace(search.stats)  # what the real side cost; each scoring adds its own queries
+        return fit
 
+    def fit_state(self, fit: "CopyFit") -> dict:
+        """What the real side cost to compute, without live objects: training features, holdout, controls."""
+        return {"features": fit.search.rf.cpu().numpy(), "k": fit.k, "rule": fit.rule, "h_dist": fit.h_dist,
+                "h_cal": fit.h_cal, "tau_h": fit.tau_h, "tau_note": fit.tau_note, "control": fit.control,
+                "training_duplicates": fit.training_duplicates, "stats": fit.stats}
+
+    def from_state(self, ctx, state: dict) -> "CopyFit":
+        import torch
+
+        s, geo = self.settings, ctx.geometry
+        metric = TiledMetric(TileLayout(geo.height, geo.width, geo.channels, grid=s.grid, pool=s.pool),
+                             ctx.torch_device)
+        real_loader = SetLoader(ctx.real, geo)
+        search = ExactTiledSearch(metric, torch.from_numpy(state["features"]), real_loader, engine=s.engine)
+        return CopyFit(metric=metric, search=search, real_loader=real_loader, k=state["k"], rule=state["rule"],
+                       h_dist=state["h_dist"], h_cal=state["h_cal"], tau_h=state["tau_h"],
+                       tau_note=state["tau_note"], control=state["control"],
+                       training_duplicates=state["training_duplicates"], stats=state["stats"])
+
+    # -------------------------------------------------------------------- score
+
+    def score(self, ctx, fit: "CopyFit") -> CheckResult:
+        s = self.settings
+        real, synth, hold = ctx.real, ctx.synthetic, ctx.holdout
+        geo = ctx.geometry
+        rule, tau_h, h_dist, h_cal = fit.rule, fit.tau_h, fit.h_dist, fit.h_cal
+        if rule == "holdout" and hold is None:
+            return self.result("skipped", "rule 'holdout' needs a holdout set (--holdout); none was given")
+        search = fit.search
+        search.stats = replace(fit.stats)
+        s_idx, s_dist = self._search_set(ctx, search, synth, fit.k, "synthetic")
+        s_cal = self._calibrated(s_dist)
+        flag_fn = fit.flag_fn(s.threshold)
         flagged_mask = flag_fn(s_dist[:, 0], s_cal)
-        control = self._control(ctx, search, real_loader, k, flag_fn)
+        control = fit.control
 
         embedding = None
-        if p["embedding_weights"]:
-            embedding = self._embedding(ctx, metric, real_loader, s_idx[:, 0], flagged_mask, flag_fn)
+        if s.embedding_weights:
+            embedding = self._embedding(ctx, fit.metric, fit.real_loader, s_idx[:, 0], flagged_mask, flag_fn)
         findings, rows, per_patient = self._findings(synth, real, s_idx, s_dist, s_cal, flagged_mask, rule, tau_h)
         if embedding is not None:
             for row, j in zip(rows, embedding.pop("nearest")):
@@ -275,45 +275,38 @@ class CopyDetection(Check):
         metrics = {
             "n_synthetic": len(synth), "n_real": len(real), "n_holdout": 0 if hold is None else len(hold),
             "n_flagged": int(flagged_mask.sum()),
-            "flagged_fraction": _rate(int(flagged_mask.sum()), len(synth)),
+            "flagged_fraction": binomial_rate(int(flagged_mask.sum()), len(synth)),
             "nearest_distance": summary(s_dist[:, 0]),
             "calibrated_distance": summary(s_cal),
-            "absolute_rule_flags": int((s_dist[:, 0] <= float(p["threshold"])).sum()),
+            "absolute_rule_flags": int((s_dist[:, 0] <= s.threshold).sum()),
             "calibrated_rule_flags": int((s_cal < 1).sum()),
             "search": search.stats.to_dict(),
             "geometry": {"height": geo.height, "width": geo.width, "channels": geo.channels, "notes": list(geo.notes)},
             "most_copied_patients": per_patient[:10],
         }
-        thresholds = {"rule": rule, "threshold": float(p["threshold"]), "alpha": float(p["alpha"]),
-                      "n_neighbors": k, "grid": int(p["grid"])}
+        thresholds = fit.thresholds(s)
         warnings: list[str] = []
         if h_dist is not None:
-            far_abs = int((h_dist <= float(p["threshold"])).sum())
+            far_abs = int((h_dist <= s.threshold).sum())
             metrics["holdout"] = {
                 "nearest_distance": summary(h_dist),
-                "false_alarms_absolute": _rate(far_abs, len(h_dist)),
-                "false_alarms_calibrated": _rate(int((h_cal < 1).sum()), len(h_dist)),
+                "false_alarms_absolute": binomial_rate(far_abs, len(h_dist)),
+                "false_alarms_calibrated": binomial_rate(int((h_cal < 1).sum()), len(h_dist)),
                 "false_alarms_holdout_rule": self._cross_validated_far(h_dist, ctx),
             }
-            thresholds.update({"holdout_quantile": float(p["holdout_quantile"]), "tau_holdout": tau_h,
-                               "tau_holdout_note": tau_note})
             if rule != "holdout" and far_abs / len(h_dist) > 0.05 and rule in ("absolute", "any"):
-                warnings.append(f"the fixed threshold {p['threshold']} flags {far_abs} of {len(h_dist)} unseen "
+                warnings.append(f"the fixed threshold {s.threshold} flags {far_abs} of {len(h_dist)} unseen "
                                 f"holdout images; its flags here are not evidence of copying (consider rule 'holdout')")
-        if rule in ("holdout", "any") and tau_h is not None:
-            thresholds["tau"] = tau_h if rule == "holdout" else max(tau_h, float(p["threshold"]))
-        elif rule == "absolute":
-            thresholds["tau"] = float(p["threshold"])
 
         dup: dict = {}
-        dup_tau = float(thresholds.get("tau", p["threshold"]))
-        if p["synthetic_duplicates"] and len(synth) > 1:
-            dup["synthetic"] = self._duplicates(ctx, metric, synth, dup_tau, "synthetic", patients=False)
+        dup_tau = float(thresholds.get("tau", s.threshold))
+        if s.synthetic_duplicates and len(synth) > 1:
+            dup["synthetic"] = self._duplicates(ctx, fit.metric, synth, dup_tau, "synthetic", patients=False)
             if dup["synthetic"]["largest_group"] >= 10:
                 warnings.append(f"{dup['synthetic']['largest_group']} synthetic images are near-duplicates of each "
                                 "other (Carlini's clique signal of memorisation or mode collapse)")
-        if p["training_duplicates"] and len(real) > 1:
-            dup["training"] = self._duplicates(ctx, metric, real, dup_tau, "training", patients=real.has_patients)
+        if fit.training_duplicates is not None:
+            dup["training"] = dict(fit.training_duplicates)
             if dup["training"].get("pairs_across_patients", 0):
                 warnings.append(f"{dup['training']['pairs_across_patients']} near-duplicate training pairs belong "
                                 "to different patients (a curation problem that makes memorisation likelier)")
@@ -341,25 +334,8 @@ class CopyDetection(Check):
 
     # -------------------------------------------------------------- pieces
 
-    @staticmethod
-    def _rule(rule: str, threshold: float, tau_h: float | None):
-        def absolute(d, c):
-            return d <= threshold
-
-        def calibrated(d, c):
-            return c < 1.0
-
-        def holdout(d, c):
-            return d < tau_h
-
-        rules = {"absolute": absolute, "calibrated": calibrated, "holdout": holdout}
-        if rule == "any":
-            active = [absolute, calibrated] + ([holdout] if tau_h is not None else [])
-            return lambda d, c: np.logical_or.reduce([f(d, c) for f in active])
-        return rules[rule]
-
     def _control(self, ctx, search, real_loader, k, flag_fn) -> Control:
-        n = int(self.params["control_copies"])
+        n = self.settings.control_copies
         if n <= 0:
             return Control("planted near-copies", "positive", False, "control disabled (control_copies = 0)")
         rng = ctx.rng("copy_detection.control")
@@ -393,7 +369,7 @@ class CopyDetection(Check):
             rows.append({"synthetic": rec.key, "nearest_real": r.key, "distance": f"{s_dist[i, 0]:.6f}",
                          "calibrated": f"{s_cal[i]:.6f}", "flagged": int(bool(flagged[i])), "nearest_patient": pid})
             if flagged[i]:
-                why = {"absolute": f"<= threshold {self.params['threshold']}",
+                why = {"absolute": f"<= threshold {self.settings.threshold}",
                        "calibrated": "calibrated distance < 1",
                        "holdout": f"< holdout-calibrated threshold {tau_h:.4f}" if tau_h is not None else "",
                        "any": "flagged by at least one rule"}[rule]
@@ -423,7 +399,7 @@ class CopyDetection(Check):
                 out[s:s + 256] = metric.exact(a, b).cpu().numpy()
             return out
 
-        emb = embedding_agreement(ctx, self.params["embedding_weights"], exact_nearest, flagged, pair_distance)
+        emb = embedding_agreement(ctx, self.settings.embedding_weights, exact_nearest, flagged, pair_distance)
         emb_dist = emb.pop("embedding_pair_distance")
         emb_flag = flag_fn(emb_dist, np.full(len(emb_dist), np.inf))
         emb["flagged_missed_by_embedding"] = int((flagged & ~emb_flag).sum())
@@ -452,10 +428,10 @@ class CopyDetection(Check):
         halves = perm[: n // 2], perm[n // 2:]
         hits = total = 0
         for a, b in (halves, halves[::-1]):
-            tau, _, _ = holdout_threshold(h_dist[a], float(self.params["holdout_quantile"]))
+            tau, _, _ = holdout_threshold(h_dist[a], self.settings.holdout_quantile)
             hits += int((h_dist[b] < tau).sum())
             total += len(b)
-        return _rate(hits, total, note="two-fold: threshold from one half, rate on the other")
+        return binomial_rate(hits, total, note="two-fold: threshold from one half, rate on the other")
 
     def _duplicates(self, ctx, metric, imageset: ImageSet, tau: float, what: str, patients: bool) -> dict:
         """Near-duplicate pairs (tiled distance <= ``tau``) inside one set."""
@@ -463,7 +439,7 @@ class CopyDetection(Check):
         search = ExactTiledSearch(metric, self._features(ctx, metric, imageset, what), loader)
         n = len(imageset)
         queries = list(range(n))
-        limit = int(self.params["max_duplicate_queries"])
+        limit = self.settings.max_duplicate_queries
         sampled = n > limit
         if sampled:
             queries = sorted(ctx.rng(f"copy_detection.dup.{what}").choice(n, size=limit, replace=False).tolist())
@@ -492,13 +468,6 @@ class CopyDetection(Check):
             out["pairs_same_patient"] = same
             out["pairs_across_patients"] = len(pairs) - same
         return out
-
-
-def _rate(hits: int, n: int, note: str | None = None) -> Estimate:
-    if n == 0:
-        return Estimate(None, n=0, note="no samples")
-    lo, hi = clopper_pearson(hits, n)
-    return Estimate(hits / n, (lo, hi), n, note)
 
 
 def _histograms(synthetic: np.ndarray, holdout: np.ndarray | None, thresholds: dict) -> dict:

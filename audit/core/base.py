@@ -27,8 +27,10 @@ Statuses:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+from .settings import CheckSettings, validate_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from audit.core.context import AuditContext
@@ -147,15 +149,31 @@ def _clean(value):
 
 
 class Check:
-    """Base class: subclasses set ``name``, ``requires`` and implement :meth:`run`.
+    """Base class of every check: typed settings in, one life cycle, a :class:`CheckResult` out.
+
+    Subclasses set ``name``, ``Settings`` (their :class:`~audit.core.settings.CheckSettings`
+    model), ``requires`` and implement :meth:`fit` and :meth:`score`:
+
+    ``preflight(ctx)``
+        cheap checks of the inputs (a model's geometry, a weights file),
+        called for every check before any check does real work;
+    ``fit(ctx)``
+        everything that depends only on the real side -- the real set, the
+        holdout, the model -- and the settings (training features, a trained
+        attacker, thresholds calibrated on the holdout, the controls);
+    ``score(ctx, fitted)``
+        judge ``ctx.synthetic`` with the fitted state.  Drop rounds and audits
+        of new synthetic sets against the same real data call it again with
+        the same fitted state.
 
     ``requires`` names what the check needs from the context: ``real``,
     ``holdout``, ``model``, ``patients`` (patient IDs on the real set),
     ``labels``.  When something is missing the runner reports ``skipped``
-    with the reason instead of calling :meth:`run`.
+    with the reason instead of running the check.
     """
 
     name: ClassVar[str] = ""
+    Settings: ClassVar[type[CheckSettings]] = CheckSettings
     requires: ClassVar[tuple[str, ...]] = ()
     #: True when each finding names one synthetic image that a ``drop`` action can remove
     per_image: ClassVar[bool] = False
@@ -163,70 +181,109 @@ class Check:
     references: ClassVar[tuple[str, ...]] = ()
     limitations: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, **params):
-        unknown = set(params) - set(self.default_params())
-        if unknown:
-            import difflib
+    def __init__(self, settings: CheckSettings | None = None, **params):
+        if settings is None:
+            settings = validate_settings(self.Settings, params, self.name)
+        elif params:
+            raise TypeError(f"{self.name}: give a settings model or keyword settings, not both")
+        elif not isinstance(settings, self.Settings):
+            raise TypeError(f"{self.name}: settings must be a {self.Settings.__name__}, not {type(settings).__name__}")
+        self.settings = settings
+        self.params = settings.model_dump(mode="json")  # the exact settings, recorded with every result
 
-            allowed = sorted(self.default_params())
-            bad = sorted(unknown)[0]
-            near = difflib.get_close_matches(bad, allowed, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(f"{self.name}: unknown setting {bad!r}{hint}; allowed: {', '.join(allowed)}")
-        self.params = {**self.default_params(), **params}
+    def preflight(self, ctx: "AuditContext") -> None:
+        """Refuse unusable inputs (with a :class:`~synthgate.errors.SynthgateError`) before any work."""
 
-    @classmethod
-    def default_params(cls) -> dict[str, Any]:
-        """The settings this check accepts, with their defaults."""
-        return {}
+    def fit(self, ctx: "AuditContext") -> Any:
+        """The state that depends only on the real side and the settings (``None`` when there is none)."""
+        return None
 
-    def run(self, ctx: "AuditContext") -> CheckResult:  # pragma: no cover - abstract
+    def score(self, ctx: "AuditContext", fitted: Any) -> CheckResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def fit_state(self, fitted: Any) -> Any:
+        """The picklable part of ``fitted`` worth keeping on disk across audits (``None``: nothing is kept)."""
+        return None
+
+    def from_state(self, ctx: "AuditContext", state: Any) -> Any:
+        """Rebuild the fitted state from :meth:`fit_state`'s value (only called when that is not ``None``)."""
+        raise NotImplementedError
+
+    def run(self, ctx: "AuditContext") -> CheckResult:
+        """Fit and score in one go (one audit, no drop rounds)."""
+        return self.score(ctx, self.fit(ctx))
+
     def result(self, status: str, reason: str, **kw) -> CheckResult:
-        """Build a :class:`CheckResult` carrying this check's method, references and params."""
+        """Build a :class:`CheckResult` carrying this check's method, references and settings."""
         return CheckResult(name=self.name, status=status, reason=reason, method=self.method,
                            references=self.references, limitations=self.limitations, params=self.params, **kw)
 
 
 # ------------------------------------------------------------------ registry
 
-#: name -> "module:Class"; modules are imported only when a check is created,
-#: so listing checks (and ``audit --help``) never imports torch.
-_REGISTRY: dict[str, str] = {
-    "copy_detection": "audit.copy_detection.check:CopyDetection",
-    "reidentification": "audit.reidentification.check:Reidentification",
-    "dicom_phi": "audit.dicom_phi.check:DicomPhi",
-    "membership_inference": "audit.membership_inference.check:MembershipInference",
-    "utility": "audit.quality.utility:Utility",
-    "fidelity": "audit.quality.fidelity:Fidelity",
+
+@dataclass(frozen=True)
+class CheckEntry:
+    """Where a registered check and its settings model live (``"package.module:Class"`` each).
+
+    Modules are imported only when needed: validating a policy imports the
+    light settings modules, running a check imports the check (and torch).
+    """
+
+    check: str
+    settings: str | None = None  # None: the check class's own ``Settings`` attribute
+
+
+_REGISTRY: dict[str, CheckEntry] = {
+    "copy_detection": CheckEntry("audit.copy_detection.check:CopyDetection",
+                                 "audit.copy_detection.settings:CopyDetectionSettings"),
+    "reidentification": CheckEntry("audit.reidentification.check:Reidentification",
+                                   "audit.reidentification.settings:ReidentificationSettings"),
+    "dicom_phi": CheckEntry("audit.dicom_phi.check:DicomPhi", "audit.dicom_phi.settings:DicomPhiSettings"),
+    "membership_inference": CheckEntry("audit.membership_inference.check:MembershipInference",
+                                       "audit.membership_inference.settings:MembershipInferenceSettings"),
+    "utility": CheckEntry("audit.quality.utility:Utility", "audit.quality.settings:UtilitySettings"),
+    "fidelity": CheckEntry("audit.quality.fidelity:Fidelity", "audit.quality.settings:FidelitySettings"),
 }
 
 
-def register_check(name: str, target: str) -> None:
-    """Register a check class by dotted path ``"package.module:Class"``."""
-    _REGISTRY[name] = target
+def register_check(name: str, check: str, settings: str | None = None) -> None:
+    """Register a check by dotted path ``"package.module:Class"`` (and its settings model's, if separate)."""
+    _REGISTRY[name] = CheckEntry(check, settings)
+
+
+def unregister_check(name: str) -> None:
+    _REGISTRY.pop(name, None)
 
 
 def available_checks() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def check_class(name: str) -> type[Check]:
+def _entry(name: str) -> CheckEntry:
     if name not in _REGISTRY:
-        import difflib
+        from .settings import did_you_mean
 
-        near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(f"unknown check {name!r}{hint}; available: {', '.join(available_checks())}")
-    module, _, cls = _REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+        raise ValueError(f"unknown check {name!r}{did_you_mean(name, _REGISTRY)}; "
+                         f"available: {', '.join(available_checks())}")
+    return _REGISTRY[name]
 
 
-def create_check(name: str, **params) -> Check:
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def check_class(name: str) -> type[Check]:
+    return _load(_entry(name).check)
+
+
+def settings_class(name: str) -> type[CheckSettings]:
+    """The settings model of a registered check (imports no check code when registered separately)."""
+    entry = _entry(name)
+    return _load(entry.settings) if entry.settings else check_class(name).Settings
+
+
+def create_check(name: str, settings: CheckSettings | None = None, **params) -> Check:
     """Instantiate a registered check; ``ValueError`` names the allowed ones on a typo."""
-    return check_class(name)(**params)
-
-
-def dataclass_dict(obj) -> dict:
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+    return check_class(name)(settings, **params)

@@ -5,11 +5,14 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from synthgate.imageset import Geometry, ImageSet, harmonize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .fitstore import FitStore
 
 
 @dataclass
@@ -31,6 +34,9 @@ class AuditContext:
         it becomes part of the audit's output folder.
     cache_dir
         Where trained attack networks are cached between audits.
+    fit_store
+        Where checks' fitted real-side state is kept between audits
+        (:class:`~audit.core.fitstore.FitStore`), or ``None``.
     """
 
     synthetic: ImageSet
@@ -44,6 +50,7 @@ class AuditContext:
     progress: bool | None = None
     geometry_override: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)
+    fit_store: "FitStore | None" = None
 
     @cached_property
     def geometry(self) -> Geometry:

@@ -307,3 +307,13 @@ def _resample_weights(n: int, groups, n_boot: int, rng: np.random.Generator) -> 
     rank[np.argsort(first, kind="stable")] = np.arange(len(first))  # groups numbered in order of appearance
     k = len(first)
     return rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot)[:, rank[index]]
+
+
+def binomial_rate(hits: int, n: int, note: str | None = None):
+    """A binomial rate ``hits / n`` as an :class:`~audit.core.base.Estimate` with its exact interval."""
+    from .base import Estimate
+
+    if n == 0:
+        return Estimate(None, n=0, note="no samples")
+    lo, hi = clopper_pearson(hits, n)
+    return Estimate(hits / n, (lo, hi), n, note)

@@ -31,6 +31,8 @@ from synthgate.privacy import hash_id
 from audit.core.base import Check, CheckResult, Control, Finding
 from audit.core.stats import clopper_pearson
 
+from .settings import DicomPhiSettings
+
 # PS3.15 Annex E identifying attributes (by keyword), grouped for the report.
 IDENTITY = (
     "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientIDsSequence",
@@ -195,18 +197,20 @@ class DicomPhi(Check):
         "Real identifiers can only be searched for when the real set is DICOM (their headers are the source).",
     )
 
-    @classmethod
-    def default_params(cls) -> dict:
-        return {"require_dicom": False}
+    Settings = DicomPhiSettings
 
-    def run(self, ctx) -> CheckResult:
+    def fit(self, ctx) -> tuple[RealIdentifiers, tuple[Control, ...]]:
+        """The real set's identifiers (in memory only) and the scanner's controls."""
+        real = RealIdentifiers.from_set(ctx.real) if ctx.real is not None else RealIdentifiers()
+        return real, self._controls(real)
+
+    def score(self, ctx, fitted) -> CheckResult:
         import pydicom
 
-        real = RealIdentifiers.from_set(ctx.real) if ctx.real is not None else RealIdentifiers()
-        control = self._controls(real)
+        real, control = fitted
         files = sorted({(r.path, r.format) for r in ctx.synthetic.records})
         dicom = [p for p, f in files if f == "dicom"]
-        if not dicom and self.params["require_dicom"]:
+        if not dicom and self.settings.require_dicom:
             return self.result("fail", "the policy requires DICOM outputs but the synthetic set has none",
                                controls=control)
         findings = []

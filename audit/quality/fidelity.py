@@ -51,6 +51,8 @@ from audit.quality.prdc import PRDCReference, random_cnn_features
 from audit.quality.ssim import nearest_ssim
 from audit.core.stats import benjamini_hochberg, compare_samples, percentile_ci, summary
 
+from .settings import FidelitySettings
+
 INCEPTION_ABSENT = ("not computed: no local Inception-v3 weights were given (setting inception_weights); "
                     "FID, KID and IS are only ever computed with Inception-v3, never with a substitute network")
 
@@ -81,49 +83,32 @@ class Fidelity(Check):
         "FID and KID are biased at small sample sizes; compare them only between audits with similar counts.",
     )
 
-    @classmethod
-    def default_params(cls) -> dict:
-        return {
-            "nearest_k": 5, "feature_size": 64, "max_images": 5000,
-            "ssim_queries": 100, "ssim_max_side": 128, "max_ssim_gap": 0.05,
-            "min_precision_ratio": 0.5, "min_coverage_ratio": 0.5, "min_class_ratio": 0.5,
-            "alpha": 0.05, "intensity_effect": 0.5, "n_boot": 200, "collapse_sources": 3,
-            "inception_weights": None, "max_fid": None, "kid_subsets": 100, "kid_subset_size": 1000,
-            "is_splits": 10,
-        }
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        p = self.params
-        for key in ("min_precision_ratio", "min_coverage_ratio", "min_class_ratio"):
-            if not 0 <= float(p[key]) <= 1:
-                raise ValueError(f"fidelity: {key} must be in [0, 1]")
-        if int(p["nearest_k"]) < 1 or int(p["ssim_queries"]) < 1:
-            raise ValueError("fidelity: nearest_k and ssim_queries must be at least 1")
+    Settings = FidelitySettings
 
     # ------------------------------------------------------------------ run
 
-    def run(self, ctx) -> CheckResult:
-        p = self.params
+    def score(self, ctx, fitted) -> CheckResult:
+        """Set-level: runs once on the final synthetic set (``fitted`` is ``None``)."""
+        st = self.settings
         real, synth = ctx.real, ctx.synthetic
         fails, warns = [], []
         metrics: dict = {"n": {"real": len(real), "synthetic": len(synth)}}
 
-        balance = label_balance(real, synth, float(p["min_class_ratio"]))
+        balance = label_balance(real, synth, st.min_class_ratio)
         metrics["label_balance"] = balance
         fails += balance.pop("fails")
         warns += balance.pop("warns")
 
         idx_r = self._sample(ctx, len(real), "real")
         idx_s = self._sample(ctx, len(synth), "synthetic")
-        size = int(p["ssim_max_side"])
+        size = st.ssim_max_side
         x_real = load_images(ctx, real, size, idx_r)
         x_syn = load_images(ctx, synth, size, idx_s)
         labels_r = _labels(real, idx_r)
         labels_s = _labels(synth, idx_s)
 
-        metrics["intensity"] = intensity_tests(x_real, x_syn, labels_r, labels_s, float(p["alpha"]),
-                                               float(p["intensity_effect"]))
+        metrics["intensity"] = intensity_tests(x_real, x_syn, labels_r, labels_s, st.alpha,
+                                               st.intensity_effect)
         big = [t for t in metrics["intensity"]["tests"] if t.get("flag")]
         if big:
             shown = [f"{t['statistic']} of class {t['class']} (d = {t['cohens_d']:+.2f}, q = {t['q']:.2g})"
@@ -133,7 +118,7 @@ class Fidelity(Check):
         metrics["nearest_ssim"] = self._nearest_ssim(ctx, x_real, x_syn)
         gap = metrics["nearest_ssim"].get("median_difference")
         ssim_p = metrics["nearest_ssim"].get("test", {}).get("p")
-        if gap is not None and gap > float(p["max_ssim_gap"]) and ssim_p is not None and ssim_p < float(p["alpha"]):
+        if gap is not None and gap > st.max_ssim_gap and ssim_p is not None and ssim_p < st.alpha:
             warns.append(f"synthetic images are more alike than real ones (median nearest-SSIM {gap:+.3f} above "
                          "real): lost variety, mode collapse or memorisation")
 
@@ -145,10 +130,10 @@ class Fidelity(Check):
 
         metrics["inception"] = self._inception(ctx, idx_r, idx_s)
         fid = metrics["inception"].get("fid")
-        if fid is not None and p["max_fid"] is not None and fid > float(p["max_fid"]):
-            fails.append(f"FID {fid:.2f} above max_fid {p['max_fid']}")
+        if fid is not None and st.max_fid is not None and fid > st.max_fid:
+            fails.append(f"FID {fid:.2f} above max_fid {st.max_fid}")
 
-        thresholds = {k: p[k] for k in ("min_precision_ratio", "min_coverage_ratio", "min_class_ratio", "alpha",
+        thresholds = {k: getattr(st, k) for k in ("min_precision_ratio", "min_coverage_ratio", "min_class_ratio", "alpha",
                                         "intensity_effect", "max_ssim_gap", "nearest_k", "max_fid")}
         self._write_csv(ctx, metrics)
         data = {"nearest_ssim": metrics["nearest_ssim"].pop("histogram", None),
@@ -183,7 +168,7 @@ class Fidelity(Check):
         return status, reason
 
     def _sample(self, ctx, n: int, which: str):
-        limit = int(self.params["max_images"])
+        limit = self.settings.max_images
         if n <= limit:
             return None
         return np.sort(ctx.rng(f"fidelity.sample.{which}").choice(n, size=limit, replace=False)).tolist()
@@ -199,12 +184,12 @@ class Fidelity(Check):
             rng = ctx.rng(f"fidelity.ssim.{name}")
             pool = np.sort(rng.choice(len(x), m, replace=False)) if len(x) > m else np.arange(len(x))
             xs = x[pool]
-            q = np.sort(rng.choice(m, min(m, int(self.params["ssim_queries"])), replace=False))
+            q = np.sort(rng.choice(m, min(m, self.settings.ssim_queries), replace=False))
             best, _ = nearest_ssim(xs, q)
             values[name] = best
             out[name] = summary(best)
         out["queries"] = len(values["real"])
-        out["test"] = compare_samples(values["synthetic"], values["real"], float(self.params["alpha"]))
+        out["test"] = compare_samples(values["synthetic"], values["real"], self.settings.alpha)
         out["median_difference"] = float(np.median(values["synthetic"]) - np.median(values["real"]))
         lo = float(min(v.min() for v in values.values()))
         edges = np.linspace(min(lo, 0.0), 1.0, 41)
@@ -230,9 +215,9 @@ class Fidelity(Check):
         import torch
         import torch.nn.functional as F
 
-        p = self.params
-        k = int(p["nearest_k"])
-        fs = int(p["feature_size"])
+        st = self.settings
+        k = st.nearest_k
+        fs = st.feature_size
 
         def shrink(x):
             if max(x.shape[-2:]) <= fs:
@@ -246,7 +231,7 @@ class Fidelity(Check):
         f_real = feats(x_real)
         (ref_i, base_i, indep_i), has_holdout = self._splits(ctx, real, idx_r)
         if has_holdout:
-            x_h = load_images(ctx, ctx.holdout, int(p["ssim_max_side"]), self._sample(ctx, len(ctx.holdout), "holdout"))
+            x_h = load_images(ctx, ctx.holdout, st.ssim_max_side, self._sample(ctx, len(ctx.holdout), "holdout"))
             f_indep, indep_name = feats(x_h), "holdout"
         else:
             f_indep, indep_name = f_real[indep_i], "second real split"
@@ -265,7 +250,7 @@ class Fidelity(Check):
         base = reference.score(pick(f_real[base_i]))
         sets = {"synthetic": pick(f_syn), indep_name: pick(f_indep)}
         # positive control: m images made from a few baseline images (mode collapse), faint noise added
-        n_src = max(1, min(int(p["collapse_sources"]), len(base_i)))
+        n_src = max(1, min(st.collapse_sources, len(base_i)))
         src = rng.choice(base_i, n_src, replace=False)
         collapsed_x = x_real[src[rng.integers(0, n_src, m)]].float()
         noise = torch.from_numpy(rng.normal(0.0, 0.01, tuple(collapsed_x.shape)).astype(np.float32))
@@ -273,11 +258,11 @@ class Fidelity(Check):
 
         out: dict = {"feature_space": "random_cnn", "k": k, "n_reference": len(ref_i), "n_compared": m,
                      "baseline": {**base.as_dict(), "what": "real images (not in the reference) against the reference"}}
-        ratio_rules = {"precision": float(p["min_precision_ratio"]), "coverage": float(p["min_coverage_ratio"])}
+        ratio_rules = {"precision": st.min_precision_ratio, "coverage": st.min_coverage_ratio}
         verdicts = {}
         for name, f in sets.items():
             score = reference.score(f)
-            boot = reference.bootstrap(f, int(p["n_boot"]), ctx.rng(f"fidelity.prdc.boot.{name}"))
+            boot = reference.bootstrap(f, st.n_boot, ctx.rng(f"fidelity.prdc.boot.{name}"))
             entry = {}
             for metric, value in score.as_dict().items():
                 ci = percentile_ci(boot[metric]) if metric in boot else None
@@ -305,26 +290,26 @@ class Fidelity(Check):
         return out, (pos, neg)
 
     def _inception(self, ctx, idx_r, idx_s) -> dict:
-        p = self.params
-        if not p["inception_weights"]:
+        st = self.settings
+        if not st.inception_weights:
             return {"computed": False, "absent": {"fid": INCEPTION_ABSENT, "kid": INCEPTION_ABSENT,
                                                   "inception_score": INCEPTION_ABSENT}}
         from audit.quality.inception import frechet_distance, inception_score, kernel_inception_distance, load_inception
 
-        net = load_inception(p["inception_weights"], ctx.torch_device)
+        net = load_inception(st.inception_weights, ctx.torch_device)
         # from the audit geometry straight to 299 x 299, as FID is computed, not via the smaller analysis size
         f_r, _ = _stream_outputs(ctx, net, ctx.real, idx_r)
         f_s, logits_s = _stream_outputs(ctx, net, ctx.synthetic, idx_s)
-        kid, kid_sd, kid_m = kernel_inception_distance(f_r, f_s, int(p["kid_subsets"]), int(p["kid_subset_size"]),
+        kid, kid_sd, kid_m = kernel_inception_distance(f_r, f_s, st.kid_subsets, st.kid_subset_size,
                                                        ctx.rng("fidelity.kid"))
-        is_mean, is_sd, splits = inception_score(logits_s, int(p["is_splits"]))
+        is_mean, is_sd, splits = inception_score(logits_s, st.is_splits)
         half = ctx.rng("fidelity.fid.split").permutation(len(f_r))
         a, b = half[: len(half) // 2], half[len(half) // 2:]
         base = frechet_distance(f_r[a], f_r[b]) if min(len(a), len(b)) >= 2 else None
         return {"computed": True, "network": net.kind, "weights": net.path, "comparability": net.comparable,
                 "fid": frechet_distance(f_r, f_s), "fid_real_halves": base,
                 "kid": Estimate(kid, None, kid_m,
-                                f"mean of {int(p['kid_subsets'])} subsets of {kid_m}; sd {kid_sd:.3g}"),
+                                f"mean of {st.kid_subsets} subsets of {kid_m}; sd {kid_sd:.3g}"),
                 "inception_score": Estimate(is_mean, None, len(f_s), f"{splits} splits; sd {is_sd:.3g}"),
                 "n": {"real": len(f_r), "synthetic": len(f_s)},
                 "note": "FID is biased upwards at small sample sizes; fid_real_halves is what two halves of the "

@@ -69,9 +69,11 @@ import numpy as np
 from synthgate.progress import Progress
 
 from audit.core.base import Check, CheckResult, Control, Estimate
-from audit.quality.classifier import PRESETS, TrainConfig, load_images, normalizer_for, resolve_preset, train_classifier
+from audit.quality.classifier import TrainConfig, load_images, normalizer_for, resolve_preset, train_classifier
 from audit.core.stats import (CLASSIFICATION_METRICS, benjamini_hochberg, bootstrap_draws, classification_metrics,
                     compare_samples, percentile_ci, roc_points)
+
+from .settings import UtilitySettings
 
 ARMS = ("real", "synthetic", "real+synthetic")
 CONTROL_ARM = "shuffled"
@@ -124,42 +126,22 @@ class Utility(Check):
         "gets the same fixed recipe; a tuned classifier may do better on every arm.",
     )
 
-    @classmethod
-    def default_params(cls) -> dict:
-        return {
-            "preset": "auto", **{k: None for k in _TRAIN_KEYS}, "weights": None,
-            "metric": "auc", "max_drop": 0.05, "n_boot": 2000, "alpha": 0.05,
-            "augmented": True, "max_images": 20000, "batch_size_eval": 256,
-        }
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        p = self.params
-        if p["metric"] not in CLASSIFICATION_METRICS:
-            raise ValueError(f"utility: metric {p['metric']!r} must be one of {', '.join(CLASSIFICATION_METRICS)}")
-        if not 0 <= float(p["max_drop"]) < 1:
-            raise ValueError("utility: max_drop must be in [0, 1)")
-        if int(p["n_boot"]) < 100:
-            raise ValueError("utility: n_boot must be at least 100")
-        if p["preset"] not in ("auto", *PRESETS):
-            raise ValueError(f"utility: preset {p['preset']!r} must be one of auto, {', '.join(PRESETS)}")
-        if p["repeats"] is not None and int(p["repeats"]) < 1:
-            raise ValueError("utility: repeats must be at least 1")
+    Settings = UtilitySettings
 
     # ----------------------------------------------------------------- data
 
     def _config(self, ctx) -> tuple[str, TrainConfig, int]:
-        p = self.params
-        preset, s = resolve_preset(p["preset"], ctx.torch_device, {k: p[k] for k in _TRAIN_KEYS})
+        st = self.settings
+        preset, s = resolve_preset(st.preset, ctx.torch_device, {k: getattr(st, k) for k in _TRAIN_KEYS})
         repeats = int(s.pop("repeats"))
         config = TrainConfig(architecture=str(s["architecture"]), image_size=int(s["image_size"]),
                              epochs=int(s["epochs"]), batch_size=int(s["batch_size"]), lr=float(s["lr"]),
-                             weight_decay=float(s["weight_decay"]), weights=p["weights"])
+                             weight_decay=float(s["weight_decay"]), weights=st.weights)
         return preset, config, repeats
 
     def _load(self, ctx, imageset, which: str, size: int, class_index: dict[str, int]):
         n = len(imageset)
-        limit = int(self.params["max_images"])
+        limit = self.settings.max_images
         indices = None
         if n > limit:
             indices = np.sort(ctx.rng(f"utility.subsample.{which}").choice(n, size=limit, replace=False)).tolist()
@@ -170,10 +152,11 @@ class Utility(Check):
 
     # ------------------------------------------------------------------ run
 
-    def run(self, ctx) -> CheckResult:
+    def score(self, ctx, fitted) -> CheckResult:
+        """Set-level: runs once on the final synthetic set (``fitted`` is ``None``)."""
         import torch
 
-        p = self.params
+        st = self.settings
         real, synth, hold = ctx.real, ctx.synthetic, ctx.holdout
         if not hold.has_labels:
             return self.result("skipped", "the holdout set has no labels (metadata.csv label column or class folders)")
@@ -194,8 +177,8 @@ class Utility(Check):
         steps = config.steps_for(len(x_real))
         y_ctrl = independent_labels(y_real, k, ctx.rng("utility.control.labels"))
         data = {"real": (x_real, y_real), "synthetic": (x_syn, y_syn), CONTROL_ARM: (x_real, y_ctrl)}
-        arms = list(ARMS if p["augmented"] else ARMS[:2])
-        if p["augmented"]:
+        arms = list(ARMS if st.augmented else ARMS[:2])
+        if st.augmented:
             data["real+synthetic"] = (torch.cat([x_real, x_syn]), np.concatenate([y_real, y_syn]))
 
         # the control is trained once per cyclic shift of its labels (see the module docstring)
@@ -204,7 +187,7 @@ class Utility(Check):
         names = [*arms, CONTROL_ARM]
         groups = [r.patient_id for r in hold.records] if hold.has_patients and not cut_h else None
         full, draws = self._bootstrap(ctx, probs, names, y_hold, groups)
-        alpha = float(p["alpha"])
+        alpha = st.alpha
         arm_est = {a: {m: self._estimate(full[i, j], draws[:, i, j], alpha, len(y_hold), len(probs[a]))
                        for j, m in enumerate(CLASSIFICATION_METRICS)} for i, a in enumerate(names)}
         diffs = {}
@@ -221,7 +204,7 @@ class Utility(Check):
                     for q in probs[a]] for a in names}
         tests = self._tests(runs, arms, alpha)
         controls = self._controls(arm_est, ctrl_diff, y_real, y_ctrl, k, runs[CONTROL_ARM])
-        metric = p["metric"]
+        metric = st.metric
         d = diffs["synthetic - real"][metric]
         status, reason, warnings = self._decide(d, controls, diffs, classes, counts, arm_est)
 
@@ -241,8 +224,8 @@ class Utility(Check):
                          "normalisation": {"mean": normalizer.mean, "std": normalizer.std}},
             "warnings": warnings,
         }
-        thresholds = {"metric": metric, "max_drop": float(p["max_drop"]), "chance_auc": 0.5, "alpha": alpha,
-                      "n_boot": int(p["n_boot"])}
+        thresholds = {"metric": metric, "max_drop": st.max_drop, "chance_auc": 0.5, "alpha": alpha,
+                      "n_boot": st.n_boot}
         table = self._table(names, arm_est, diffs)
         self._write_csv(ctx, table)
         plot = {"table": table}
@@ -265,7 +248,7 @@ class Utility(Check):
                     y = (y + r) % k
                 seed = int(ctx.rng(f"utility.train.{arm}.{r}").integers(0, 2**31 - 1))
                 clf = train_classifier(x, y, k, config, normalizer, seed, ctx.torch_device, steps=steps)
-                probs.setdefault(arm, []).append(clf.predict_proba(x_hold, int(self.params["batch_size_eval"])))
+                probs.setdefault(arm, []).append(clf.predict_proba(x_hold, self.settings.batch_size_eval))
                 losses.setdefault(arm, []).append(clf.final_loss_)
                 bar.update(1, arm=arm)
         return probs, losses
@@ -280,7 +263,7 @@ class Utility(Check):
                                    for a in names])
 
         full = statistics(np.arange(len(y_hold))).reshape(len(names), m_count)
-        draws = bootstrap_draws(statistics, len(y_hold), int(self.params["n_boot"]), ctx.rng("utility.bootstrap"),
+        draws = bootstrap_draws(statistics, len(y_hold), self.settings.n_boot, ctx.rng("utility.bootstrap"),
                                 groups=groups)
         return full, draws.reshape(len(draws), len(names), m_count)
 
@@ -309,8 +292,8 @@ class Utility(Check):
         learns = real_auc.ci is not None and real_auc.ci[0] > 0.5
         table = np.bincount(y_real * k + y_ctrl, minlength=k * k).reshape(k, k)
         not_learned = ctrl_auc.ci is not None and not ctrl_auc.ci[0] > 0.5
-        metric = self.params["metric"]
-        tol = float(self.params["max_drop"])
+        metric = self.settings.metric
+        tol = self.settings.max_drop
         useless = ctrl_diff[metric].value
         rejected = useless is not None and useless < -tol
         return [
@@ -333,8 +316,8 @@ class Utility(Check):
         ]
 
     def _decide(self, d: Estimate, controls, diffs, classes, counts, arm_est):
-        tol = float(self.params["max_drop"])
-        metric = self.params["metric"]
+        tol = self.settings.max_drop
+        metric = self.settings.metric
         warnings = []
         missing = [c for c in classes if counts["holdout"][c] and not counts["synthetic"][c]]
         if missing:

@@ -1,38 +1,22 @@
-"""Membership-inference score functions.
+"""Scenario 1 (only the synthetic images are released): attacks that see the synthetic set, not the model.
 
-Every function here returns *scores oriented so that higher means "more
-likely a member"* (the paper's statistic negated where the paper says lower
-means member), one score per image.  They work on arrays and on any object
-with the :class:`generators.model.DiffusionModel` interface
-(``predict_eps``, ``alphas_cumprod``, ``device``), so they are tested on
-hand-made inputs and hand-made models.
+Every score is oriented so that higher means "more likely a member".
 
-Scenario 1 (only synthetic images are released):
-
-- :func:`nearest_distance` -- distance to the closest synthetic record (DCR),
-  in pixel space (the check uses :mod:`audit.tiled`'s exact search) or in a
-  feature space (:class:`RandomConvFeatures`, or open_clip weights).
-- :func:`density_ratio_scores` -- DOMIAS: ``log p_synthetic(x) - log
-  p_reference(x)`` with Gaussian KDEs in a low-dimensional PCA space.
-
-Scenario 2 (the model is released):
-
-- :func:`loss_scores` -- Carlini et al. 2023's loss threshold at chosen
-  timesteps, averaged over noise draws, every (image, timestep, draw) row of
-  a chunk in one batched forward pass.
-- :func:`pia_scores` -- PIA (Kong et al. 2024): the model's own epsilon at
-  t = 0 builds a deterministic x_t; the score is ``-sum |eps_0 - eps_t|^p``.
-- :func:`secmi_scores` -- SecMI (Duan et al. 2023): the error of a
-  deterministic DDIM round trip at ``t_sec`` after DDIM inversion to it.
+- :class:`PixelDCR`, :class:`EmbeddingDCR` -- distance to the closest
+  synthetic record in pixel space (exact) or a feature space
+  (:class:`RandomConvFeatures`, or open_clip weights);
+- :class:`Domias` -- DOMIAS (van Breugel et al. 2023): ``log p_synthetic(x) -
+  log p_reference(x)`` with Gaussian KDEs in a low-dimensional PCA space,
+  cross-fitted against a patient-disjoint reference.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import numpy as np
 
-
-# ------------------------------------------------------------------ scenario 1
+from .registry import MembershipAttack
 
 
 class RandomConvFeatures:
@@ -227,142 +211,90 @@ def density_ratio_scores(queries: np.ndarray, synthetic: np.ndarray, reference: 
 # ------------------------------------------------------------------ scenario 2
 
 
-def auto_batch_rows(device, values_per_row: int) -> int:
-    """Rows per forward pass: large batches on a GPU; on a CPU about 64k input values per pass.
+# ------------------------------------------------------------------ registered attacks
 
-    Measured with ``bench/mia.py`` on 2 shared cores: at 32x32 rows of 64
-    beat one pass per (image, timestep) by 2x, while 256 rows of 64x64
-    images ran 1.8x *slower* than that naive loop (activations fall out of
-    cache); a CPU convolution is compute-bound, so beyond the per-call
-    overhead batching gains nothing there.
+
+@dataclass(frozen=True)
+class SyntheticView:
+    """What scenario-1 attacks see: evaluated images (members, then non-members) against the released set.
+
+    ``q_emb`` / ``s_emb`` / ``p_emb`` are embeddings of the evaluated, synthetic
+    and planted images; ``refs`` the two holdout folds' embeddings (each
+    image is scored against the other fold's, ``fold``); ``d_pix`` /
+    ``d_plant`` the exact pixel distances to the closest synthetic and
+    planted image.
     """
-    if getattr(device, "type", str(device)) == "cuda":
-        return 256
-    return max(1, 65536 // max(int(values_per_row), 1))
+
+    q_emb: np.ndarray
+    s_emb: np.ndarray
+    p_emb: np.ndarray
+    refs: tuple[np.ndarray, np.ndarray]
+    fold: np.ndarray
+    d_pix: np.ndarray
+    d_plant: np.ndarray
 
 
-def _coef(model, t):
-    a = model.alphas_cumprod[t].view(-1, *([1] * 3)).float()
-    return a.sqrt(), (1.0 - a).sqrt()
+class SyntheticAttack(MembershipAttack):
+    """An attack on the released synthetic set: ``scores`` on it, ``planted_scores`` with the planted copies."""
+
+    scenario: ClassVar[int] = 1
+    needs: ClassVar[tuple[str, ...]] = ("synthetic", "holdout")
+
+    def scores(self, view: SyntheticView) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def planted_scores(self, view: SyntheticView) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
-def _labels(class_labels, rows):
-    return None if class_labels is None else class_labels[rows]
+class PixelDCR(SyntheticAttack):
+    name = "dcr_pixel"
+    reference = "distance to closest record in pixel space; 'The DCR Delusion' (2025) on its limits"
+
+    def cost(self) -> dict:
+        return {"exact pixel distances": "every evaluated image to every synthetic image (pruned search)"}
+
+    def scores(self, view):
+        return {self.name: -view.d_pix}
+
+    def planted_scores(self, view):
+        return {self.name: -np.minimum(view.d_pix, view.d_plant)}
 
 
-def loss_scores(model, x0, class_labels, timesteps: Sequence[int], draws: int, generator,
-                batch_rows: int = 256) -> np.ndarray:
-    """Loss-threshold attack (Carlini et al. 2023, Sec. 5.2): ``-E_eps ||eps - eps_theta(x_t, t)||^2``.
+class EmbeddingDCR(SyntheticAttack):
+    name = "dcr_embedding"
+    reference = "distance to closest record in a feature space"
 
-    Parameters
-    ----------
-    model
-        A :class:`~generators.model.DiffusionModel`.
-    x0
-        ``(N, C, H, W)`` images already in model space (``model.to_model_space``).
-    class_labels
-        ``(N,)`` class indices on the model's device, or ``None``.
-    timesteps, draws
-        Every image is noised at each timestep with ``draws`` noise draws;
-        the per-pixel mean squared error is averaged over the draws.
-    generator
-        CPU ``torch.Generator`` for the noise (the same numbers on any device).
-    batch_rows
-        (image, timestep, draw) rows per forward pass: all rows of a chunk
-        go through the network together instead of one pass per timestep.
+    def cost(self) -> dict:
+        return {"embedding distances": "every evaluated image to every synthetic image"}
 
-    Returns
-    -------
-    ``(N, len(timesteps))`` scores, higher = more likely a member.
-    """
-    import torch
+    def scores(self, view):
+        return {self.name: -nearest_distance(view.q_emb, view.s_emb)}
 
-    n, n_t = x0.shape[0], len(timesteps)
-    per_image = n_t * draws
-    img = torch.arange(n, device=x0.device).repeat_interleave(per_image)
-    tt = torch.as_tensor(list(timesteps), device=x0.device).repeat_interleave(draws).repeat(n)
-    losses = torch.empty(n * per_image, dtype=torch.float64)
-    with torch.no_grad():
-        for s in range(0, len(img), batch_rows):
-            rows, t = img[s:s + batch_rows], tt[s:s + batch_rows]
-            x = x0[rows]
-            eps = torch.randn(x.shape, generator=generator).to(x.device)
-            a, b = _coef(model, t)
-            pred = model.predict_eps(a * x + b * eps, t, _labels(class_labels, rows))
-            losses[s:s + batch_rows] = (pred.float() - eps).square().flatten(1).mean(1).double().cpu()
-    return -losses.view(n, n_t, draws).mean(2).numpy()
+    def planted_scores(self, view):
+        d = nearest_distance(view.q_emb, view.s_emb)
+        return {self.name: -np.minimum(d, nearest_distance(view.q_emb, view.p_emb))}
 
 
-def pia_scores(model, x0, class_labels, timesteps: Sequence[int], p: float = 4.0,
-               batch_rows: int = 256) -> np.ndarray:
-    """PIA (Kong et al., ICLR 2024): ``-sum_i |eps_0,i - eps_theta(x_t, t)_i|^p``.
+class Domias(SyntheticAttack):
+    name = "domias"
+    reference = ("van Breugel et al. 2023, Membership Inference Attacks against Synthetic Data through Overfitting "
+                 "Detection (DOMIAS, AISTATS)")
 
-    ``eps_0 = eps_theta(x_0, 0)`` (the model queried on the clean image at
-    timestep 0) is the proximal initialisation: ``x_t = sqrt(abar_t) x_0 +
-    sqrt(1 - abar_t) eps_0`` deterministically.  As in the official code the
-    p-th powers are summed without a root (monotone in the l_p norm) and
-    ``p = 4`` by default.  Cost: one query for ``eps_0`` plus one per
-    timestep, the timestep queries of a chunk batched together.
+    def cost(self) -> dict:
+        return {"kernel density estimates": f"{self.settings.density_dims}-d PCA, synthetic and reference"}
 
-    Returns ``(N, len(timesteps))`` scores, higher = more likely a member in
-    the paper's direction.
-    """
-    import torch
+    def _scores(self, view, synthetic):
+        basis = pca_basis(view.s_emb, self.settings.density_dims)  # one projection, fitted on what is released
+        out = np.empty(len(view.q_emb))
+        for f in (0, 1):
+            rows = view.fold == f
+            if rows.any():
+                out[rows] = density_ratio_scores(view.q_emb[rows], synthetic, view.refs[1 - f], basis=basis)
+        return out
 
-    n, n_t = x0.shape[0], len(timesteps)
-    eps0 = torch.empty_like(x0)
-    out = torch.empty(n * n_t, dtype=torch.float64)
-    with torch.no_grad():
-        for s in range(0, n, batch_rows):
-            rows = torch.arange(s, min(s + batch_rows, n), device=x0.device)
-            zero = torch.zeros(len(rows), dtype=torch.long, device=x0.device)
-            eps0[rows] = model.predict_eps(x0[rows], zero, _labels(class_labels, rows)).to(x0.dtype)
-        img = torch.arange(n, device=x0.device).repeat_interleave(n_t)
-        tt = torch.as_tensor(list(timesteps), device=x0.device).repeat(n)
-        for s in range(0, len(img), batch_rows):
-            rows, t = img[s:s + batch_rows], tt[s:s + batch_rows]
-            a, b = _coef(model, t)
-            e0 = eps0[rows]
-            et = model.predict_eps(a * x0[rows] + b * e0, t, _labels(class_labels, rows))
-            out[s:s + batch_rows] = (e0 - et.float()).abs().pow(p).flatten(1).sum(1).double().cpu()
-    return -out.view(n, n_t).numpy()
+    def scores(self, view):
+        return {self.name: self._scores(view, view.s_emb)}
 
-
-def ddim_step(model, x, t_from: int, t_to: int, class_labels=None):
-    """One deterministic DDIM step from ``t_from`` to ``t_to`` (either direction), as SecMI defines it."""
-    import torch
-
-    t = torch.full((x.shape[0],), int(t_from), dtype=torch.long, device=x.device)
-    eps = model.predict_eps(x, t, class_labels).float()
-    abar = model.alphas_cumprod
-    a_from, a_to = abar[int(t_from)].float(), abar[int(t_to)].float()
-    x0_hat = (x - (1.0 - a_from).sqrt() * eps) / a_from.sqrt()
-    return a_to.sqrt() * x0_hat + (1.0 - a_to).sqrt() * eps
-
-
-def secmi_scores(model, x0, class_labels, t_sec: int = 100, k: int = 10, batch_rows: int = 256) -> np.ndarray:
-    """SecMI_stat (Duan et al., ICML 2023): ``-||x~_{t-k} - x^_{t-k}||^2`` at ``t = t_sec``.
-
-    Deterministic DDIM inversion from ``x_0`` through ``k, 2k, ..., t_sec - k``
-    gives ``x~``; one step forward to ``t_sec`` and one back gives ``x^``.
-    The squared error of that round trip (summed over pixels, as the
-    official code) is lower for members.  Cost: ``t_sec / k + 1`` queries per
-    image, sequential in t, batched over images.
-
-    Returns ``(N,)`` scores, higher = more likely a member in the paper's
-    direction.
-    """
-    import torch
-
-    n = x0.shape[0]
-    out = torch.empty(n, dtype=torch.float64)
-    with torch.no_grad():
-        for s in range(0, n, batch_rows):
-            rows = torch.arange(s, min(s + batch_rows, n), device=x0.device)
-            labels = _labels(class_labels, rows)
-            x = x0[rows]
-            for t in range(0, t_sec - k, k):
-                x = ddim_step(model, x, t, t + k, labels)
-            back = ddim_step(model, ddim_step(model, x, t_sec - k, t_sec, labels), t_sec, t_sec - k, labels)
-            out[s:s + len(rows)] = (x - back).square().flatten(1).sum(1).double().cpu()
-    return -out.numpy()
+    def planted_scores(self, view):
+        return {self.name: self._scores(view, np.concatenate([view.s_emb, view.p_emb]))}
