@@ -125,7 +125,7 @@ def control_model(images01: np.ndarray, labels: Sequence[str] | None, classes: S
     """
     from diffusers import DDPMScheduler
 
-    from generators.model import load_model
+    from generators.loading import load_model
 
     classes = sorted({str(c) for c in classes}) if labels else None
     key = control_key(images01, labels, classes, scheduler_config, settings)

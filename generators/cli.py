@@ -247,7 +247,7 @@ def cmd_sample(args) -> int:
     from synthgate.device import resolve_device
     from synthgate.progress import set_quiet
 
-    from .model import load_model
+    from .loading import load_model
     from .sample import SamplerSettings, generate, plan
     from .write import write_synthetic
 

@@ -5,7 +5,7 @@ Layout (see :mod:`generators.model`): for a UNet a ``DDPMPipeline``
 ``DiffusionPipeline.from_pretrained(MODEL)`` works anywhere; for the
 transformer denoisers the network in ``denoiser/`` (Swin-UNet) or
 ``transformer/`` (DiT) with ``scheduler/`` beside it, loaded by
-:func:`generators.model.load_model` (``synthgate.json["architecture"]``
+:func:`generators.loading.load_model` (``synthgate.json["architecture"]``
 names the folder and class).  ``vae/`` for latent models, and
 ``synthgate.json`` with the provenance.  Written atomically.
 """

@@ -53,7 +53,7 @@ def _done(start: float, text: str) -> None:
 def run_demo(args) -> int:
     from audit import cli as audit_cli
     from generators.config import preset
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.run import train
     from generators.sample import SamplerSettings, generate, plan
     from generators.write import write_synthetic

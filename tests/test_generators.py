@@ -116,7 +116,7 @@ def test_a_few_steps_reduce_the_loss(ph16):
 def test_model_dir_contract_and_plain_diffusers_load(trained, ph16):
     from diffusers import DDPMPipeline, DiffusionPipeline
 
-    from generators.model import load_model
+    from generators.loading import load_model
     from synthgate.imageset import ImageSet
 
     info = json.loads((trained / "synthgate.json").read_text())
@@ -262,7 +262,7 @@ def test_latent_diffusion_with_a_tiny_vae(tmp_path, capsys):
     from diffusers import AutoencoderKL, DiffusionPipeline
     from PIL import Image
 
-    from generators.model import load_model
+    from generators.loading import load_model
 
     torch.manual_seed(0)
     AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
@@ -291,7 +291,7 @@ def test_latent_diffusion_with_a_tiny_vae(tmp_path, capsys):
 
 
 def test_sampling_is_deterministic_per_seed_and_per_image(trained):
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.sample import SamplerSettings, denoise, generate, plan, sample_one
 
     model = load_model(trained)
