@@ -46,7 +46,7 @@ def load_model(path: str | Path, device="cpu") -> DiffusionModel:
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from .nets import DENOISERS, load_denoiser
+    from .denoisers import architectures, get_denoiser
 
     path = Path(path)
     info = read_info(path)
@@ -56,11 +56,12 @@ def load_model(path: str | Path, device="cpu") -> DiffusionModel:
 
         return load_text_model(path, info, device)
     arch = architecture_name(info)
-    if arch not in DENOISERS:
+    if arch not in architectures():
         raise InputError(f"synthgate.json names architecture {arch!r}; this synthgate knows "
-                         + ", ".join(DENOISERS), path / "synthgate.json")
+                         + ", ".join(architectures()), path / "synthgate.json")
+    spec = get_denoiser(arch)
     try:
-        unet = load_denoiser(arch, path / DENOISERS[arch][0]).to(device).eval()
+        unet = spec.load(path / spec.folder).to(device).eval()
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
         vae = AutoencoderKL.from_pretrained(path / "vae").to(device).eval() if (path / "vae").exists() else None
         if (info.get("conditioning") or {}).get("type") == "attributes":

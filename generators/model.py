@@ -12,9 +12,9 @@ Layout::
 
     MODEL/
       model_index.json     # diffusers pipeline index (UNet models only)
-      unet/                # UNet2DModel (config.json + weights), or for the transformer denoisers
-      denoiser/            #   generators.swin.SwinUNetDenoiser (architecture "swin")
-      transformer/         #   generators.dit.DiTDenoiser, a DiTTransformer2DModel (architecture "dit")
+      unet/                # UNet2DModel (config.json + weights), or the folder another architecture's
+      denoiser/            #   registry entry names (generators.denoisers): generators.swin.SwinUNetDenoiser
+      transformer/         #   ("swin"), generators.dit.DiTDenoiser, a DiTTransformer2DModel ("dit")
       scheduler/           # the training noise schedule (DDPMScheduler config)
       vae/                 # AutoencoderKL, latent models only
       condition/           # AttributeEncoder, attribute-conditioned models only

@@ -72,7 +72,7 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, *, device: str
     folder = Path(checkpoint_dir) if checkpoint_dir else checkpoint.default_folder(out)
     accelerator, precision = _accelerator(config, device)
     main = accelerator.is_main_process
-    training = open_training_set(real, config.resolution, config.conditioning, skip_unreadable=skip_unreadable,
+    training = open_training_set(real, config.resolution, _conditioning_mode(config), skip_unreadable=skip_unreadable,
                                  progress=progress if main else False, condition_columns=config.condition_columns)
     vae, space, fetch = _model_space(training, config, accelerator.device)
     state, resumed_from = _resume_state(folder, config, training, resume, log if main else None)
@@ -179,8 +179,9 @@ def _model_space(training: TrainingSet, config: TrainConfig, device):
         return None, Space(training.geometry.channels, config.resolution, False), pixels
     vae = load_vae(config.vae, device)
     space = latent_space(vae, training.geometry.channels, config.resolution)
-    if config.arch_settings is not None:  # before encoding the whole set
-        config.arch_settings.check_size(space.size, "latent size")
+    from .denoisers import get_denoiser
+
+    get_denoiser(config.architecture).check_size(config, space.size, "latent size")  # before encoding the set
     # The VAE is frozen and public: encode once, train on the latent means.
     chunks = [encode(vae, pixels(idx), space.scaling_factor)
               for idx in np.array_split(np.arange(len(pixels)), max(1, len(pixels) // 256))]
@@ -200,6 +201,15 @@ def _resume_state(folder: Path, config: TrainConfig, training: TrainingSet, resu
     if log:
         log(f"resuming from {found[-1]} (step {state['step']})")
     return state, int(state["step"])
+
+
+def _conditioning_mode(config: TrainConfig) -> str:
+    """``config.conditioning``, except that ``auto`` means ``none`` for an architecture without classes."""
+    from .denoisers import get_denoiser
+
+    if config.conditioning == "auto" and get_denoiser(config.architecture).refuse_classes:
+        return "none"
+    return config.conditioning
 
 
 def _conditioning(training: TrainingSet) -> dict:
