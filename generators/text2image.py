@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 from synthgate.errors import ConfigError, InputError, MissingInputError, UsageError
 
-from . import checkpoint, seeds
+from . import seeds
 from .config import TrainConfig
 from .model import DiffusionModel
 
@@ -396,56 +396,53 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
     returns a :class:`generators.run.TrainResult`.
     """
     import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from synthgate.imageset import metadata_columns
 
     from .data import open_training_set
-    from .run import _accelerator, _model_space, _resume_state, finish, train_loop
+    from .run import TrainingRun, model_space, refuse_existing
     from .train import Trainer
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UsageError("already exists; choose a new model folder or pass --overwrite", out)
+    refuse_existing(out, overwrite)
     base = check_base_model(text.base_model)
     columns = metadata_columns(real)
     check_template_columns(text.caption_template, columns, Path(real) / "metadata.csv")
     if config.dp is not None and text.finetune != "lora":
         raise UsageError("differentially private fine-tuning of a base model trains LoRA adapters only "
                          "(DP-LoRA); add --finetune lora")
-    folder = Path(checkpoint_dir) if checkpoint_dir else checkpoint.default_folder(out)
-    accelerator, precision = _accelerator(config, device)
-    main = accelerator.is_main_process
-    # Every extra column is an attribute already; declaring the template's own columns lets one that
-    # resembles a known name (e.g. {labels}) fill it, while other look-alikes are still refused.
-    training = open_training_set(real, config.resolution, "none", skip_unreadable=skip_unreadable,
-                                 progress=progress if main else False,
-                                 extra_columns=template_fields(text.caption_template))
-    captions = build_captions(text.caption_template, training.images.records)
-    distinct = sorted(set(captions))
-    caption_ids = torch.as_tensor([distinct.index(c) for c in captions])
-
-    vae, space, fetch = _model_space(training, config.replace(vae=str(base)), accelerator.device)
-    prompts = load_text_components(base, accelerator.device, config.resolution)
-    table = prompts(["", *distinct])  # row 0: the empty prompt (dropout)
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    unet = _load(UNet2DConditionModel, base / "unet", "U-Net")
-    _check_geometry(unet, space, base)
+    # the base pipeline's noise schedule is the one it was trained with: it replaces the config's
     base_sched = DDPMScheduler.from_pretrained(base / "scheduler", local_files_only=True)
     config = config.replace(num_train_timesteps=int(base_sched.config.num_train_timesteps),
                             beta_schedule=str(base_sched.config.beta_schedule),
                             prediction_type=str(base_sched.config.prediction_type))
+    run = TrainingRun.start(out, config, device=device, checkpoint_dir=checkpoint_dir,
+                            settings={**config.to_dict(), "text": text.to_dict()})
+    on = run.accelerator.device
+    # Every extra column is an attribute already; declaring the template's own columns lets one that
+    # resembles a known name (e.g. {labels}) fill it, while other look-alikes are still refused.
+    training = open_training_set(real, config.resolution, "none", skip_unreadable=skip_unreadable,
+                                 progress=progress if run.main else False,
+                                 extra_columns=template_fields(text.caption_template))
+    digest = training.images.digest
+    captions = build_captions(text.caption_template, training.images.records)
+    distinct = sorted(set(captions))
+    caption_ids = torch.as_tensor([distinct.index(c) for c in captions])
+
+    vae, space, fetch = model_space(training, config.replace(vae=str(base)), on)
+    prompts = load_text_components(base, on, config.resolution)
+    table = prompts(["", *distinct])  # row 0: the empty prompt (dropout)
+    unet = _load(UNet2DConditionModel, base / "unet", "U-Net")
+    _check_geometry(unet, space, base)
     noise_scheduler = DDPMScheduler.from_config(base_sched.config, clip_sample=False)  # latents are unbounded
-    run_config = {**config.to_dict(), "text": text.to_dict()}
-    state, resumed_from = _resume_state(folder, SimpleNamespace(to_dict=lambda: run_config), training, resume,
-                                        log if main else None)
+    state, resumed_from = run.resume_state(digest, resume, log)
     with torch.random.fork_rng(devices=[]):  # LoRA's initial weights follow from the seed
         torch.manual_seed(seeds.derive_seed(config.seed, "init"))
         if text.finetune == "lora":
             add_lora(unet, text.lora_rank)
     model = wrap_unet(unet, pooled_dim=prompts.pooled_dim)
-    trainer = Trainer(config, model, noise_scheduler, len(training), accelerator=accelerator, state=state)
-    rank = accelerator.process_index
+    trainer = Trainer(config, model, noise_scheduler, len(training), accelerator=run.accelerator, state=state)
+    rank = run.accelerator.process_index
     dropout = CaptionDropout(text.caption_dropout, seeds.derive_seed(config.seed, f"caption-dropout:{rank}"))
     if state is not None:  # one generator state per process, as the trainer keeps its own
         dropout.load_state_dict(state["caption_dropout"][rank])
@@ -453,24 +450,21 @@ def train(real: str | Path, out: str | Path, config: TrainConfig, text: TextConf
     def next_batch():
         idx = torch.as_tensor(trainer.next_indices(), dtype=torch.long)
         rows = torch.where(dropout.draw(len(idx)), 0, caption_ids[idx] + 1)
-        x0 = torch.as_tensor(fetch(idx.numpy()), device=accelerator.device)
+        x0 = torch.as_tensor(fetch(idx.numpy()), device=on)
         return x0, table[rows.to(table.device)]
 
-    def save_checkpoint(done: int) -> None:
-        state = {**trainer.state_dict(), "caption_dropout": _gathered(dropout.state_dict(), accelerator)}
-        if main:
-            checkpoint.save(folder, done, {"config": run_config, "training_sha256": training.images.digest, **state})
+    def save_checkpoint(done: int) -> None:  # gathered on every process, written by the main one
+        run.save_checkpoint(done, digest, {**trainer.state_dict(),
+                                           "caption_dropout": _gathered(dropout.state_dict(), run.accelerator)})
 
     start = trainer.step_count
-    seconds = train_loop(trainer, config, accelerator, next_batch, save_checkpoint, progress=progress, log=log,
-                         log_every=log_every)
+    seconds = run.loop(trainer, config, next_batch, save_checkpoint, progress=progress, log=log, log_every=log_every)
 
-    info = _info(config, text, training, space, trainer, precision, accelerator, resumed_from, seconds, distinct,
-                 base)
-    if main:
-        _save(out, trainer, text, noise_scheduler, vae, prompts, space, info, overwrite)
-    return finish(Path(out), trainer, config, accelerator, folder, keep_checkpoints, start, resumed_from, seconds,
-                  info)
+    info = _info(config, text, training, space, trainer, run, resumed_from, seconds, distinct, base)
+    if run.main:
+        _save(run.out, trainer, text, noise_scheduler, vae, prompts, space, info, overwrite)
+    return run.finish(trainer, config, keep_checkpoints=keep_checkpoints, start=start, resumed_from=resumed_from,
+                      seconds=seconds, info=info)
 
 
 def _gathered(value, accelerator) -> list:
@@ -520,14 +514,14 @@ def _save(out: Path, trainer, text: TextConfig, noise_scheduler, vae, prompts: P
     save_model(out, unet, noise_scheduler, None, info, overwrite=overwrite, pipeline=pipe, extra=extra)
 
 
-def _info(config: TrainConfig, text: TextConfig, training, space, trainer, precision, accelerator, resumed_from,
-          seconds, captions: list[str], base: Path) -> dict:
+def _info(config: TrainConfig, text: TextConfig, training, space, trainer, run, resumed_from, seconds,
+          captions: list[str], base: Path) -> dict:
     """``synthgate.json`` for a text-conditioned model (DESIGN.md's contract, conditioning ``text``)."""
     from synthgate.provenance import versions
 
-    from .run import _info as pixel_info
+    from .run import model_info
 
-    info = pixel_info(config, training, space, trainer, precision, accelerator, resumed_from, seconds, None)
+    info = model_info(config, training, space, trainer, run, resumed_from, seconds, None)
     label_only = set(template_fields(text.caption_template)) <= {"label"}
     labels = sorted({r.label for r in training.images.records}) if label_only and "label" in \
         template_fields(text.caption_template) else None
