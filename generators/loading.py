@@ -52,7 +52,7 @@ def load_model(path: str | Path, device="cpu") -> DiffusionModel:
     info = read_info(path)
     device = torch.device(device)
     if (info.get("conditioning") or {}).get("type") == "text":  # fine-tuned Stable Diffusion
-        from .text2image import load_text_model
+        from .text2image.model import load_text_model
 
         return load_text_model(path, info, device)
     arch = architecture_name(info)
