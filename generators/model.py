@@ -151,7 +151,7 @@ class DiffusionModel:
 
     @property
     def architecture(self) -> str:
-        """``unet``, ``swin`` or ``dit``."""
+        """The registered architecture's name (``unet``, ``swin``, ``dit``; see :mod:`generators.denoisers`)."""
         return architecture_name(self.info)
 
     def from_model_space(self, x0) -> Any:

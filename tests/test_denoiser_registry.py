@@ -211,6 +211,8 @@ def test_registration_refuses_clashes_and_incomplete_specs(toy):
         register_denoiser(Denoiser(name="toy", folder="x", network="m:C", build=build, refuse_attributes="no"))
     with pytest.raises(ValueError, match="is a training setting"):
         register_denoiser(Denoiser(name="seed", folder="x", network="m:C", build=build, refuse_attributes="no"))
+    with pytest.raises(ValueError, match="clashes with TrainConfig.replace"):
+        register_denoiser(Denoiser(name="replace", folder="x", network="m:C", build=build, refuse_attributes="no"))
     with pytest.raises(ValueError, match="preset 'toy-tiny' is already defined"):
         register_denoiser(Denoiser(name="toy2", folder="x", network="m:C", build=build, refuse_attributes="no",
                                    presets={"toy-tiny": {}}))

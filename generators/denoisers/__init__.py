@@ -214,7 +214,8 @@ def register_denoiser(spec: Denoiser | str, name: str | None = None) -> None:
     ------
     ValueError
         The name, or one of its presets, is taken, or the name is a
-        training setting (the settings block is a config key).
+        training setting or an attribute of ``TrainConfig`` (the settings
+        block is a config key, read as ``config.NAME``).
     """
     from generators.config import TrainConfig  # light; here because the config reads this registry
 
@@ -226,6 +227,8 @@ def register_denoiser(spec: Denoiser | str, name: str | None = None) -> None:
         raise ValueError(f"denoiser {name!r} is already registered ({', '.join(_REGISTRY)})")
     if name in TrainConfig.setting_names():
         raise ValueError(f"denoiser name {name!r} is a training setting; choose another")
+    if hasattr(TrainConfig, name):  # config.NAME must reach the settings block
+        raise ValueError(f"denoiser name {name!r} clashes with TrainConfig.{name}; choose another")
     if isinstance(spec, Denoiser):
         taken = sorted(set(spec.presets) & set(presets()))
         if taken:
