@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from diffusers.training_utils import EMAModel
 
     from generators.config import TrainConfig
-    from generators.nets import build_scheduler, build_unet
+    from generators.nets import build_denoiser, build_scheduler
     from generators.train import Trainer
     from synthgate.device import resolve_device
     from synthgate.phantoms import generate
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
 
     def fresh_unet():
         torch.manual_seed(0)
-        return build_unet(cfg, 1, args.resolution, None)
+        return build_denoiser(cfg, 1, args.resolution, None)
 
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
     ours = Trainer(cfg, fresh_unet(), build_scheduler(cfg, False), n_images, accelerator=accelerator)

@@ -23,8 +23,8 @@ Settings come from --preset (tiny: 32x32, minutes on a CPU; base: 128x128, a
 GPU; swin-tiny/swin-base and dit-tiny/dit-base the same for the Swin-UNet and
 DiT transformer denoisers), then --config FILE (JSON/YAML, or an earlier
 model's synthgate.json), then the flags below. --architecture picks the
-denoiser (unet, swin, dit); its own settings come from the preset or the
-"swin"/"dit" block of --config. Under --dp-epsilon training is differentially private
+denoiser ({architectures}); its own settings come from the preset or the
+{blocks} block of --config. Under --dp-epsilon training is differentially private
 (opacus DP-SGD, Poisson sampling, per-example clipping to --max-grad-norm).
 Checkpoints (--checkpoint-every) go to MODEL-checkpoints; --resume continues
 from the newest one exactly where it stopped.
@@ -36,6 +36,14 @@ training data was) or DICOM, each file marked as synthetic with its seed,
 plus metadata.csv (labels) and manifest.json (model, training set, sampler,
 per-image seed). Images are class-balanced unless --label or --per-label.
 """
+
+
+def train_help() -> str:
+    """``TRAIN_HELP`` naming the registered architectures and their settings blocks."""
+    from .denoisers import architectures, settings_blocks
+
+    return TRAIN_HELP.format(architectures=", ".join(architectures()),
+                             blocks="/".join(f'"{name}"' for name in settings_blocks()))
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -54,7 +62,8 @@ def _csv_flags(text: str) -> list[bool]:
 
 
 def add_train_arguments(p) -> None:
-    from .config import ARCHITECTURES, PRESETS  # stdlib only: --help stays light
+    from .config import PRESETS  # stdlib only: --help stays light
+    from .denoisers import architectures
 
     p.add_argument("real", metavar="REAL", help="the training image set (folder)")
     p.add_argument("--out", required=True, metavar="MODEL", help="model folder to write (must not exist)")
@@ -65,7 +74,7 @@ def add_train_arguments(p) -> None:
     s.add_argument("--seed", type=int)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--lr", type=float, dest="learning_rate")
-    s.add_argument("--architecture", choices=ARCHITECTURES, help="the denoiser (default: the preset's)")
+    s.add_argument("--architecture", choices=architectures(), help="the denoiser (default: the preset's)")
     s.add_argument("--resolution", type=int)
     s.add_argument("--block-out-channels", type=_csv_ints, metavar="W1,W2,...")
     s.add_argument("--attention", type=_csv_flags, metavar="0,0,1", help="self-attention per level")
@@ -137,6 +146,7 @@ def add_sample_arguments(p) -> None:
 def resolve_config(args):
     """Preset, then ``--config``, then flags -> a checked :class:`~generators.config.TrainConfig`."""
     from .config import PRESETS, TrainConfig, load_config_file
+    from .denoisers import settings_blocks
 
     data = dict(PRESETS[args.preset])
     if args.config:
@@ -153,7 +163,7 @@ def resolve_config(args):
     data.update(flags)
     if args.architecture is not None:
         data["architecture"] = args.architecture
-        for other in ("swin", "dit"):  # another architecture's settings do not apply
+        for other in settings_blocks():  # another architecture's settings do not apply
             if other != args.architecture:
                 data.pop(other, None)
     dp_flags = {k: v for k, v in {"epsilon": args.dp_epsilon, "delta": args.dp_delta,
@@ -247,7 +257,7 @@ def cmd_sample(args) -> int:
     from synthgate.device import resolve_device
     from synthgate.progress import set_quiet
 
-    from .model import load_model
+    from .loading import load_model
     from .sample import SamplerSettings, generate, plan
     from .write import write_synthetic
 
@@ -278,8 +288,9 @@ def cmd_sample(args) -> int:
     return clikit.EXIT_OK
 
 
-COMMANDS = {"train": (TRAIN_HELP, add_train_arguments, cmd_train),
-            "sample": (SAMPLE_HELP, add_sample_arguments, cmd_sample)}
+# name -> (its help text, made when the parser is, so that it lists every registered denoiser; arguments; command)
+COMMANDS = {"train": (train_help, add_train_arguments, cmd_train),
+            "sample": (lambda: SAMPLE_HELP, add_sample_arguments, cmd_sample)}
 
 
 def _run(argv: Sequence[str], prog: str, command: str | None) -> int:
@@ -292,7 +303,7 @@ def _run(argv: Sequence[str], prog: str, command: str | None) -> int:
             raise UsageError(f"{prog}: give a command: {', '.join(COMMANDS)}")
         command, argv, prog = argv[0], argv[1:], f"{prog} {argv[0]}"
     text, add_arguments, func = COMMANDS[command]
-    parser = clikit.new_parser(prog, text)
+    parser = clikit.new_parser(prog, text())
     add_arguments(parser)
     return func(parser.parse_args(argv))
 

@@ -7,24 +7,31 @@ when it is built, before any heavy work; it serialises to a plain dict
 an equal object, and it travels with every model in ``synthgate.json``.
 Unknown keys are an error with a "did you mean" hint.
 
-Presets: ``tiny`` (32 x 32, a 1M-parameter UNet without attention; trains
-in minutes on 2 CPU cores) and ``base`` (128 x 128, the diffusers DDPM
+The denoiser is chosen by ``architecture``, a name in the registry of
+:mod:`generators.denoisers`, which also contributes the presets
+(:data:`PRESETS`): ``tiny`` (32 x 32, a 1M-parameter UNet without attention;
+trains in minutes on 2 CPU cores) and ``base`` (128 x 128, the diffusers DDPM
 example's 6-level UNet with attention, sized for one GPU); the transformer
 denoisers have ``swin-tiny`` / ``swin-base`` (:mod:`generators.swin`) and
-``dit-tiny`` / ``dit-base`` (diffusers' ``DiTTransformer2DModel``).  The
-architecture's own settings live in a nested :class:`SwinConfig` or
-:class:`DiTConfig`; the UNet's stay at the top level (as before).
+``dit-tiny`` / ``dit-base`` (diffusers' ``DiTTransformer2DModel``).  An
+architecture's own settings live in a nested block named after it
+(:class:`SwinConfig` in ``swin``, :class:`DiTConfig` in ``dit``), held as
+:attr:`TrainConfig.arch_settings`; the UNet's stay at the top level (as before).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from synthgate.errors import ConfigError
+
+from .denoisers import architectures, get_denoiser, presets, settings_blocks
+from .denoisers.dit import DiTConfig
+from .denoisers.swin import SwinConfig
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -32,99 +39,6 @@ CONDITIONING = ("auto", "none", "class", "attributes")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 ACCOUNTANTS = ("prv", "rdp")
-ARCHITECTURES = ("unet", "swin", "dit")
-
-
-@dataclass(frozen=True)
-class SwinConfig:
-    """The Swin-UNet denoiser (:class:`generators.swin.SwinUNetDenoiser`).
-
-    Attributes
-    ----------
-    patch_size
-        Pixels (or latent cells) per token side: the token grid is
-        ``size / patch_size``.
-    embed_dim
-        Token width at the first level; it doubles at every patch merging.
-    depths, num_heads
-        Swin blocks and attention heads per level (encoder and decoder alike);
-        the last level is the bottleneck.  ``embed_dim * 2**i`` must be
-        divisible by ``num_heads[i]``.
-    window_size
-        Side of the attention windows; it must divide the token grid of every
-        level whose grid is at least that large (a smaller grid is one window).
-    mlp_ratio
-        Width of the blocks' MLP relative to the token width.
-    """
-
-    patch_size: int = 2
-    embed_dim: int = 32
-    depths: tuple[int, ...] = (2, 2, 2)
-    num_heads: tuple[int, ...] = (2, 4, 8)
-    window_size: int = 4
-    mlp_ratio: float = 4.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
-        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
-        for name in ("patch_size", "embed_dim", "window_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"swin.{name} {getattr(self, name)} must be at least 1")
-        if not self.depths or any(d < 1 for d in self.depths):
-            raise ConfigError(f"swin.depths {list(self.depths)} must be one or more positive block counts")
-        if len(self.num_heads) != len(self.depths):
-            raise ConfigError(f"swin.num_heads has {len(self.num_heads)} entries but swin.depths has "
-                              f"{len(self.depths)} levels")
-        for i, heads in enumerate(self.num_heads):
-            width = self.embed_dim * 2 ** i
-            if heads < 1 or width % heads:
-                raise ConfigError(f"swin.num_heads[{i}] = {heads} must divide the level's width {width} "
-                                  f"(swin.embed_dim * 2**{i})")
-        if not self.mlp_ratio > 0:
-            raise ConfigError(f"swin.mlp_ratio {self.mlp_ratio} must be > 0")
-
-    def check_size(self, size: int, where: str = "resolution") -> None:
-        """Refuse a ``size`` the patching, merging and windows do not tile exactly."""
-        if size % self.patch_size:
-            raise ConfigError(f"swin.patch_size {self.patch_size} must divide the {where} {size}")
-        grid = size // self.patch_size
-        levels = len(self.depths)
-        if grid % 2 ** (levels - 1):
-            raise ConfigError(f"the token grid {grid} ({where} {size} / swin.patch_size {self.patch_size}) must be "
-                              f"divisible by {2 ** (levels - 1)} for {levels} levels (swin.depths)")
-        for i in range(levels):
-            g = grid // 2 ** i
-            if g >= self.window_size and g % self.window_size:
-                raise ConfigError(f"swin.window_size {self.window_size} does not divide the {g} x {g} token grid "
-                                  f"of level {i} ({where} {size})")
-
-
-@dataclass(frozen=True)
-class DiTConfig:
-    """diffusers' ``DiTTransformer2DModel`` (Peebles & Xie 2023).
-
-    Attributes
-    ----------
-    patch_size
-        Pixels (or latent cells) per token side.
-    num_layers, num_attention_heads, attention_head_dim
-        Transformer depth, heads, and width per head (hidden size is their
-        product with one another: ``heads * head_dim``).
-    """
-
-    patch_size: int = 2
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    attention_head_dim: int = 16
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 1:
-                raise ConfigError(f"dit.{f.name} {getattr(self, f.name)} must be at least 1")
-
-    def check_size(self, size: int, where: str = "resolution") -> None:
-        if size % self.patch_size:
-            raise ConfigError(f"dit.patch_size {self.patch_size} must divide the {where} {size}")
 
 
 @dataclass(frozen=True)
@@ -201,12 +115,21 @@ class TrainConfig:
     mixed_precision
         ``auto`` (bf16 on a GPU that has it, not under DP), ``no``, ``bf16``, ``fp16``.
     architecture
-        The denoiser: ``unet`` (diffusers ``UNet2DModel``, the settings
-        above), ``swin`` (settings in ``swin``) or ``dit`` (settings in ``dit``).
-    swin, dit
-        :class:`SwinConfig` / :class:`DiTConfig`; filled with the defaults
-        when the architecture is chosen without them, refused for another
-        architecture.
+        The denoiser, a registered name (:mod:`generators.denoisers`):
+        ``unet`` (diffusers ``UNet2DModel``, the settings above), ``swin``
+        (settings in ``swin``) or ``dit`` (settings in ``dit``).
+    arch_settings
+        The architecture's own settings block (:class:`SwinConfig`,
+        :class:`DiTConfig`, ...; ``None`` for one without, as the UNet),
+        filled with its defaults when the architecture is chosen without it.
+        In a dict (:meth:`to_dict`) it is the key named after the
+        architecture (``"swin": {...}``), every other architecture's key
+        ``None``; a block given for another architecture is refused.  Read
+        it as ``config.arch_settings`` or ``config.swin`` / ``config.dit``
+        (``None`` unless that is the architecture).
+    blocks
+        Init-only: settings blocks by architecture name, as a dict holds them
+        (``{"swin": {...}}``); :meth:`from_dict` passes them here.
     vae
         Local folder of a diffusers ``AutoencoderKL``: train in its latent
         space (latent diffusion) instead of pixels.
@@ -240,14 +163,14 @@ class TrainConfig:
     noise_multiplicity: int = 1
     mixed_precision: str = "auto"
     architecture: str = "unet"
-    swin: SwinConfig | None = None
-    dit: DiTConfig | None = None
+    arch_settings: Any = None
     vae: str | None = None
     dp: DPConfig | None = None
     seed: int = 0
     checkpoint_every: int = 0
+    blocks: InitVar[Mapping[str, Any] | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, blocks=None):
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
         object.__setattr__(self, "attention", tuple(bool(a) for a in self.attention))
         if isinstance(self.condition_columns, str):
@@ -255,22 +178,47 @@ class TrainConfig:
         object.__setattr__(self, "condition_columns", tuple(str(c) for c in self.condition_columns))
         if isinstance(self.dp, Mapping):
             object.__setattr__(self, "dp", _build(DPConfig, self.dp, "dp"))
-        _choice("architecture", self.architecture, ARCHITECTURES)
-        for name, cls in (("swin", SwinConfig), ("dit", DiTConfig)):
-            value = getattr(self, name)
-            if isinstance(value, Mapping):
-                value = _build(cls, value, name)
-            if value is None and self.architecture == name:
-                value = cls()
-            if value is not None and self.architecture != name:
-                raise ConfigError(f"{name} settings were given but architecture is {self.architecture!r}")
-            object.__setattr__(self, name, value)
+        _choice("architecture", self.architecture, architectures())
+        object.__setattr__(self, "arch_settings", self._settings_block(blocks or {}))
         self._validate()
 
-    @property
-    def arch_settings(self) -> SwinConfig | DiTConfig | None:
-        """The nested settings of a transformer architecture (``None`` for the UNet)."""
-        return getattr(self, self.architecture, None)
+    def _settings_block(self, blocks: Mapping[str, Any]):
+        """The architecture's settings from ``arch_settings`` or its block; other architectures' blocks refused."""
+        spec = get_denoiser(self.architecture)
+        value = self.arch_settings
+        for name in settings_blocks():  # registration order: the first offending block is reported
+            given = blocks.get(name)
+            if isinstance(given, Mapping):
+                given = _build(get_denoiser(name).settings, given, name)
+            if given is not None and name != self.architecture:
+                raise ConfigError(f"{name} settings were given but architecture is {self.architecture!r}")
+            if given is not None:
+                if value is not None and value != given:
+                    raise ConfigError(f"{name} settings were given twice (arch_settings and {name})")
+                value = given
+        if spec.settings is None:
+            if value is not None:
+                raise ConfigError(f"architecture {self.architecture!r} has no settings block (got {value!r})")
+            return None
+        if isinstance(value, Mapping):
+            value = _build(spec.settings, value, self.architecture)
+        if value is None:
+            value = spec.settings()
+        if not isinstance(value, spec.settings):
+            raise ConfigError(f"{self.architecture} settings must be a {spec.settings.__name__} or a mapping, "
+                              f"not {type(value).__name__}")
+        return value
+
+    def __getattr__(self, name: str):
+        # config.swin / config.dit: an architecture's block by its name (None unless it is the architecture)
+        if not name.startswith("_") and name in settings_blocks():
+            return self.arch_settings if name == self.architecture else None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @classmethod
+    def setting_names(cls) -> tuple[str, ...]:
+        """The top-level keys of a config dict, besides the architectures' settings blocks."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "arch_settings")
 
     def _validate(self) -> None:
         if not 8 <= self.resolution <= 4096:
@@ -284,9 +232,6 @@ class TrainConfig:
         if self.norm_num_groups < 1 or bad:
             raise ConfigError(f"norm_num_groups {self.norm_num_groups} must divide every width in "
                               f"block_out_channels {list(self.block_out_channels)}")
-        if self.architecture == "unet" and self.resolution % 2 ** (len(self.block_out_channels) - 1):
-            raise ConfigError(f"resolution {self.resolution} must be divisible by "
-                              f"{2 ** (len(self.block_out_channels) - 1)} ({len(self.block_out_channels)} levels)")
         _choice("conditioning", self.conditioning, CONDITIONING)
         self._validate_condition_columns()
         _choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -303,10 +248,12 @@ class TrainConfig:
             raise ConfigError(f"learning_rate {self.learning_rate} must be > 0")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay {self.ema_decay} must be in [0, 1)")
-        if self.arch_settings is not None and self.vae is None:  # latent sizes are checked when the VAE is read
-            self.arch_settings.check_size(self.resolution)
-        if self.dp is not None and self.architecture == "swin":
-            raise ConfigError(DP_REFUSED_SWIN)
+        spec = get_denoiser(self.architecture)
+        spec.check_config(self)  # by default, a pixel model's size; latent sizes are checked when the VAE is read
+        if self.dp is not None and spec.refuse_dp:
+            raise ConfigError(spec.refuse_dp)
+        if self.conditioning == "class" and spec.refuse_classes:
+            raise ConfigError(spec.refuse_classes)
 
     def _validate_condition_columns(self) -> None:
         from .conditioning import parse_column
@@ -319,45 +266,55 @@ class TrainConfig:
             raise ConfigError(f"condition_columns {list(self.condition_columns)} need conditioning `attributes`")
         if len(set(names)) != len(names):
             raise ConfigError(f"condition_columns {list(self.condition_columns)} name a column twice")
-        if self.conditioning == "attributes" and self.architecture == "dit":
-            raise ConfigError("conditioning `attributes` is for the unet and swin architectures: DiT's adaLN-Zero "
-                              "embeds class indices only (use --conditioning class, or --architecture unet|swin)")
+        refusal = get_denoiser(self.architecture).refuse_attributes
+        if self.conditioning == "attributes" and refusal:
+            raise ConfigError(refusal)
 
     # ------------------------------------------------------------ round trip
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict that :meth:`from_dict` turns back into an equal config."""
-        out = dataclasses.asdict(self)
-        out["block_out_channels"] = list(self.block_out_channels)
-        out["attention"] = list(self.attention)
-        out["condition_columns"] = list(self.condition_columns)
-        if out["swin"] is not None:
-            out["swin"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["swin"].items()}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "arch_settings":  # one key per settings block, where the blocks always were
+                for name in settings_blocks():
+                    out[name] = _plain(dataclasses.asdict(value)) if name == self.architecture else None
+            elif dataclasses.is_dataclass(value):
+                out[f.name] = dataclasses.asdict(value)
+            else:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str | Path | None = None) -> "TrainConfig":
         """Build a config from a dict, refusing unknown keys (with a hint)."""
         try:
-            return _build(cls, data, "config")
+            return cls._from_mapping(data)
         except ConfigError as exc:
             if source is not None and exc.path is None:
                 raise ConfigError(exc.message, source) from exc
             raise
 
+    @classmethod
+    def _from_mapping(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a mapping of settings, not {type(data).__name__}")
+        block_names = settings_blocks()
+        _refuse_unknown(data, [*cls.setting_names(), *block_names], "config")
+        settings = {k: v for k, v in data.items() if k not in block_names}
+        blocks = {k: v for k, v in data.items() if k in block_names}
+        try:
+            return cls(**settings, blocks=blocks)
+        except TypeError as exc:  # e.g. a list where a number belongs
+            raise ConfigError(f"config: {exc}") from exc
+
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed (validated again)."""
-        return _build(type(self), {**self.to_dict(), **changes}, "config")
+        return type(self)._from_mapping({**self.to_dict(), **changes})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
-
-
-# Measured, see tests/test_generators_transformers.py::test_dp_swin_is_refused_and_opacus_really_fails.
-DP_REFUSED_SWIN = (
-    "dp: opacus cannot train architecture 'swin' privately: it refuses timm's WindowAttention (its "
-    "relative_position_bias_table is indexed through a buffer; opacus 1.6 rejects such layers in hooks and "
-    "functorch modes), and the window partition folds windows into the batch dimension; use 'dit' or 'unet'")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -366,62 +323,51 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} {value!r} must be one of {listed}")
 
 
-def _build(cls, data: Mapping[str, Any], what: str):
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{what} must be a mapping of settings, not {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]
+def _plain(value):
+    """Tuples as lists, all the way down (the JSON form of a settings block)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _refuse_unknown(data: Mapping[str, Any], names: list[str], what: str) -> None:
     for key in data:
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ConfigError(f"unknown {what} setting {key!r}{hint}")
+
+
+def _build(cls, data: Mapping[str, Any], what: str):
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{what} must be a mapping of settings, not {type(data).__name__}")
+    _refuse_unknown(data, [f.name for f in dataclasses.fields(cls)], what)
     try:
         return cls(**dict(data))
     except TypeError as exc:  # e.g. a list where a number belongs
         raise ConfigError(f"{what}: {exc}") from exc
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # On phantoms it draws recognisable anatomy after 400 steps (measured; see the issue note).
-    "tiny": {},
-    # The diffusers unconditional DDPM example (train_unconditional.py) at 128 x 128.
-    "base": {
-        "resolution": 128,
-        "block_out_channels": (128, 128, 256, 256, 512, 512),
-        "layers_per_block": 2,
-        "attention": (False, False, False, False, True, False),
-        "mid_attention": True,
-        "norm_num_groups": 32,
-        "learning_rate": 1e-4,
-        "lr_schedule": "cosine",
-        "lr_warmup_steps": 500,
-        "weight_decay": 1e-6,
-        "batch_size": 64,
-        "steps": 50_000,
-        "ema_decay": 0.9999,
-    },
-    # 32 x 32, 0.85M parameters: three levels (token grids 16, 8, 4) with 4 x 4 windows.
-    "swin-tiny": {"architecture": "swin", "learning_rate": 5e-4, "lr_warmup_steps": 50},
-    # 128 x 128: Swin-UNet's Swin-T layout (Cao et al. 2021: embed 96, depths 2-2-2-2, heads 3-6-12-24),
-    # patch 2 and window 8 so the 64/32/16/8 token grids tile; optimisation as the UNet base preset.
-    "swin-base": {
-        "architecture": "swin", "resolution": 128,
-        "swin": {"patch_size": 2, "embed_dim": 96, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24),
-                 "window_size": 8, "mlp_ratio": 4.0},
-        "learning_rate": 1e-4, "lr_schedule": "cosine", "lr_warmup_steps": 500, "weight_decay": 1e-6,
-        "batch_size": 64, "steps": 50_000, "ema_decay": 0.9999,
-    },
-    # 32 x 32, 0.39M parameters: 256 tokens of width 64, 4 layers.
-    "dit-tiny": {"architecture": "dit", "learning_rate": 5e-4, "lr_warmup_steps": 50},
-    # DiT-B/4 (Peebles & Xie 2023, Table 1: 12 layers, hidden 768, 12 heads) on 128 x 128 pixels (1,024
-    # tokens); the paper's AdamW lr 1e-4 without weight decay, EMA 0.9999. In a VAE's latent space the
-    # paper's patch 2 is the usual choice (dit.patch_size).
-    "dit-base": {
-        "architecture": "dit", "resolution": 128,
-        "dit": {"patch_size": 4, "num_layers": 12, "num_attention_heads": 12, "attention_head_dim": 64},
-        "learning_rate": 1e-4, "lr_warmup_steps": 0, "batch_size": 64, "steps": 100_000, "ema_decay": 0.9999,
-    },
-}
+class _Presets(Mapping):
+    """Every registered architecture's presets (name -> settings), read live from the registry."""
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return presets()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(presets())
+
+    def __len__(self) -> int:
+        return len(presets())
+
+    def __repr__(self) -> str:
+        return f"PRESETS({list(self)})"
+
+
+#: ``--preset`` name -> settings; each architecture contributes its own (:mod:`generators.denoisers`).
+PRESETS: Mapping[str, dict[str, Any]] = _Presets()
 
 
 def preset(name: str, **overrides) -> TrainConfig:

@@ -2,10 +2,11 @@
 
 Layout (see :mod:`generators.model`): for a UNet a ``DDPMPipeline``
 (``model_index.json``, ``unet/``, ``scheduler/``) so
-``DiffusionPipeline.from_pretrained(MODEL)`` works anywhere; for the
-transformer denoisers the network in ``denoiser/`` (Swin-UNet) or
-``transformer/`` (DiT) with ``scheduler/`` beside it, loaded by
-:func:`generators.model.load_model` (``synthgate.json["architecture"]``
+``DiffusionPipeline.from_pretrained(MODEL)`` works anywhere; for the other
+denoisers the network in the folder its registry entry names
+(:mod:`generators.denoisers`: ``denoiser/`` for the Swin-UNet,
+``transformer/`` for DiT) with ``scheduler/`` beside it, loaded by
+:func:`generators.loading.load_model` (``synthgate.json["architecture"]``
 names the folder and class).  ``vae/`` for latent models, and
 ``synthgate.json`` with the provenance.  Written atomically.
 """
@@ -32,16 +33,18 @@ def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overw
     """
     from diffusers import DDPMPipeline
 
+    from .denoisers import get_denoiser
+
     out = Path(out)
-    arch = info.get("architecture") or {"name": "unet"}
+    spec = get_denoiser((info.get("architecture") or {"name": "unet"})["name"])
     encoder = getattr(unet, "encoder", None)
     unet = getattr(unet, "net", unet)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        if pipeline is not None or arch["name"] == "unet":
+        if pipeline is not None or spec.ddpm_pipeline:
             pipeline = pipeline or DDPMPipeline(unet=unet, scheduler=noise_scheduler)
             pipeline.save_pretrained(tmp, safe_serialization=True)
         else:  # no diffusers pipeline runs these denoisers: the network and its schedule, side by side
-            unet.save_pretrained(tmp / arch["folder"], safe_serialization=True)
+            unet.save_pretrained(tmp / spec.folder, safe_serialization=True)
             noise_scheduler.save_pretrained(tmp / "scheduler")
         if extra is not None:
             extra(tmp)

@@ -1,20 +1,20 @@
-"""Load a synthgate model directory for sampling and for attacks on it.
+"""A loaded synthgate model: the denoiser, its noise schedule, and the space it works in.
 
 A model directory loads with diffusers' ``DiffusionPipeline.from_pretrained``
-and carries ``synthgate.json`` (the contract in DESIGN.md).  This module is
-the one place that reads it back into a :class:`DiffusionModel`, which the
-sampler and the membership-inference attacks share: it knows how to bring
-images in [0, 1] into the space the denoiser works in (pixels in [-1, 1], or
-scaled VAE latents) and how to ask the denoiser for its noise prediction
-whatever its ``prediction_type``.
+and carries ``synthgate.json`` (the contract in DESIGN.md);
+:func:`generators.loading.load_model` reads it back into a
+:class:`DiffusionModel`, which the sampler and the membership-inference
+attacks share: it knows how to bring images in [0, 1] into the space the
+denoiser works in (pixels in [-1, 1], or scaled VAE latents) and how to ask
+the denoiser for its noise prediction whatever its ``prediction_type``.
 
 Layout::
 
     MODEL/
       model_index.json     # diffusers pipeline index (UNet models only)
-      unet/                # UNet2DModel (config.json + weights), or for the transformer denoisers
-      denoiser/            #   generators.swin.SwinUNetDenoiser (architecture "swin")
-      transformer/         #   generators.dit.DiTDenoiser, a DiTTransformer2DModel (architecture "dit")
+      unet/                # UNet2DModel (config.json + weights), or the folder another architecture's
+      denoiser/            #   registry entry names (generators.denoisers): generators.swin.SwinUNetDenoiser
+      transformer/         #   ("swin"), generators.dit.DiTDenoiser, a DiTTransformer2DModel ("dit")
       scheduler/           # the training noise schedule (DDPMScheduler config)
       vae/                 # AutoencoderKL, latent models only
       condition/           # AttributeEncoder, attribute-conditioned models only
@@ -26,12 +26,11 @@ is called as ``unet(x_t, t, class_labels).sample``.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synthgate.errors import InputError, MissingInputError
+from synthgate.errors import InputError
 
 
 @dataclass
@@ -152,7 +151,7 @@ class DiffusionModel:
 
     @property
     def architecture(self) -> str:
-        """``unet``, ``swin`` or ``dit``."""
+        """The registered architecture's name (``unet``, ``swin``, ``dit``; see :mod:`generators.denoisers`)."""
         return architecture_name(self.info)
 
     def from_model_space(self, x0) -> Any:
@@ -189,62 +188,3 @@ class DiffusionModel:
 def architecture_name(info: dict) -> str:
     """The denoiser's architecture from ``synthgate.json`` (models written before there was a choice: ``unet``)."""
     return str((info.get("architecture") or {}).get("name", "unet"))
-
-
-def read_info(path: str | Path) -> dict:
-    """``synthgate.json`` of a model directory, with clear errors."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError("model directory does not exist", path)
-    if not path.is_dir():
-        raise InputError("is not a model directory", path)
-    info_path = path / "synthgate.json"
-    if not info_path.exists():
-        raise InputError("has no synthgate.json (not a model directory written by `synthgate train`)", path)
-    try:
-        info = json.loads(info_path.read_text())
-    except ValueError as exc:
-        raise InputError(f"synthgate.json is not valid JSON ({exc})", info_path) from exc
-    for key in ("resolution", "image_channels"):
-        if key not in info:
-            raise InputError(f"synthgate.json lacks {key!r}", info_path)
-    return info
-
-
-def load_model(path: str | Path, device="cpu") -> DiffusionModel:
-    """Load ``path`` (a model directory, any architecture) onto ``device`` in eval mode.
-
-    This is the documented loader of every model ``synthgate train`` writes;
-    ``model.unet(x_t, t, class_labels).sample`` is the denoiser's output and
-    :meth:`DiffusionModel.predict_eps` its noise prediction.
-    """
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler
-
-    from .nets import DENOISERS, load_denoiser
-
-    path = Path(path)
-    info = read_info(path)
-    device = torch.device(device)
-    if (info.get("conditioning") or {}).get("type") == "text":  # fine-tuned Stable Diffusion
-        from .text2image import load_text_model
-
-        return load_text_model(path, info, device)
-    arch = architecture_name(info)
-    if arch not in DENOISERS:
-        raise InputError(f"synthgate.json names architecture {arch!r}; this synthgate knows "
-                         + ", ".join(DENOISERS), path / "synthgate.json")
-    try:
-        unet = load_denoiser(arch, path / DENOISERS[arch][0]).to(device).eval()
-        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-        vae = AutoencoderKL.from_pretrained(path / "vae").to(device).eval() if (path / "vae").exists() else None
-        if (info.get("conditioning") or {}).get("type") == "attributes":
-            from .conditioning import attribute_conditioned, load_encoder
-
-            unet = attribute_conditioned(unet, load_encoder(path / "condition").to(device).eval()).eval()
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"cannot load the model ({' '.join(str(exc).split())[:200]})", path) from exc
-    for module in (unet, vae):
-        if module is not None:
-            module.requires_grad_(False)
-    return DiffusionModel(path, unet, scheduler, vae, info, device)

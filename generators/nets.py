@@ -1,12 +1,13 @@
-"""Build the networks a config describes: the denoiser (UNet, Swin-UNet or DiT), its noise schedule, the VAE."""
+"""Build the networks a config describes: the denoiser (any registered architecture), its noise schedule, the VAE."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from synthgate.errors import InputError, MissingInputError
+from synthgate.errors import ConfigError, InputError, MissingInputError
 
 from .config import TrainConfig
+from .denoisers import get_denoiser
 
 
 @dataclass(frozen=True)
@@ -20,92 +21,38 @@ class Space:
     vae_in_channels: int | None = None
 
 
-def build_unet(config: TrainConfig, channels: int, size: int, num_classes: int | None, attributes=None):
-    """A diffusers ``UNet2DModel`` for ``channels x size x size`` inputs.
-
-    Class conditioning uses the UNet's learned class embedding
-    (``num_class_embeds``), added to the timestep embedding.  Attribute
-    conditioning (``attributes``, an :class:`~generators.conditioning.AttributeSpec`)
-    returns the UNet wrapped with an attribute encoder whose vectors go where
-    the class embedding would (``class_embed_type="identity"``).
-    """
-    from diffusers import UNet2DModel
-
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention)
-    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention))
-    unet = UNet2DModel(
-        sample_size=size, in_channels=channels, out_channels=channels,
-        block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
-        down_block_types=down, up_block_types=up, add_attention=config.mid_attention,
-        norm_num_groups=config.norm_num_groups, num_class_embeds=num_classes,
-        class_embed_type="identity" if attributes is not None else None,
-        attention_head_dim=min(8, min(config.block_out_channels)),
-    )
-    if attributes is None:
-        return unet
-    from .conditioning import attribute_conditioned, build_encoder
-
-    # UNet2DModel's timestep embedding is 4x the first level's width
-    return attribute_conditioned(unet, build_encoder(attributes, 4 * config.block_out_channels[0]))
-
-
-# architecture -> (folder in the model directory, the class that loads it); read by export and model
-DENOISERS = {
-    "unet": ("unet", "diffusers:UNet2DModel"),
-    "swin": ("denoiser", "generators.swin:SwinUNetDenoiser"),
-    "dit": ("transformer", "generators.dit:DiTDenoiser"),
-}
-
-
 def build_denoiser(config: TrainConfig, channels: int, size: int, num_classes: int | None, attributes=None):
-    """The denoiser ``config.architecture`` names, for ``channels x size x size`` inputs.
+    """The denoiser ``config.architecture`` names (:mod:`generators.denoisers`), for ``channels x size x size``.
 
     Every one is called as ``net(x_t, t, class_labels).sample``.  A latent
-    ``size`` is only known once the VAE is read, so the transformer settings
-    are checked against it here.  With ``attributes`` (an
-    :class:`~generators.conditioning.AttributeSpec`) the denoiser comes wrapped
-    with its attribute encoder.
+    ``size`` is only known once the VAE is read, so it is checked here.  With
+    ``attributes`` (an :class:`~generators.conditioning.AttributeSpec`) the
+    denoiser comes wrapped with its attribute encoder, whose vectors the
+    network adds to its timestep embedding.
     """
-    if config.architecture == "unet":
-        return build_unet(config, channels, size, num_classes, attributes)
-    settings = config.arch_settings
-    settings.check_size(size, "latent size" if config.vae else "resolution")
-    if config.architecture == "swin":
-        from .swin import SwinUNetDenoiser
+    spec = get_denoiser(config.architecture)
+    if num_classes is not None and spec.refuse_classes:
+        raise ConfigError(spec.refuse_classes)
+    if attributes is not None and spec.refuse_attributes:
+        raise ConfigError(spec.refuse_attributes)
+    spec.check_size(config, size, "latent size" if config.vae else "resolution")
+    width = None if attributes is None else spec.condition_width(config)
+    net = spec.build(config, channels=channels, size=size, num_classes=num_classes, cond_dim=width)
+    if attributes is None:
+        return net
+    from .conditioning import attribute_conditioned, build_encoder
 
-        width = 4 * settings.embed_dim  # the Swin denoiser's timestep-embedding width
-        net = SwinUNetDenoiser(sample_size=size, in_channels=channels, patch_size=settings.patch_size,
-                               embed_dim=settings.embed_dim, depths=settings.depths, num_heads=settings.num_heads,
-                               window_size=settings.window_size, mlp_ratio=settings.mlp_ratio,
-                               num_classes=num_classes, cond_dim=width if attributes is not None else 0)
-        if attributes is None:
-            return net
-        from .conditioning import attribute_conditioned, build_encoder
-
-        return attribute_conditioned(net, build_encoder(attributes, width))
-    from .dit import build_dit
-
-    # adaLN-Zero always embeds a label: an unconditional model is a one-class DiT
-    return build_dit(sample_size=size, in_channels=channels, out_channels=channels, patch_size=settings.patch_size,
-                     num_layers=settings.num_layers, num_attention_heads=settings.num_attention_heads,
-                     attention_head_dim=settings.attention_head_dim, num_embeds_ada_norm=num_classes or 1)
+    return attribute_conditioned(net, build_encoder(attributes, width))
 
 
 def denoiser_info(architecture: str) -> dict:
     """``synthgate.json["architecture"]``: the name, its folder, and the class that loads it."""
-    folder, cls = DENOISERS[architecture]
-    return {"name": architecture, "folder": folder, "class": cls}
+    return get_denoiser(architecture).info()
 
 
 def load_denoiser(architecture: str, folder):
-    """Load a saved denoiser of ``architecture`` from ``folder`` (fixed classes, never one named by the file)."""
-    if architecture == "unet":
-        from diffusers import UNet2DModel as cls
-    elif architecture == "swin":
-        from .swin import SwinUNetDenoiser as cls
-    else:
-        from .dit import DiTDenoiser as cls
-    return cls.from_pretrained(folder)
+    """Load a saved denoiser of ``architecture`` from ``folder`` (the registered class, never one named by the file)."""
+    return get_denoiser(architecture).load(folder)
 
 
 def build_scheduler(config: TrainConfig, latent: bool):

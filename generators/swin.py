@@ -11,7 +11,7 @@ layer and a pixel shuffle) is written here.
 It follows the protocol the trainer and the sampler use for diffusers'
 ``UNet2DModel`` -- ``net(x_t, t, class_labels=None).sample`` -- and is a
 diffusers ``ModelMixin``/``ConfigMixin``, so ``save_pretrained`` /
-``from_pretrained`` work on a folder (``generators.model.load_model`` is the
+``from_pretrained`` work on a folder (``generators.loading.load_model`` is the
 documented loader of a whole model directory).
 
 Notes

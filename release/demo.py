@@ -55,7 +55,7 @@ def run_demo(args) -> int:
     from audit.core.result import format_summary
     from reports.cli import write_report
     from generators.config import preset
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.run import train
     from generators.sample import SamplerSettings, generate, plan
     from generators.write import write_synthetic

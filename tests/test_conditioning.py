@@ -115,7 +115,7 @@ def test_config_needs_columns_with_attributes():
 
 
 def test_model_obeys_its_attributes(attr_model):
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.sample import SamplerSettings, denoise, plan
 
     model = load_model(attr_model)
@@ -135,7 +135,7 @@ def test_model_obeys_its_attributes(attr_model):
 
 
 def test_attribute_sampling_is_reproducible_per_image_and_written(attr_model, tmp_path, capsys):
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.sample import SamplerSettings, denoise, plan, sample_one
     from synthgate.imageset import ImageSet
 
@@ -195,7 +195,7 @@ def test_latent_and_private_attribute_models(tmp_path, capsys):
     import torch
     from diffusers import AutoencoderKL
 
-    from generators.model import load_model
+    from generators.loading import load_model
 
     data = exposure_set(tmp_path / "data", n=8)
     torch.manual_seed(0)
@@ -226,7 +226,7 @@ def test_latent_and_private_attribute_models(tmp_path, capsys):
 def test_model_attacks_condition_on_each_images_attributes(attr_model, tmp_path):
     import torch
 
-    from generators.model import load_model
+    from generators.loading import load_model
     from synthgate.imageset import ImageSet
 
     model = load_model(attr_model)
@@ -242,7 +242,7 @@ def test_model_attacks_condition_on_each_images_attributes(attr_model, tmp_path)
 
 def test_swin_denoiser_takes_attributes_and_dit_refuses_them(tmp_path):
     from generators.config import preset
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.run import train
     from generators.sample import SamplerSettings, denoise, plan
     from synthgate.errors import ConfigError

@@ -99,7 +99,7 @@ def test_a_few_steps_reduce_the_loss(ph16):
 
     from generators.config import TrainConfig
     from generators.data import PixelSource, open_training_set
-    from generators.nets import build_scheduler, build_unet
+    from generators.nets import build_denoiser, build_scheduler
     from generators.train import Trainer
 
     training = open_training_set(ph16 / "train", 16, "none")
@@ -107,7 +107,7 @@ def test_a_few_steps_reduce_the_loss(ph16):
     cfg = TrainConfig(resolution=16, block_out_channels=(16, 32), attention=(False, False), batch_size=8, steps=6,
                       learning_rate=3e-3, lr_warmup_steps=0, ema_decay=0)
     torch.manual_seed(0)
-    trainer = Trainer(cfg, build_unet(cfg, 1, 16, None), build_scheduler(cfg, False), len(x),
+    trainer = Trainer(cfg, build_denoiser(cfg, 1, 16, None), build_scheduler(cfg, False), len(x),
                       accelerator=Accelerator(cpu=True))
 
     assert_training_halves_the_loss(trainer, x, 4)
@@ -116,7 +116,7 @@ def test_a_few_steps_reduce_the_loss(ph16):
 def test_model_dir_contract_and_plain_diffusers_load(trained, ph16):
     from diffusers import DDPMPipeline, DiffusionPipeline
 
-    from generators.model import load_model
+    from generators.loading import load_model
     from synthgate.imageset import ImageSet
 
     info = json.loads((trained / "synthgate.json").read_text())
@@ -189,7 +189,7 @@ def test_dp_per_example_gradients_are_exact_with_noise_multiplicity():
 
     from generators.config import TrainConfig
     from generators.dp import contiguous_conv_inputs, fold_noise_multiplicity
-    from generators.nets import build_scheduler, build_unet
+    from generators.nets import build_denoiser, build_scheduler
     from generators.train import diffusion_loss
 
     # attention at the second level: where stock opacus returns zero conv gradients
@@ -199,7 +199,7 @@ def test_dp_per_example_gradients_are_exact_with_noise_multiplicity():
 
     def make():
         torch.manual_seed(0)
-        return build_unet(cfg, 1, 16, 2)
+        return build_denoiser(cfg, 1, 16, 2)
 
     ref = make()
     losses = diffusion_loss(ref, sched, x, y, k, torch.Generator().manual_seed(1))
@@ -222,11 +222,11 @@ def test_dp_step_on_an_empty_poisson_batch_still_adds_noise_and_is_accounted():
 
     from generators.config import DPConfig, TrainConfig
     from generators.dp import PrivateTraining
-    from generators.nets import build_scheduler, build_unet
+    from generators.nets import build_denoiser, build_scheduler
     from generators.train import diffusion_loss
 
     cfg = TrainConfig(resolution=16, block_out_channels=(16, 32), attention=(False, False))
-    unet = build_unet(cfg, 1, 16, None)
+    unet = build_denoiser(cfg, 1, 16, None)
     opt = torch.optim.SGD(unet.parameters(), lr=1.0)
     private = PrivateTraining(unet, opt, n_examples=10, batch_size=5, steps=3,
                               dp=DPConfig(epsilon=5.0, accountant="rdp"), noise_multiplicity=2,
@@ -262,7 +262,7 @@ def test_latent_diffusion_with_a_tiny_vae(tmp_path, capsys):
     from diffusers import AutoencoderKL, DiffusionPipeline
     from PIL import Image
 
-    from generators.model import load_model
+    from generators.loading import load_model
 
     torch.manual_seed(0)
     AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
@@ -291,7 +291,7 @@ def test_latent_diffusion_with_a_tiny_vae(tmp_path, capsys):
 
 
 def test_sampling_is_deterministic_per_seed_and_per_image(trained):
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.sample import SamplerSettings, denoise, generate, plan, sample_one
 
     model = load_model(trained)

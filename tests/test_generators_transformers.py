@@ -156,7 +156,7 @@ def test_model_dir_names_its_architecture_and_training_is_reproducible(arch, tra
     from safetensors.torch import load_file
 
     from generators.config import TrainConfig
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.run import train
 
     model = trained[arch]
@@ -224,7 +224,7 @@ def test_save_load_round_trip_gives_identical_outputs(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ["swin", "dit"])
 def test_sampling_is_deterministic_per_seed_and_per_image(arch, trained):
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.sample import SamplerSettings, denoise, generate, plan, sample_one
 
     model = load_model(trained[arch])
@@ -241,7 +241,7 @@ def test_sampling_is_deterministic_per_seed_and_per_image(arch, trained):
 def test_class_conditional_swin_uses_its_labels_and_a_conditioning_vector(trained):
     import torch
 
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.swin import SwinUNetDenoiser
 
     model = load_model(trained["swin"])
@@ -268,7 +268,7 @@ def test_cli_trains_and_samples_a_latent_swin_model(tmp_path, capsys):
     import torch
     from diffusers import AutoencoderKL
 
-    from generators.model import load_model
+    from generators.loading import load_model
 
     torch.manual_seed(0)
     AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
@@ -294,7 +294,7 @@ def test_membership_attacks_run_unchanged_on_a_swin_model(trained, ph16):
     import torch
 
     from audit.membership_inference.model_attacks import loss_scores, pia_scores, secmi_scores
-    from generators.model import load_model
+    from generators.loading import load_model
     from synthgate.imageset import ImageSet
 
     model = load_model(trained["swin"])
@@ -309,7 +309,7 @@ def test_membership_attacks_run_unchanged_on_a_swin_model(trained, ph16):
 def test_old_model_dirs_without_architecture_load_as_unet(tmp_path):
     from audit.membership_inference.control_model import save_model_dir, tiny_unet
     from generators.config import TrainConfig
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.nets import build_scheduler
     from synthgate.errors import InputError
 

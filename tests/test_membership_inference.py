@@ -403,7 +403,7 @@ FAST = {"timesteps": [50, 200], "noise_draws": 2, "pia_timesteps": [200], "n_boo
 
 
 def test_overfit_model_is_caught_by_the_model_attacks(case, model_case, tmp_path):
-    from generators.model import load_model
+    from generators.loading import load_model
 
     r = create_check("membership_inference", **FAST).run(
         _ctx(case, real=model_case / "seen", model=model_case / "model", tmp=tmp_path))

@@ -341,7 +341,7 @@ def test_dp_lora_trains_accounts_and_resumes_exactly(sd, ph, tmp_path, capsys):
 def test_sampling_is_deterministic_records_prompts_and_follows_guidance(full, tmp_path, capsys):
     from PIL import Image
 
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.sample import SamplerSettings, sample_one
     from synthgate.imageset import ImageSet
 
@@ -380,7 +380,7 @@ def test_membership_attacks_run_conditioned_on_captions(full, ph):
     import torch
 
     from audit.membership_inference.model_attacks import loss_scores, pia_scores, secmi_scores
-    from generators.model import load_model
+    from generators.loading import load_model
     from generators.text2image import TextDiffusionModel
     from synthgate.imageset import ImageSet
 

@@ -265,7 +265,7 @@ class MembershipInference(Check):
         """Check up front (cheap) that the model can be attacked with these images; ``None`` when not run."""
         if ctx.model is None or not self.settings.run_model_attacks or not self.settings.model_attacks:
             return None
-        from generators.model import read_info
+        from generators.loading import read_info
 
         info = read_info(ctx.model)
         res, chans = int(info["resolution"]), int(info["image_channels"])
@@ -342,7 +342,7 @@ class MembershipInference(Check):
         return out
 
     def _scenario2(self, ctx, sample: Sample, run: AttackRun, geo: Geometry):
-        from generators.model import load_model
+        from generators.loading import load_model
 
         model = load_model(ctx.model, ctx.torch_device)
         self._check_timesteps(model)

@@ -3,7 +3,7 @@
 This is a *control fixture*, not a trainer (``generators`` trains real
 models).  :func:`overfit_model` trains a tiny ``UNet2DModel`` on a handful of
 images until it has memorised them, and :func:`save_model_dir` writes it in
-the model-directory layout :func:`generators.model.load_model` reads
+the model-directory layout :func:`generators.loading.load_model` reads
 (``DDPMPipeline.save_pretrained`` plus ``synthgate.json``), so the control
 goes through the same loading and attack code as the audited model.  Tests
 use the same helpers to build small models with known members.
@@ -86,7 +86,7 @@ def _target(scheduler, x0, noise, t):
 
 
 def save_model_dir(path: str | Path, unet, scheduler, labels: Sequence[str] | None = None, extra: dict | None = None) -> Path:
-    """Write a model directory that :func:`generators.model.load_model` reads (written atomically)."""
+    """Write a model directory that :func:`generators.loading.load_model` reads (written atomically)."""
     from diffusers import DDPMPipeline
 
     from synthgate.fsutil import atomic_directory
@@ -125,7 +125,7 @@ def control_model(images01: np.ndarray, labels: Sequence[str] | None, classes: S
     """
     from diffusers import DDPMScheduler
 
-    from generators.model import load_model
+    from generators.loading import load_model
 
     classes = sorted({str(c) for c in classes}) if labels else None
     key = control_key(images01, labels, classes, scheduler_config, settings)

@@ -1,0 +1,79 @@
+"""Read a model directory back: ``synthgate.json`` (:func:`read_info`) and the whole model (:func:`load_model`).
+
+The one loader of every model ``synthgate train`` writes, whatever its kind:
+a denoiser of a registered architecture (:mod:`generators.denoisers`; the
+folder layout is in :mod:`generators.model`), or a text-to-image model
+fine-tuned from Stable Diffusion (:mod:`generators.text2image`).  It sits
+apart from both model classes so that neither imports the other.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from synthgate.errors import InputError, MissingInputError
+
+from .model import DiffusionModel, architecture_name
+
+
+def read_info(path: str | Path) -> dict:
+    """``synthgate.json`` of a model directory, with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError("model directory does not exist", path)
+    if not path.is_dir():
+        raise InputError("is not a model directory", path)
+    info_path = path / "synthgate.json"
+    if not info_path.exists():
+        raise InputError("has no synthgate.json (not a model directory written by `synthgate train`)", path)
+    try:
+        info = json.loads(info_path.read_text())
+    except ValueError as exc:
+        raise InputError(f"synthgate.json is not valid JSON ({exc})", info_path) from exc
+    for key in ("resolution", "image_channels"):
+        if key not in info:
+            raise InputError(f"synthgate.json lacks {key!r}", info_path)
+    return info
+
+
+def load_model(path: str | Path, device="cpu") -> DiffusionModel:
+    """Load ``path`` (a model directory, any architecture) onto ``device`` in eval mode.
+
+    This is the documented loader of every model ``synthgate train`` writes;
+    ``model.unet(x_t, t, class_labels).sample`` is the denoiser's output and
+    :meth:`DiffusionModel.predict_eps` its noise prediction.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from .denoisers import architectures, get_denoiser
+
+    path = Path(path)
+    info = read_info(path)
+    device = torch.device(device)
+    if (info.get("conditioning") or {}).get("type") == "text":  # fine-tuned Stable Diffusion
+        from .text2image.model import load_text_model
+
+        return load_text_model(path, info, device)
+    arch = architecture_name(info)
+    if arch not in architectures():
+        raise InputError(f"synthgate.json names architecture {arch!r}; this synthgate knows "
+                         + ", ".join(architectures()), path / "synthgate.json")
+    spec = get_denoiser(arch)
+    try:
+        unet = spec.load(path / spec.folder).to(device).eval()
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+        vae = AutoencoderKL.from_pretrained(path / "vae").to(device).eval() if (path / "vae").exists() else None
+        if (info.get("conditioning") or {}).get("type") == "attributes":
+            from .conditioning import attribute_conditioned, load_encoder
+
+            unet = attribute_conditioned(unet, load_encoder(path / "condition").to(device).eval()).eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"cannot load the model ({' '.join(str(exc).split())[:200]})", path) from exc
+    for module in (unet, vae):
+        if module is not None:
+            module.requires_grad_(False)
+    return DiffusionModel(path, unet, scheduler, vae, info, device)
+
+
+__all__ = ["read_info", "load_model"]
