@@ -203,6 +203,13 @@ def cmd_train(args) -> int:
         return clikit.EXIT_OK
     if args.json or args.quiet:
         set_quiet(True)
+    from synthgate.outputs import check_target, refuse_overlap
+
+    # before any training: the model folder never lands on, in or around an input
+    refuse_overlap(args.out, {"real": args.real, "vae": getattr(args, "vae", None),
+                              "base model": getattr(args, "base_model", None), "config": getattr(args, "config", None)})
+    if not args.resume:
+        check_target(args.out, "synthgate train", args.overwrite)
     if text is not None:
         from functools import partial
 
@@ -263,6 +270,10 @@ def cmd_sample(args) -> int:
 
     if args.json or args.quiet:
         set_quiet(True)
+    from synthgate.outputs import check_target, refuse_overlap
+
+    refuse_overlap(args.out, {"model": args.model})  # before any sampling
+    check_target(args.out, "synthgate sample", args.overwrite)
     settings = SamplerSettings(args.sampler, args.steps, args.eta, args.batch_size)
     model = load_model(args.model, resolve_device(args.device))
     items = plan(model, args.n, seed=args.seed, label=args.label, per_label=_per_label(args.per_label),

@@ -94,7 +94,8 @@ def run_demo(args) -> int:
     only = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else None
     result = check(synthetic, holdout=data / "holdout", policy=POLICY, checks=only, out=audit_dir, seed=args.seed,
                    device=args.device or "auto",
-                   report=lambda document, path, synth: write_report(document, path, synthetic=synth))
+                   report=lambda document, path, synth, sets: write_report(document, path, synthetic=synth,
+                                                                           sets=sets))
     print(format_summary(result.to_dict(), audit_dir))
     code = 0 if result.passed else 1
     _done(t, f"verdict: {'PASS' if code == 0 else 'FAIL'}")

@@ -135,3 +135,21 @@ def assert_training_halves_the_loss(trainer, x, draws: int) -> None:
         trainer.step(x[torch.as_tensor(trainer.next_indices())])
     after = fixed_loss()
     assert after < 0.5 * before, (before, after)
+
+
+def only_policy(check: str, action: str = "block", required: bool = True, on_inconclusive: str = "fail",
+                max_drop_fraction: float = 0.5, **settings) -> Path:
+    """A policy file holding only ``check`` (a whole audit of that one check, not a partial one).
+
+    Written into the test's isolated home (pytest's temporary folder).
+    """
+    import json
+    import os
+
+    folder = Path(os.environ["SYNTHGATE_LOG_DIR"]).parent / "policies"
+    folder.mkdir(parents=True, exist_ok=True)
+    rule = {"required": required, "action": action, "on_inconclusive": on_inconclusive, "settings": settings}
+    text = f"name: only-{check}\nmax_drop_fraction: {max_drop_fraction}\nchecks:\n  {check}: {json.dumps(rule)}\n"
+    path = folder / f"only-{check}-{abs(hash(text)) % 10**8}.yaml"
+    path.write_text(text)
+    return path

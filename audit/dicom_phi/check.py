@@ -233,9 +233,10 @@ class DicomPhi(Check):
             return self.result("fail", f"{n_flag_files} of {len(files)} files carry identifying header data",
                                metrics=metrics, flagged=tuple(findings), controls=control)
         if not dicom:
-            what = "searched for real identifiers" if real.tokens else "not DICOM; nothing to check in headers"
-            return self.result("pass" if real.tokens else "skipped", f"no DICOM outputs ({len(files)} files {what})",
-                               metrics=metrics, controls=control)
+            what = ("their text metadata searched for real identifiers" if real.tokens
+                    else "no DICOM headers to carry identifiers")
+            return self.result("pass", f"no DICOM outputs ({len(files)} files; {what})", metrics=metrics,
+                               controls=control)
         return self.result("pass", f"all {len(dicom)} DICOM files are free of identifying header data",
                            metrics=metrics, controls=control)
 
