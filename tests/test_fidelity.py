@@ -16,7 +16,7 @@ from audit.quality.fidelity import intensity_tests, label_balance
 from audit.quality.inception import (fid_inception_v3, frechet_distance, inception_score, kernel_inception_distance,
                              load_inception, mmd2_unbiased)
 from audit.quality.prdc import PRDCReference, kth_neighbour_radii
-from audit.quality.ssim import SSIM, gaussian_window, nearest_ssim, ssim_np
+from audit.quality.ssim import SSIM, gaussian_window, nearest_ssim
 from audit.core.stats import benjamini_hochberg
 from conftest import write_labelled_set
 from synthgate.errors import InputError
@@ -57,28 +57,56 @@ def test_ssim_by_hand():
     assert float(SSIM().paired(_t(x), _t(y))[0]) == pytest.approx(hand, rel=1e-9)
 
 
-@pytest.mark.parametrize("shape", [(20, 24), (3, 16, 13)])
-def test_ssim_matches_the_loop_reference_and_channel_mean(shape):
+def _skimage_ssim(a, b):
+    """scikit-image's SSIM with Wang et al.'s settings; ``(C, H, W)`` images average over channels."""
+    from skimage.metrics import structural_similarity
+
+    return structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                 channel_axis=0 if a.ndim == 3 else None)
+
+
+@pytest.mark.parametrize("shape", [(20, 24), (3, 16, 13), (11, 11)])
+def test_ssim_equals_scikit_image_on_random_images(shape):
     rng = np.random.default_rng(1)
     a = rng.random(shape)
     b = np.clip(a + rng.normal(0, 0.1, shape), 0, 1)
     got = float(SSIM().paired(_t(a), _t(b))[0])
-    if len(shape) == 2:
-        assert got == pytest.approx(ssim_np(a, b), rel=1e-9)
-    else:
-        assert got == pytest.approx(np.mean([ssim_np(a[c], b[c]) for c in range(3)]), rel=1e-9)
+    assert got == pytest.approx(_skimage_ssim(a, b), abs=1e-12)
     assert float(SSIM().paired(_t(a), _t(a))[0]) == pytest.approx(1.0)
     assert float(SSIM().paired(_t(b), _t(a))[0]) == pytest.approx(got, rel=1e-12)
 
 
-def test_ssim_matches_scikit_image_when_installed():
-    metrics = pytest.importorskip("skimage.metrics")
+def _real_images():
+    """Real photographs and scans that ship with scikit-image (no download), as float64 in [0, 1]."""
+    from skimage import data
+
+    retina = data.retina()[::8, ::8].astype(np.float64).transpose(2, 0, 1) / 255  # (3, 177, 177) fundus
+    return {"camera": data.camera()[100:196, 200:328] / 255.0, "moon": data.moon()[:80, :100] / 255.0,
+            "retina": retina, "face": data.lfw_subset()[0].astype(np.float64)}
+
+
+def test_ssim_equals_scikit_image_on_real_images():
+    from scipy.ndimage import gaussian_filter
+
     rng = np.random.default_rng(2)
-    a = rng.random((32, 40))
-    b = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
-    ref = metrics.structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                        use_sample_covariance=False)
-    assert float(SSIM().paired(_t(a), _t(b))[0]) == pytest.approx(ref, rel=1e-7)
+    worst = 0.0
+    for name, a in _real_images().items():
+        axes = (0, 1.2, 1.2) if a.ndim == 3 else 1.2
+        for b in (np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1), gaussian_filter(a, axes), np.clip(a * 0.8 + 0.1, 0, 1)):
+            worst = max(worst, abs(float(SSIM().paired(_t(a), _t(b))[0]) - _skimage_ssim(a, b)))
+    assert worst < 1e-12
+
+
+def test_nearest_ssim_equals_scikit_image_over_every_pair():
+    """The batched float32 search finds scikit-image's best match, at its SSIM (to float32 rounding)."""
+    from skimage import data
+
+    faces = data.lfw_subset()[:24].astype(np.float64)  # 24 real faces, 25 x 25
+    queries = [0, 5, 17]
+    best, arg = nearest_ssim(torch.tensor(faces[:, None]), queries)
+    for q, b, j in zip(queries, best, arg):
+        ref = [(_skimage_ssim(faces[q], faces[r]), r) for r in range(len(faces)) if r != q]
+        assert (b, j) == (pytest.approx(max(ref)[0], abs=1e-5), max(ref)[1])
 
 
 def test_ssim_matrix_equals_pairs_and_nearest_excludes_self():
