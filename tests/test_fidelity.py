@@ -15,7 +15,7 @@ from audit.core.context import AuditContext
 from audit.quality.fidelity import intensity_tests, label_balance
 from audit.quality.inception import (fid_inception_v3, frechet_distance, inception_score, kernel_inception_distance,
                              load_inception, mmd2_unbiased)
-from audit.quality.prdc import PRDCReference, kth_neighbour_radii
+from audit.quality.prdc import PRDCReference
 from audit.quality.ssim import SSIM, gaussian_window, nearest_ssim
 from audit.core.stats import benjamini_hochberg
 from conftest import write_labelled_set
@@ -128,17 +128,42 @@ def test_ssim_matrix_equals_pairs_and_nearest_excludes_self():
 # ---------------------------------------------------------------------- PRDC
 
 
-def test_prdc_by_hand():
+def test_prdc_by_hand(capsys):
     real = np.array([[0.0], [1.0], [2.0], [3.0]])
-    fake = np.array([[0.5], [10.0]])
+    fake = np.array([[0.5], [10.0], [10.5]])
     ref = PRDCReference(real, k=1)
     assert ref.radii.tolist() == [1.0, 1.0, 1.0, 1.0]
     s = ref.score(fake)
-    assert s.precision == 0.5  # 0.5 lies in the balls of reals 0 and 1; 10 in none
-    assert s.density == 1.0  # (2 + 0) / (k * M)
+    assert s.precision == pytest.approx(1 / 3)  # 0.5 lies in the balls of reals 0 and 1; 10 and 10.5 in none
+    assert s.density == pytest.approx(2 / 3)  # (2 + 0 + 0) / (k * M)
     assert s.coverage == 0.5  # reals 0 and 1 hold a fake in their ball
-    assert s.recall == 1.0  # the fakes' radius is 9.5: every real lies within it of 0.5
-    assert kth_neighbour_radii(np.array([[0.0], [1.0], [3.0]]), 2).tolist() == [3.0, 2.0, 3.0]
+    assert s.recall == 1.0  # the fake 0.5 has radius 9.5: every real lies within it
+    assert capsys.readouterr().out == ""  # compute_prdc prints the set sizes; audit --json owns stdout
+    assert PRDCReference(np.array([[0.0], [1.0], [3.0], [7.0]]), k=2).radii.tolist() == [3.0, 2.0, 3.0, 6.0]
+    with pytest.raises(ValueError, match="k \\+ 2"):
+        ref.score(fake[:2])  # the authors' package takes the k-th neighbour at index k + 1: k + 2 points needed
+
+
+def test_prdc_is_the_definition_and_the_bootstrap_counts_what_it_scores():
+    """The authors' package against the definitions written out; ``inside`` (the bootstrap's input) agrees."""
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(5)
+    real, fake = rng.normal(size=(120, 6)), rng.normal(0.3, 1.2, size=(70, 6))
+    fake[:5] = real[:5]  # exact copies: distance 0 to their real point
+    k = 3
+    ref = PRDCReference(real, k)
+    d_rr, d_ff, d_rf = cdist(real, real), cdist(fake, fake), cdist(real, fake)
+    r_real, r_fake = np.sort(d_rr, 1)[:, k], np.sort(d_ff, 1)[:, k]  # column 0 is the point itself
+    inside = d_rf < r_real[:, None]
+    want = {"precision": inside.any(0).mean(), "recall": (d_rf < r_fake[None, :]).any(1).mean(),
+            "density": inside.sum(0).mean() / k, "coverage": inside.any(1).mean()}
+    got = ref.score(fake).as_dict()
+    assert max(abs(got[m] - want[m]) for m in want) < 1e-12
+    assert np.abs(ref.radii - r_real).max() < 1e-9
+    assert np.array_equal(ref.inside(fake), inside)
+    boot = ref.bootstrap(fake, 50, rng)
+    assert boot["precision"].mean() == pytest.approx(want["precision"], abs=0.1)
 
 
 def test_prdc_identical_distributions_and_collapse():
