@@ -14,7 +14,7 @@ from audit.core.base import create_check
 from audit.core.context import AuditContext
 from audit.quality.fidelity import intensity_tests, label_balance
 from audit.quality.inception import (fid_inception_v3, frechet_distance, inception_score, kernel_inception_distance,
-                             load_inception, mmd2_unbiased)
+                                    load_inception)
 from audit.quality.prdc import PRDCReference
 from audit.quality.ssim import SSIM, gaussian_window, nearest_ssim
 from audit.core.stats import benjamini_hochberg
@@ -210,12 +210,60 @@ def test_kid_is_the_unbiased_mmd():
     xx = sum(k(x[i], x[j]) for i in range(6) for j in range(6) if i != j) / 30
     yy = sum(k(y[i], y[j]) for i in range(6) for j in range(6) if i != j) / 30
     xy = sum(k(x[i], y[j]) for i in range(6) for j in range(6)) / 36
-    assert mmd2_unbiased(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+    # one subset of all 6: torchmetrics' poly_mmd on a permutation of both sets, which MMD^2 does not see
+    assert kernel_inception_distance(x, y, subsets=1, subset_size=6)[0] == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
     same = kernel_inception_distance(rng.normal(size=(300, 4)), rng.normal(size=(300, 4)), subsets=20,
                                      subset_size=100, rng=rng)
     apart = kernel_inception_distance(rng.normal(size=(300, 4)), rng.normal(1, 1, size=(300, 4)), subsets=20,
                                       subset_size=100, rng=rng)
     assert abs(same[0]) < 0.05 < apart[0] and same[2] == 100
+
+
+class _Features(torch.nn.Module):
+    """A "feature extractor" that returns its input: torchmetrics' metrics then see our features as they are."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.num_features = d
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("n", [30, 300])
+def test_fid_equals_torchmetrics(n):
+    """torchmetrics' FID (eigenvalues of the d x d covariance product) agrees with ours (nuclear norm / eigh).
+
+    Kept ours: at d = 2048 and fewer images than dimensions (an audit's usual
+    case) torchmetrics' general eigensolver takes seconds per FID (bench/field_libraries.py).
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    rng = np.random.default_rng(n)
+    mix = rng.normal(size=(16, 64))
+    a = np.abs(rng.normal(size=(n, 16)) @ mix)
+    b = np.abs(rng.normal(0.3, 1.0, size=(n + 7, 16)) @ mix)
+    fid = FrechetInceptionDistance(feature=_Features(64))
+    fid.update(torch.from_numpy(a), real=True)
+    fid.update(torch.from_numpy(b), real=False)
+    assert frechet_distance(a, b) == pytest.approx(float(fid.compute()), rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `InceptionScore` will save")
+def test_inception_score_is_torchmetrics_without_its_shuffle_and_sample_sd():
+    """Same splits (torchmetrics shuffles first) give the same mean; its sd is the sample sd (ddof 1), ours ddof 0."""
+    from torchmetrics.image.inception import InceptionScore
+
+    logits = torch.from_numpy(np.random.default_rng(3).normal(0, 3, size=(60, 10)))
+    metric = InceptionScore(feature=_Features(10), splits=6)
+    metric.update(logits)
+    torch.manual_seed(11)
+    perm = torch.randperm(60)
+    torch.manual_seed(11)
+    tm_mean, tm_sd = (float(v) for v in metric.compute())
+    mean, sd, splits = inception_score(logits[perm].numpy(), splits=6)
+    assert splits == 6 and mean == pytest.approx(tm_mean, rel=1e-9)
+    assert sd * np.sqrt(6 / 5) == pytest.approx(tm_sd, rel=1e-9)
 
 
 def test_inception_score_by_hand():
