@@ -289,6 +289,16 @@ def bootstrap_roc(pos: np.ndarray, neg: np.ndarray, fprs: Sequence[float] = (), 
     half in the AUC; a TPR threshold admits at most ``floor(fpr * n_neg)``
     negatives strictly above it, ``n_neg`` counted in the resample).
 
+    Kept rather than ``scipy.stats.bootstrap``, which can express the same
+    design (two unpaired samples of group indices) but evaluates the
+    statistic resample by resample: measured 6.7x slower at 2,000 members
+    and 2,000 non-members in groups of 4, 1,000 resamples, AUC and two TPRs
+    (0.4 s against 2.9 s on one CPU thread; ``bench/field_libraries.py
+    --only stats``), and membership inference runs this for every attack on
+    the whole sample and on each half.  The draws differ (multinomial
+    weights, not indices), so the intervals agree with scipy's up to Monte
+    Carlo error only.
+
     Returns ``{"auc": (n_boot,), fpr: (n_boot,) ...}`` arrays.
     """
     rng = rng or np.random.default_rng(0)
