@@ -11,7 +11,7 @@ def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
 
     scipy's ``binomtest(k, n).proportion_ci(method="exact")``; ``(0, 1)`` when
     ``n`` is 0.  It agrees with the beta-quantile form this function used
-    before to 5e-13 (``tests/test_core.py``).
+    before to 5e-13 (``tests/test_stats.py``).
     """
     from scipy.stats import binomtest
 
