@@ -216,7 +216,12 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 100, 
     its ``KernelInceptionDistance``, same kernel defaults).  The subsets are
     drawn here, with the audit's seeded ``rng``: the metric class draws them
     with torch's global generator and refuses a ``subset_size`` above either
-    set's size, where an audit uses the smaller size.
+    set's size, where an audit uses the smaller size.  Same numbers as the
+    NumPy form it replaced (4e-16 apart), at 1.5x its cost per subset (0.7
+    against 0.45 s at 1,000 x 2,048 on one CPU thread;
+    ``bench/field_libraries.py --only inception``): some 25 s more for 100
+    subsets, against about 0.6 s per image for the Inception forward passes
+    that produced the features.
 
     Notes
     -----
