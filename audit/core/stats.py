@@ -11,7 +11,9 @@ def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
 
     scipy's ``binomtest(k, n).proportion_ci(method="exact")``; ``(0, 1)`` when
     ``n`` is 0.  It agrees with the beta-quantile form this function used
-    before to 5e-13 (``tests/test_stats.py``).
+    before to 5e-13 (``tests/test_stats.py``); at about 3 ms an interval it
+    is 30-50x slower than that form, which does not matter for the handful
+    of rates a check reports (``bench/field_libraries.py --only stats``).
     """
     from scipy.stats import binomtest
 
@@ -42,7 +44,10 @@ def bootstrap_ci(statistic: Callable[..., float], *samples: np.ndarray, n_boot: 
     resampling is ``scipy.stats.bootstrap(method="percentile")``; the
     interval is :func:`percentile_ci` of its bootstrap distribution, so that
     resamples on which the statistic is undefined (NaN, or ``None``) are
-    dropped, where scipy's own interval would be NaN.
+    dropped, where scipy's own interval would be NaN.  The draws are the
+    ones the former loop made from the same ``rng``; scipy adds about 20 us
+    per resample, a few times a trivial statistic's cost and nothing beside
+    the statistics callers pass.
     """
     def stat(*draw):
         v = statistic(*draw)

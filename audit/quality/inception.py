@@ -178,9 +178,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     (``tests/test_fidelity.py``; 1.5e-7 relative at d = 2048, where its
     eigenvalues of the singular product ``S_a S_b`` carry rounding), but it
     takes the general eigenvalues of the 2048 x 2048 product on every call,
-    measured 17x slower at 1,000 images and 230x at 200 (7-9 s against
-    0.03-0.5 s on one CPU thread; ``bench/field_libraries.py --only inception``),
-    and an audit computes two FIDs.
+    measured 14-17x slower at 1,000 images and 230-600x at 200 (7-9 s
+    against 0.01-0.6 s on one CPU thread, over two runs;
+    ``bench/field_libraries.py --only inception``), and an audit computes two
+    FIDs.
 
     Notes
     -----
