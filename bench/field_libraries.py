@@ -163,7 +163,8 @@ def bench_inception(args) -> None:
             return float(fid.compute())
 
         lib, t_lib = timed(tm, args.repeats)
-        line(f"FID {n} vs {n + 37} images, d={d}", abs(ours - lib), t_ours, t_lib, f"relative {abs(ours - lib) / ours:.2g}")
+        line(f"FID {n} vs {n + 37} images, d={d}", abs(ours - lib), t_ours, t_lib,
+             f"relative {abs(ours - lib) / ours:.2g}")
 
     x, y = rng.normal(size=(1000, 2048)), rng.normal(0.1, 1.0, size=(1000, 2048))
 
