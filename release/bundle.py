@@ -166,6 +166,10 @@ def _check_evidence(audit: "AuditRecord", path: Path) -> None:
         if rule.required and (c is None or c.status not in CONCLUSIVE):
             raise UsageError(f"the policy requires {name}, which did not decide "
                              f"({'absent' if c is None else c.status}); nothing may be released", path)
+    both = sorted(set(audit.released) & set(audit.dropped))
+    if both:
+        raise UsageError(f"the audit both dropped and released {both[0]!r}; it is not an audit `audit check` "
+                         "wrote", path)
     flagged = audit.flagged
     shipped = [k for k in audit.released if k in flagged]
     if shipped:
@@ -571,9 +575,9 @@ def _verify_audit(root: Path, manifest: dict, signer: str | None, ok: list[str],
         problems.append("its positive controls failed")
     if record.policy is None or _is_research(record.policy.name, record.policy.sha256):
         problems.append("its policy is research or not recorded")
-    flagged = [k for k in record.released if k in record.flagged]
+    flagged = [k for k in record.released if k in record.flagged or k in record.dropped]
     if flagged:
-        problems.append(f"{len(flagged)} released image(s) were flagged (e.g. {flagged[0]})")
+        problems.append(f"{len(flagged)} released image(s) were flagged or dropped (e.g. {flagged[0]})")
     if problems:
         bad.append(f"{AUDIT}: not a release verdict: {'; '.join(problems)}")
     else:
