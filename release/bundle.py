@@ -575,7 +575,8 @@ def _verify_audit(root: Path, manifest: dict, signer: str | None, ok: list[str],
         problems.append("its positive controls failed")
     if record.policy is None or _is_research(record.policy.name, record.policy.sha256):
         problems.append("its policy is research or not recorded")
-    flagged = [k for k in record.released if k in record.flagged or k in record.dropped]
+    excluded = set(record.flagged) | set(record.dropped)
+    flagged = [k for k in record.released if k in excluded]
     if flagged:
         problems.append(f"{len(flagged)} released image(s) were flagged or dropped (e.g. {flagged[0]})")
     if problems:
@@ -587,6 +588,7 @@ def _verify_audit(root: Path, manifest: dict, signer: str | None, ok: list[str],
 
 def _verify_images(root: Path, manifest: dict, audit: dict, ok: list[str], bad: list[str]) -> None:
     released = audit.get("released") if isinstance(audit.get("released"), list) else []
+    released_set = {k for k in released if isinstance(k, str)}
     audited = audit.get("released_sha256") if isinstance(audit.get("released_sha256"), dict) else {}
     dropped = set(audit.get("dropped") or []) if isinstance(audit.get("dropped"), list) else set()
     entries = manifest.get("images")
@@ -609,7 +611,7 @@ def _verify_images(root: Path, manifest: dict, audit: dict, ok: list[str], bad: 
         for k in e["keys"]:
             if k != rel and not k.startswith(rel + "#"):
                 bad.append(f"{path}: image {k!r} is not a frame of this file")
-            elif k not in released:
+            elif k not in released_set:
                 bad.append(f"{path}: image {k!r} is not released by the audit")
             elif audited.get(k) != e.get("audited_sha256"):
                 bad.append(f"{path}: the audited SHA-256 of {k!r} is not the one the audit records")

@@ -376,3 +376,33 @@ def test_verify_of_a_folder_that_is_not_a_bundle_is_exit_2(capsys, tmp_path):
     (tmp_path / "manifest.json").write_text("[]")
     one_line_error(_verify(capsys, tmp_path), "not a synthgate bundle")
     one_line_error(_verify(capsys, tmp_path / "nope"), "does not exist")
+
+
+def test_hospital_style_real_names_never_reach_the_bundle(capsys, tmp_path):
+    """Names with spaces, commas, parentheses, quotes, accents and folders, in a folder named after MRNs."""
+    import html
+
+    ims, _ = generate(patients=6, images_per_patient=3, size=32, seed=51)
+    odd = ["Doe, John 0012345.png", "MRN-4455661_ct.png", "pat (7)/scan.png", "Müller_Anna.png", "x'y\"z.png"]
+    real = tmp_path / "Hospital Data (MRN list)" / "train"
+    rows = [(odd[i] if i < len(odd) else f"r{i:03d}.png", f"PID {i // 3:04d}", im.label) for i, im in enumerate(ims)]
+    for (name, _, _), im in zip(rows, ims):
+        save_unit_png(real / name, im.pixels)
+    with open(real / "metadata.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("path", "patient_id", "label"), *rows])
+    syn = tmp_path / "syn"
+    for i, im in enumerate(generate(patients=3, images_per_patient=2, size=32, seed=52)[0]):
+        save_unit_png(syn / f"s{i:02d}.png", im.pixels)
+    for j, name in enumerate(odd[:4]):  # copies of the oddest names: their names go into the audit's evidence
+        shutil.copy(real / name, syn / f"zz{j}.png")
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    assert _audit(syn, "--real", real, "--policy", tmp_path / "policy.yaml", "--out", tmp_path / "audit") == 0
+    assert release_cli.main(["bundle", str(syn), "--audit", str(tmp_path / "audit" / "audit.json"), "--out",
+                             str(tmp_path / "b"), "--policy", str(tmp_path / "policy.yaml")]) == 0
+    needles = {str(real), str(real.parent)} | {n for name, pid, _ in rows for n in (name, name.split("/")[-1], pid)}
+    assert sum(n in (tmp_path / "audit" / "audit.json").read_text() for n in needles) >= 5
+    for f in [p for p in (tmp_path / "b").rglob("*") if p.is_file()] + [tmp_path / "audit" / "report.html"]:
+        data = f.read_bytes()
+        for n in needles:  # as written, JSON-escaped and HTML-escaped
+            for form in {n, json.dumps(n)[1:-1], html.escape(n)}:
+                assert form.encode() not in data, (f, n)
