@@ -91,13 +91,15 @@ class Redactor:
         return v
 
 
-def redactor_for(document: dict, sets: dict[str, Any] | None = None) -> Redactor:
+def redactor_for(document: dict, sets: dict[str, Any] | None = None,
+                 paths: dict[str, str] | None = None) -> Redactor:
     """A :class:`Redactor` for an audit document.
 
     ``sets`` maps ``real`` / ``holdout`` to open :class:`~synthgate.imageset.ImageSet` objects (their record
     keys, paths and patient IDs are the names to hide).  Without them, the sets recorded in the document are
     opened when they are still on disk and unchanged (digest); real names in the flagged evidence are hidden
-    in any case.
+    in any case.  ``paths`` adds local paths to reduce to a role (``{"/data/ct/train": "the training set"}``,
+    e.g. the model's own training set as its ``synthgate.json`` records it).
     """
     from synthgate.imageset import ImageSet
 
@@ -135,7 +137,15 @@ def redactor_for(document: dict, sets: dict[str, Any] | None = None) -> Redactor
                 public.add(str(f["synthetic"]))
     public |= {k.split("#", 1)[0] for k in public}
     names -= public
-    paths: dict[str, str] = {}
+    extra, paths = dict(paths or {}), {}
+    policy = document.get("policy") if isinstance(document.get("policy"), dict) else {}
+    source = policy.get("source")
+    if isinstance(source, str) and source and not source.startswith("built-in policy"):
+        extra[source] = "the policy file"  # a local path, like the inputs' (its text is in the document)
+    for p, label in extra.items():
+        if p:
+            paths[str(p)] = label
+            paths[str(Path(p).resolve())] = label
     for role, label in ROLES.items():
         entry = inputs.get(role)
         if isinstance(entry, dict) and entry.get("path"):
@@ -145,14 +155,14 @@ def redactor_for(document: dict, sets: dict[str, Any] | None = None) -> Redactor
     return Redactor(names, patients, paths)
 
 
-def shareable(document: dict, sets: dict[str, Any] | None = None) -> dict:
+def shareable(document: dict, sets: dict[str, Any] | None = None, paths: dict[str, str] | None = None) -> dict:
     """The shareable edition of ``document`` (a new dict; the input is not changed).
 
     The synthetic set's own file names stay (they are what is released);
     the command line is withheld (it holds local paths), and the edition
     records that it is one.
     """
-    red = redactor_for(document, sets)
+    red = redactor_for(document, sets, paths)
     out = red.value({k: v for k, v in document.items() if k not in ("command", "signature")})
     out["command"] = None
     out["edition"] = {"kind": "shareable", "note": "real file names and patient IDs are salted hashes; real paths "

@@ -106,9 +106,10 @@ def run_demo(args) -> int:
 
     if code == 0:
         t = _step(6, "bundle only what passed")
-        manifest = bundle(synthetic, audit_dir / "audit.json", bundle_dir)
-        _done(t, f"{bundle_dir}: {manifest['images']} images with manifest, report, model card and datasheet "
-                 f"(`release verify {bundle_dir}` re-checks every hash)")
+        manifest = bundle(synthetic, audit_dir / "audit.json", bundle_dir, policy=POLICY)
+        _done(t, f"{bundle_dir}: {len(manifest['images'])} image files with a signed manifest, the shareable audit "
+                 f"and report, model card and datasheet (`release verify {bundle_dir}` checks every signature and "
+                 "hash)")
     else:
         _step(6, "no bundle: the gate refused this release (see the report for why)")
     print("\nWhat this shows: a generator trained on a handful of images reproduces some of them; the gate "

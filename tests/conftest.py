@@ -153,3 +153,17 @@ def only_policy(check: str, action: str = "block", required: bool = True, on_inc
     path = folder / f"only-{check}-{abs(hash(text)) % 10**8}.yaml"
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def hospital_key(tmp_path_factory) -> Path:
+    """One signing key file (``SYNTHGATE_KEY``) for audits made in module fixtures and the bundles of later tests.
+
+    Each test gets a fresh home, and so a fresh installation key: an audit signed in a module fixture would be
+    another installation's.  Use with ``monkeypatch.setenv("SYNTHGATE_KEY", str(hospital_key))``.
+    """
+    from synthgate.signing import write_new_key
+
+    path = tmp_path_factory.mktemp("hospital-key") / "signing-key.pem"
+    write_new_key(path)
+    return path

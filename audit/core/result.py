@@ -144,10 +144,14 @@ def write_outputs(out: Path, document: dict, workdir: Path) -> list[str]:
     steward's notes) is left alone -- returned, so the caller can say so.
     ``released.jsonl`` / ``dropped.jsonl`` hold one JSON object per image, so
     a file name with a newline or a control character cannot split or forge
-    a line.
+    a line.  ``audit.json`` is signed with this installation's key
+    (:mod:`synthgate.signing`).
     """
     import json
 
+    from synthgate.signing import sign_document
+
+    document = sign_document(document)  # who wrote this audit, and that nobody edited it since (release verifies)
     folder = OutputFolder(out, "audit check")
     with folder.writing() as tmp:
         for f in sorted(workdir.iterdir()) if workdir.exists() else []:
