@@ -73,6 +73,9 @@ def check(synthetic: str | Path, *, real: str | Path | None = None, holdout: str
         refuse_overlap(out, {"synthetic": inputs.synthetic, "real": inputs.real, "holdout": inputs.holdout,
                              "model": inputs.model, "policy": policy.path})
         OutputFolder(out, "audit check").check()
+        from synthgate.signing import load_signing_key
+
+        load_signing_key()  # a missing or unsafe key file fails now, not after hours of work
 
     def load(path):
         if path is None:
@@ -97,5 +100,6 @@ def check(synthetic: str | Path, *, real: str | Path | None = None, holdout: str
             workdir.mkdir(parents=True, exist_ok=True)
             if report is not None:
                 report(document, workdir / "report.html", synth, {"real": real_set, "holdout": hold_set})
-            result = replace(result, left_alone=tuple(write_outputs(Path(out), document, workdir)))
+            left_alone, written = write_outputs(Path(out), document, workdir)
+            result = replace(result, left_alone=tuple(left_alone), written=written)
     return result

@@ -107,7 +107,7 @@ def cmd_check(args) -> int:
     result = check(args.synthetic, real=args.real, holdout=args.holdout, model=args.model, policy=policy,
                    out=out, seed=args.seed, device=args.device or "auto", skip_unreadable=args.skip_unreadable,
                    max_pixels=args.max_pixels, command=args.argv, report=report)
-    document = result.to_dict()
+    document = result.written or result.to_dict()  # the signed audit.json, as written
     if args.json:
         clikit.emit_json(document)
     else:

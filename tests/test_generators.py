@@ -328,7 +328,7 @@ def test_cli_sample_png_manifest_provenance_and_audit_inputs(trained, ph16, tmp_
     for record, image in zip(manifest["images"], synthetic.records):
         assert record["file"] == image.path
         meta = json.loads(Image.open(out / record["file"]).text["synthgate"])
-        assert meta["synthetic"] and meta["seed"] == record["seed"] and meta["model"] == manifest["model"]
+        assert meta["synthetic"] and meta["seed"] == record["seed"] and meta["model"] == {"sha256": manifest["model"]["sha256"]}
     # the manifest names the real set and the model; a manifest may not send the audit outside the folder that
     # holds the synthetic set, so here (the data lies elsewhere) they must be given explicitly
     from synthgate.errors import InputError

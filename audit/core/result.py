@@ -24,7 +24,8 @@ SCHEMA_VERSION = 1
 def _set_entry(s: ImageSet | None) -> dict | None:
     if s is None:
         return None
-    return {"path": str(s.root), "n_images": len(s), "sha256": s.digest,
+    # resolved: a bundle or report made from another working directory finds the same set
+    return {"path": str(Path(s.root).resolve()), "n_images": len(s), "sha256": s.digest,
             "skipped": [{"path": k.path, "reason": k.reason} for k in s.skipped]}
 
 
@@ -50,6 +51,7 @@ class Audit:
     command: Sequence[str] | None = None
     notes: tuple[str, ...] = ()
     left_alone: tuple[str, ...] = ()  # files found in the output folder that this audit did not write
+    written: dict | None = field(default=None, compare=False, repr=False)  # audit.json as written (signed)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat())
 
     @property
@@ -106,7 +108,7 @@ class Audit:
         controls = {r.name: [c.to_dict() for c in r.controls] for r in self.results if r.controls}
         dropped = self.dropped
         geo = self.geometry
-        model = None if self.model is None else {"path": str(self.model), "sha256": self.model_sha256}
+        model = None if self.model is None else {"path": str(Path(self.model).resolve()), "sha256": self.model_sha256}
         return {
             "schema_version": SCHEMA_VERSION,
             "tool": {"name": "synthgate", "version": __version__},
@@ -136,12 +138,13 @@ class Audit:
         }
 
 
-def write_outputs(out: Path, document: dict, workdir: Path) -> list[str]:
+def write_outputs(out: Path, document: dict, workdir: Path) -> tuple[list[str], dict]:
     """Write the audit's files into ``out`` (see :class:`synthgate.outputs.OutputFolder`).
 
     A new folder appears whole; an earlier audit folder has only the files an
     audit wrote replaced, and anything else there (an internal report, a
-    steward's notes) is left alone -- returned, so the caller can say so.
+    steward's notes) is left alone -- returned, so the caller can say so,
+    with the signed document as written.
     ``released.jsonl`` / ``dropped.jsonl`` hold one JSON object per image, so
     a file name with a newline or a control character cannot split or forge
     a line.  ``audit.json`` is signed with this installation's key
@@ -163,7 +166,7 @@ def write_outputs(out: Path, document: dict, workdir: Path) -> list[str]:
         evidence = document.get("dropped_evidence") or {}
         (tmp / "dropped.jsonl").write_text("".join(
             json.dumps({"image": k, **evidence.get(k, {})}, ensure_ascii=True) + "\n" for k in document["dropped"]))
-    return folder.left_alone
+    return folder.left_alone, document
 
 
 def format_summary(audit: dict, out: Path, left_alone: list[str] | None = None) -> str:
