@@ -429,11 +429,14 @@ class ExactCopySearch:
         e = torch.stack(es, 1)
         return c, (e * (1 + 1e-6) + 1e-7).float()
 
-    def _proxy(self, orbits, exclude):
-        """The ``initial`` references nearest to each orbit's overall centre (a ranking, not a bound)."""
+    def _proxy(self, orbits, exclude, at_least: int = 1):
+        """The ``initial`` (at least ``at_least``) references nearest to each orbit's overall centre.
+
+        A ranking, not a bound: it only sets the first radius.
+        """
         torch = self._torch
         q = orbits.shape[0]
-        k = min(self.initial, self.n_refs - (1 if exclude is not None else 0))
+        k = min(max(self.initial, at_least), self.n_refs - (1 if exclude is not None else 0))
         centre = orbits.mean(1)
         cn = (centre * centre).sum(1)
         best = torch.full((q, 0), float("inf"), device=orbits.device)
@@ -537,7 +540,7 @@ class ExactCopySearch:
         for s in range(0, q, self.query_block):
             block = slice(s, min(s + self.query_block, q))
             ex = None if exclude is None else exclude[block]
-            cand = self._proxy(orbits[block], ex).cpu().numpy()
+            cand = self._proxy(orbits[block], ex, k).cpu().numpy()
             for i, row in enumerate(cand):
                 for r, d in zip(row, self._exact(orbits[s + i], row)):
                     known[s + i][int(r)] = float(d)
@@ -606,19 +609,44 @@ def noise_margin(layout: CopyLayout) -> float:
 
 
 def ratio_statistic(d1, d2, bias=0.0, floor: float = RATIO_FLOOR, margin: float = 0.0) -> np.ndarray:
-    """``sqrt(max(d1^2 - b, m b, f^2) / max(d2^2 - b, m b, f^2))``: nearest over second-nearest, noise removed.
+    """``sqrt(max(d1^2 - b, m b, f^2) / max(d2^2 - b, m b, f^2))`` with ``b = min(noise, d1^2)``.
 
-    ``b`` is the query's noise energy (:func:`noise_bias`), ``m`` the
-    :func:`noise_margin`, ``f`` the quantisation floor.  Non-decreasing in
-    ``d1`` and non-increasing in ``d2``, which :func:`decide_ratio` relies on.
+    The nearest over the second-nearest distance with the query's own noise
+    energy removed from both (:func:`noise_bias`), ``m`` the
+    :func:`noise_margin` and ``f`` the quantisation floor.  The noise removed
+    is capped at ``d1^2``: no more noise can be common to all distances than
+    the smallest holds, and the texture that the noise estimate mistakes for
+    noise on detailed images then cannot erase a copy's evidence.
+    Non-decreasing in ``d1`` and non-increasing in ``d2`` (what
+    :func:`decide_ratio` relies on; a property test checks it).
     """
     d1 = np.asarray(d1, np.float64)
     d2 = np.asarray(d2, np.float64)
-    bias = np.asarray(bias, np.float64)
-    low = np.maximum(margin * bias, floor ** 2)
-    a = np.maximum(d1 ** 2 - bias, low)
-    c = np.maximum(d2 ** 2 - bias, low)
+    b = np.minimum(np.asarray(bias, np.float64), d1 ** 2)
+    low = np.maximum(margin * b, floor ** 2)
+    a = np.maximum(d1 ** 2 - b, low)
+    c = np.maximum(d2 ** 2 - b, low)
     return np.sqrt(a / c)
+
+
+def smallest_d1(d2, tau: float, bias, floor: float = RATIO_FLOOR, margin: float = 0.0,
+                steps: int = 60) -> np.ndarray:
+    """The smallest ``theta`` with ``ratio(theta, d2) >= tau`` (bisection; the ratio is non-decreasing in ``d1``).
+
+    Since the ratio is also non-increasing in ``d2``, ``d1 >= theta`` and
+    ``d2 <= d2_given`` prove ``ratio >= tau``.  Rounded up by a relative
+    1e-9, so the returned value itself satisfies the inequality.
+    """
+    d2 = np.asarray(d2, np.float64)
+    bias = np.broadcast_to(np.asarray(bias, np.float64), d2.shape)
+    lo = np.zeros_like(d2)
+    hi = d2.copy()  # ratio(d2, d2) = 1 >= tau
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        ok = ratio_statistic(mid, d2, bias, floor, margin) >= tau
+        hi = np.where(ok, mid, hi)
+        lo = np.where(ok, lo, mid)
+    return np.minimum(hi * (1 + 1e-9), d2)
 
 
 @dataclass(frozen=True)
@@ -681,9 +709,8 @@ def decide_ratio(search: ExactCopySearch, queries, tau: float, bias, floor: floa
     """Flag queries whose ratio statistic is ``< tau``, proven, without the exact two nearest of every query.
 
     With ``U2`` the second-smallest exact distance among a few candidates
-    (so ``d2 <= U2``), any query with ``d1 >= theta``,
-    ``theta^2 = tau^2 max(U2^2 - b, l) + b`` (``l = max(m b, f^2)``), has
-    ratio ``>= tau`` (``tau < 1``); so only
+    (so ``d2 <= U2``), any query with ``d1 >= theta`` has ratio ``>= tau``,
+    where ``theta = smallest_d1(U2)`` (about ``tau U2``); so only
     references within ``theta`` (about ``tau`` times the second distance)
     matter, and :meth:`ExactCopySearch.within` finds all of them.  Where the
     second distance then is still only bracketed and the bracket straddles
@@ -697,15 +724,15 @@ def decide_ratio(search: ExactCopySearch, queries, tau: float, bias, floor: floa
     known: list[dict[int, float]] = [dict() for _ in range(q)]
     for s in range(0, q, search.query_block):
         block = slice(s, min(s + search.query_block, q))
-        cand = search._proxy(orbits[block], None if exclude is None else exclude[block]).cpu().numpy()
+        cand = search._proxy(orbits[block], None if exclude is None else exclude[block], 2).cpu().numpy()
         for i, row in enumerate(cand):
             for r, d in zip(row, search._exact(orbits[s + i], row)):
                 known[s + i][int(r)] = float(d)
     u2 = np.array([sorted(kn.values())[1] if len(kn) > 1 else np.inf for kn in known])
     if not 0 < tau < 1:
         raise ValueError(f"tau {tau} must be in (0, 1)")
-    low = np.maximum(margin * bias, floor ** 2)
-    theta = np.sqrt(tau ** 2 * np.maximum(u2 ** 2 - bias, low) + bias)
+    theta = np.where(np.isfinite(u2), smallest_d1(np.where(np.isfinite(u2), u2, 0.0), tau, bias, floor, margin),
+                     np.inf)
     known = search.within(radius=theta, exclude=exclude, orbits=orbits, known=known)
 
     flagged = np.zeros(q, bool)
