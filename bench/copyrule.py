@@ -70,6 +70,7 @@ full two-nearest search only where that does not settle the decision.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -277,14 +278,25 @@ class CopyMetric:
         self.items = layout.transforms.items()
         top, h, left, w = layout.central
         prow, pcol = layout.pool_matrices()
-        row_keys = list(dict.fromkeys((z, dy) for z, dy, _ in self.items))
-        col_keys = list(dict.fromkeys((z, dx) for z, _, dx in self.items))
-        rows = np.stack([prow @ interpolation_matrix(layout.height, top, h, z, d) for z, d in row_keys])
-        cols = np.stack([pcol @ interpolation_matrix(layout.width, left, w, z, d) for z, d in col_keys])
-        self._rows = torch.as_tensor(rows, dtype=torch.float32, device=self.device)  # (Kr, ph, H)
-        self._cols = torch.as_tensor(cols, dtype=torch.float32, device=self.device)  # (Kc, pw, W)
-        self._row_of = torch.as_tensor([row_keys.index((z, dy)) for z, dy, _ in self.items], device=self.device)
-        self._col_of = torch.as_tensor([col_keys.index((z, dx)) for z, _, dx in self.items], device=self.device)
+        s = layout.transforms.max_shift
+        shifts = list(range(-s, s + 1))
+        self._zooms = sorted({z for z, _, _ in self.items})
+        ph, pw = layout.pooled_shape
+        # per zoom: every row shift stacked ((2s+1) * ph, H) and every column shift ((2s+1) * pw, W), so one
+        # pair of matrix products gives all (2s+1)^2 shifted, pooled images of that zoom at once
+        rows = [np.concatenate([prow @ interpolation_matrix(layout.height, top, h, z, d) for d in shifts])
+                for z in self._zooms]
+        cols = [np.concatenate([pcol @ interpolation_matrix(layout.width, left, w, z, d) for d in shifts])
+                for z in self._zooms]
+        self._rows = torch.as_tensor(np.stack(rows), dtype=torch.float32, device=self.device)  # (Z, S*ph, H)
+        self._cols = torch.as_tensor(np.stack(cols), dtype=torch.float32, device=self.device)  # (Z, S*pw, W)
+        n_s = len(shifts)
+        # position of every item in the (zoom, dy, dx) grid the products produce
+        self._perm = torch.as_tensor([self._zooms.index(z) * n_s * n_s + (dy + s) * n_s + (dx + s)
+                                      for z, dy, dx in self.items], device=self.device)
+        ident = self._zooms.index(1.0) if 1.0 in self._zooms else None
+        self._id_rows = self._rows[ident, s * ph:(s + 1) * ph] if ident is not None else None
+        self._id_cols = self._cols[ident, s * pw:(s + 1) * pw] if ident is not None else None
         self._scale = 1.0 / math.sqrt(layout.dim)
 
     def _normalise(self, p) -> "torch.Tensor":
@@ -302,18 +314,28 @@ class CopyMetric:
         import torch
 
         x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
-        p = self._rows[self._row_of[0]] @ x @ self._cols[self._col_of[0]].T
-        return self._normalise(p)
+        if self._id_rows is None:  # a zoom set without 1.0: the identity is not a transform
+            lay = self.layout
+            top, h, left, w = lay.central
+            prow, pcol = (torch.as_tensor(m, dtype=torch.float32, device=self.device) for m in lay.pool_matrices())
+            return self._normalise(prow @ x[:, :, top:top + h, left:left + w] @ pcol.T)
+        return self._normalise(self._id_rows @ x @ self._id_cols.T)
 
     def orbit(self, x) -> "torch.Tensor":
         """``phi(T x)`` for every transform: ``(N, |T|, D)``, in :meth:`Transforms.items` order."""
         import torch
 
         x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
-        y = torch.einsum("kph,nchw->nkcpw", self._rows, x)  # (N, Kr, C, ph, W)
-        y = y[:, self._row_of]  # (N, |T|, C, ph, W)
-        p = y @ self._cols[self._col_of].transpose(1, 2)[:, None]  # (N, |T|, C, ph, pw)
-        return self._normalise(p)
+        n, c = x.shape[:2]
+        ph, pw = self.layout.pooled_shape
+        n_s = 2 * self.layout.transforms.max_shift + 1
+        out = []
+        for zi in range(len(self._zooms)):
+            y = self._rows[zi] @ x @ self._cols[zi].T  # (N, C, S*ph, S*pw): every shift pair of this zoom
+            y = y.reshape(n, c, n_s, ph, n_s, pw).permute(0, 2, 4, 1, 3, 5)  # (N, S, S, C, ph, pw)
+            out.append(y.reshape(n, n_s * n_s, c, ph, pw))
+        grid = torch.cat(out, 1)  # (N, Z * S * S, C, ph, pw)
+        return self._normalise(grid[:, self._perm])
 
     def distance_sq(self, orbit_q, ref) -> "torch.Tensor":
         """Squared ``D`` between one query's orbit ``(|T|, D)`` and references ``(n, D)``, in float64: ``(n,)``."""
@@ -361,11 +383,19 @@ class CopySearchStats(SearchStats):
 
     groups: int = 0
     proxy_pairs: int = 0
+    refine_pairs: int = 0
     fallbacks: int = 0
+    seconds: dict = field(default_factory=dict)
+
+    def tick(self, stage: str, t0: float) -> None:
+        import time
+
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
     def to_dict(self) -> dict:
         return super().to_dict() | {"groups": self.groups, "proxy_pairs": self.proxy_pairs,
-                                    "fallbacks": self.fallbacks}
+                                    "refine_pairs": self.refine_pairs, "fallbacks": self.fallbacks,
+                                    "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
 class ExactCopySearch:
@@ -387,14 +417,16 @@ class ExactCopySearch:
     """
 
     def __init__(self, metric: CopyMetric, ref_features, shift_group: int = 3, split_zoom: bool = False,
-                 initial: int = 8, query_block: int = 64, ref_block: int = 4096):
+                 refine: bool = True, initial: int = 8, query_block: int = 64, ref_block: int = 4096):
         import torch
 
         self.metric = metric
         self.rf = torch.as_tensor(ref_features, dtype=torch.float32, device=metric.device).contiguous()
         self.rn = (self.rf.double() ** 2).sum(1).float()
-        self.rf64 = None
         self.groups = metric.layout.transforms.groups(shift_group, split_zoom)
+        # second, finer bound on the first one's survivors: the same shift groups split by zoom
+        fine = metric.layout.transforms.groups(shift_group, True)
+        self.fine_groups = fine if refine and len(fine) > len(self.groups) else None
         self.initial = initial
         self.query_block = query_block
         self.ref_block = ref_block
@@ -413,14 +445,17 @@ class ExactCopySearch:
         queries = torch.as_tensor(queries, dtype=torch.float32, device=self.metric.device)
         if len(queries) == 0:
             return torch.zeros((0, len(self.metric.items), self.metric.layout.dim), device=self.metric.device)
-        return torch.cat([self.metric.orbit(queries[s:s + self.query_block])
-                          for s in range(0, len(queries), self.query_block)])
+        t0 = time.perf_counter()
+        out = torch.cat([self.metric.orbit(queries[s:s + self.query_block])
+                         for s in range(0, len(queries), self.query_block)])
+        self.stats.tick("orbits", t0)
+        return out
 
-    def centres(self, orbits) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def centres(self, orbits, groups=None) -> tuple["torch.Tensor", "torch.Tensor"]:
         """Group centres ``(Q, G, D)`` and radii ``(Q, G)`` (radii rounded up for float32)."""
         torch = self._torch
         cs, es = [], []
-        for g in self.groups:
+        for g in self.groups if groups is None else groups:
             o = orbits[:, g].double()
             c = o.mean(1)
             cs.append(c)
@@ -435,6 +470,7 @@ class ExactCopySearch:
         A ranking, not a bound: it only sets the first radius.
         """
         torch = self._torch
+        t0 = time.perf_counter()
         q = orbits.shape[0]
         k = min(max(self.initial, at_least), self.n_refs - (1 if exclude is not None else 0))
         centre = orbits.mean(1)
@@ -453,11 +489,13 @@ class ExactCopySearch:
             best, order = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
             idx = torch.gather(cat_i, 1, order)
         self.stats.proxy_pairs += q * self.n_refs
+        self.stats.tick("proxy", t0)
         return idx
 
     def _survivors(self, centres, radii, radius, exclude) -> list[np.ndarray]:
         """Per query, the references whose bound is <= ``radius`` (all others are proven farther)."""
         torch = self._torch
+        t0 = time.perf_counter()
         q, g, d = centres.shape
         out: list[list[np.ndarray]] = [[] for _ in range(q)]
         r = torch.as_tensor(np.array(radius, np.float32), device=centres.device)
@@ -482,44 +520,86 @@ class ExactCopySearch:
                     if splits[i + 1] > splits[i]:
                         out[i].append(cols[splits[i]:splits[i + 1]])
         self.stats.bound_pairs += q * self.n_refs
+        self.stats.tick("bound", t0)
         return [np.concatenate(o) if o else np.zeros(0, np.int64) for o in out]
 
+    def _refine(self, centres, radii, radius: float, refs: np.ndarray) -> np.ndarray:
+        """The ``refs`` whose finer-grouped bound (one query, ``(G, D)`` centres) is still <= ``radius``."""
+        torch = self._torch
+        t0 = time.perf_counter()
+        self.stats.refine_pairs += len(refs)
+        idx = torch.as_tensor(refs, device=self.rf.device)
+        f = self.rf[idx]
+        kappa = (radius + radii) ** 2 - (centres.double() ** 2).sum(-1).float() + BOUND_SLACK  # (G,)
+        v = torch.addmm(self.rn[idx][:, None], f, centres.T, alpha=-2.0) - kappa[None, :]  # (n, G)
+        out = refs[(v.amin(1) <= 0.0).cpu().numpy()]
+        self.stats.tick("refine", t0)
+        return out
+
     def _exact(self, orbit_q, refs: np.ndarray) -> np.ndarray:
+        """Exact distances of one query to ``refs``.
+
+        float32 products over all transforms pick the best per reference,
+        which is recomputed in float64 by direct differences (a transform that
+        float32 mis-ranks lies within float32 rounding, ~1e-7 of the squared
+        norms, of the minimum).
+        """
         torch = self._torch
         if len(refs) == 0:
             return np.zeros(0)
+        t0 = time.perf_counter()
         self.stats.exact_pairs += len(refs)
-        out = []
-        for s in range(0, len(refs), 2048):
-            idx = torch.as_tensor(refs[s:s + 2048], device=self.rf.device)
-            out.append(self.metric.distance(orbit_q, self.rf[idx]).cpu().numpy())
-        return np.concatenate(out)
+        lay = self.metric.layout
+        idx = torch.as_tensor(refs, device=self.rf.device)
+        f = self.rf[idx]
+        if lay.grid > 1:
+            out = self.metric.distance(orbit_q, f).cpu().numpy()
+            self.stats.tick("exact", t0)
+            return out
+        d = torch.addmm(self.rn[idx][:, None], f, orbit_q.T, alpha=-2.0)  # (n, |T|) minus |orbit|^2
+        d += (orbit_q * orbit_q).sum(1)[None, :]
+        best = d.argmin(1)
+        diff = orbit_q[best].double() - f.double()
+        out = diff.square_().sum(1).sqrt_().cpu().numpy()
+        self.stats.tick("exact", t0)
+        return out
 
     # --------------------------------------------------------------- API
 
     def within(self, queries=None, radius=None, exclude=None, orbits=None,
-               known: list[dict[int, float]] | None = None) -> list[dict[int, float]]:
-        """Every reference with ``D <= radius[q]``, with exact distances: ``[{ref: distance}]`` per query.
+               known: "list[Evaluated] | None" = None) -> "list[Evaluated]":
+        """Every reference with ``D <= radius[q]``, with its exact distance, per query.
 
         Every reference left out has a lower bound above the radius (proven).
-        ``known`` carries exact distances already computed (returned dicts
-        also keep those beyond the radius).
+        ``known`` carries exact distances already computed (kept in the
+        result even beyond the radius).
         """
         orbits = self.orbits(queries) if orbits is None else orbits
         q = orbits.shape[0]
         radius = np.array(np.broadcast_to(np.asarray(radius, np.float64), (q,)))
-        known = [dict() for _ in range(q)] if known is None else known
+        known = [Evaluated() for _ in range(q)] if known is None else known
         self.stats.rounds += 1
         for s in range(0, q, self.query_block):
             block = slice(s, min(s + self.query_block, q))
             c, e = self.centres(orbits[block])
             ex = None if exclude is None else exclude[block]
-            surv = self._survivors(c, e, radius[block], ex)
-            for i, cand in enumerate(surv):
+            fine = None if self.fine_groups is None else self.centres(orbits[block], self.fine_groups)
+            for i, cand in enumerate(self._survivors(c, e, radius[block], ex)):
                 qi = s + i
-                new = np.array([r for r in cand if int(r) not in known[qi]], np.int64)
-                for r, d in zip(new, self._exact(orbits[qi], new)):
-                    known[qi][int(r)] = float(d)
+                new = known[qi].unseen(cand)
+                if fine is not None and len(new):
+                    new = self._refine(fine[0][i], fine[1][i], float(radius[qi]), new)
+                known[qi].add(new, self._exact(orbits[qi], new))
+        return known
+
+    def _initial(self, orbits, exclude, k: int) -> "list[Evaluated]":
+        """Exact distances of each query's proxy-ranked candidates (enough for the k-th)."""
+        known = [Evaluated() for _ in range(orbits.shape[0])]
+        for s in range(0, orbits.shape[0], self.query_block):
+            block = slice(s, min(s + self.query_block, orbits.shape[0]))
+            cand = self._proxy(orbits[block], None if exclude is None else exclude[block], k).cpu().numpy()
+            for i, row in enumerate(cand):
+                known[s + i].add(row, self._exact(orbits[s + i], row))
         return known
 
     def search(self, queries, k: int = 1, exclude=None, radius: float | None = None) -> Neighbours:
@@ -529,33 +609,63 @@ class ExactCopySearch:
         search of a set against itself) or ``None``.  With ``radius``, every
         reference within it is also evaluated (``bound >= radius``).
         """
-        torch = self._torch
         orbits = self.orbits(queries)
         q = orbits.shape[0]
         self.stats.queries += q
-        n_avail = self.n_refs - (1 if exclude is not None else 0)
-        k = max(1, min(k, n_avail))
+        k = max(1, min(k, self.n_refs - (1 if exclude is not None else 0)))
         exclude = None if exclude is None else list(exclude)
-        known: list[dict[int, float]] = [dict() for _ in range(q)]
-        for s in range(0, q, self.query_block):
-            block = slice(s, min(s + self.query_block, q))
-            ex = None if exclude is None else exclude[block]
-            cand = self._proxy(orbits[block], ex, k).cpu().numpy()
-            for i, row in enumerate(cand):
-                for r, d in zip(row, self._exact(orbits[s + i], row)):
-                    known[s + i][int(r)] = float(d)
-        theta = np.array([sorted(kn.values())[k - 1] for kn in known]) if q else np.zeros(0)
+        known = self._initial(orbits, exclude, k)
+        theta = np.array([kn.kth(k) for kn in known]) if q else np.zeros(0)
         if radius is not None:
             theta = np.maximum(theta, radius)
         known = self.within(radius=theta, exclude=exclude, orbits=orbits, known=known)
         idx = np.zeros((q, k), np.int64)
         dist = np.zeros((q, k))
         for i, kn in enumerate(known):
-            ranked = sorted(kn.items(), key=lambda kv: (kv[1], kv[0]))[:k]
-            idx[i] = [r for r, _ in ranked]
-            dist[i] = [d for _, d in ranked]
-        del torch
+            idx[i], dist[i] = kn.ranked(k)
         return Neighbours(idx, dist, theta, k)
+
+
+class Evaluated:
+    """One query's exactly evaluated references: indices and distances, ranked on demand."""
+
+    def __init__(self):
+        self._idx: list[np.ndarray] = []
+        self._dist: list[np.ndarray] = []
+        self._cache = None
+
+    def add(self, idx, dist) -> None:
+        if len(idx):
+            self._idx.append(np.asarray(idx, np.int64))
+            self._dist.append(np.asarray(dist, np.float64))
+            self._cache = None
+
+    def _all(self):
+        if self._cache is None:
+            i = np.concatenate(self._idx) if self._idx else np.zeros(0, np.int64)
+            d = np.concatenate(self._dist) if self._dist else np.zeros(0)
+            order = np.lexsort((i, d))  # by distance, ties by index
+            self._cache = i[order], d[order]
+        return self._cache
+
+    def __len__(self) -> int:
+        return len(self._all()[0])
+
+    def unseen(self, cand: np.ndarray) -> np.ndarray:
+        i, _ = self._all()
+        return cand[~np.isin(cand, i)] if len(i) else cand
+
+    def kth(self, k: int) -> float:
+        d = self._all()[1]
+        return float(d[k - 1]) if len(d) >= k else np.inf
+
+    def as_dict(self) -> dict[int, float]:
+        i, d = self._all()
+        return {int(a): float(b) for a, b in zip(i, d)}
+
+    def ranked(self, k: int | None = None):
+        i, d = self._all()
+        return (i, d) if k is None else (i[:k], d[:k])
 
 
 # ------------------------------------------------------------------------------------------ statistic
@@ -716,23 +826,18 @@ def decide_ratio(search: ExactCopySearch, queries, tau: float, bias, floor: floa
     second distance then is still only bracketed and the bracket straddles
     ``tau``, the query falls back to a proven two-nearest search.
     """
+    if not 0 < tau < 1:
+        raise ValueError(f"tau {tau} must be in (0, 1)")
     orbits = search.orbits(queries)
     q = orbits.shape[0]
     search.stats.queries += q
-    bias = np.broadcast_to(np.asarray(bias, np.float64), (q,))
+    bias = np.array(np.broadcast_to(np.asarray(bias, np.float64), (q,)))
     exclude = None if exclude is None else list(exclude)
-    known: list[dict[int, float]] = [dict() for _ in range(q)]
-    for s in range(0, q, search.query_block):
-        block = slice(s, min(s + search.query_block, q))
-        cand = search._proxy(orbits[block], None if exclude is None else exclude[block], 2).cpu().numpy()
-        for i, row in enumerate(cand):
-            for r, d in zip(row, search._exact(orbits[s + i], row)):
-                known[s + i][int(r)] = float(d)
-    u2 = np.array([sorted(kn.values())[1] if len(kn) > 1 else np.inf for kn in known])
-    if not 0 < tau < 1:
-        raise ValueError(f"tau {tau} must be in (0, 1)")
-    theta = np.where(np.isfinite(u2), smallest_d1(np.where(np.isfinite(u2), u2, 0.0), tau, bias, floor, margin),
-                     np.inf)
+    known = search._initial(orbits, exclude, 2)
+    u2 = np.array([kn.kth(2) for kn in known])
+    fin = np.isfinite(u2)
+    theta = np.full(q, np.inf)
+    theta[fin] = smallest_d1(u2[fin], tau, bias[fin], floor, margin)
     known = search.within(radius=theta, exclude=exclude, orbits=orbits, known=known)
 
     flagged = np.zeros(q, bool)
@@ -743,13 +848,12 @@ def decide_ratio(search: ExactCopySearch, queries, tau: float, bias, floor: floa
     hi = np.ones(q)
     fallback = []
     for i, kn in enumerate(known):
-        ranked = sorted(kn.items(), key=lambda kv: (kv[1], kv[0]))
-        nearest[i], d1[i] = ranked[0]
-        e1 = ranked[0][1]
-        e2 = ranked[1][1] if len(ranked) > 1 else np.inf
+        idx, dist = kn.ranked(2)
+        nearest[i], d1[i] = idx[0], dist[0]
+        e1 = dist[0]
+        e2 = dist[1] if len(dist) > 1 else np.inf
         if e1 > theta[i]:  # every reference is farther than theta: ratio >= tau
             lo[i] = tau
-            hi[i] = 1.0
             continue
         d1_exact[i] = True
         if e2 <= theta[i]:
@@ -768,15 +872,15 @@ def decide_ratio(search: ExactCopySearch, queries, tau: float, bias, floor: floa
         # the second distance is only bracketed: evaluate everything within the second-nearest found
         search.stats.fallbacks += len(fallback)
         fb = np.asarray(fallback)
-        e2 = np.array([sorted(known[i].values())[1] for i in fallback])
-        done = search.within(radius=e2, exclude=None if exclude is None else [exclude[i] for i in fallback],
+        done = search.within(radius=np.array([known[i].kth(2) for i in fallback]),
+                             exclude=None if exclude is None else [exclude[i] for i in fallback],
                              orbits=orbits[torch_index(fb)], known=[known[i] for i in fallback])
         for i, kn in zip(fallback, done):
-            ranked = sorted(kn.items(), key=lambda kv: (kv[1], kv[0]))
-            r = float(ratio_statistic(ranked[0][1], ranked[1][1], bias[i], floor, margin))
+            idx, dist = kn.ranked(2)
+            r = float(ratio_statistic(dist[0], dist[1], bias[i], floor, margin))
             lo[i] = hi[i] = r
             flagged[i] = r < tau
-            nearest[i], d1[i] = ranked[0]
+            nearest[i], d1[i] = idx[0], dist[0]
     return RatioDecision(flagged, nearest, d1, d1_exact, lo, hi, theta, float(tau))
 
 
@@ -852,18 +956,39 @@ class CopyRatioRule:
         return ratio_statistic(nb.distances[:, 0], nb.distances[:, 1], self.bias(name, sigma), self.floor,
                                self.margin(name))
 
-    def fit(self, references, holdout) -> "CopyRatioRule":
-        """Index the references and set each test's threshold from the holdout's exact ratios."""
+    def fit(self, references, holdout, screen: float = 0.7) -> "CopyRatioRule":
+        """Index the references and set each test's threshold from the holdout's ratios.
+
+        The conformal threshold is the ``k``-th smallest holdout ratio with
+        ``k = floor(level (n + 1))``, so only the smallest ratios must be
+        exact: a proven decision at ``screen`` finds every holdout image with
+        a ratio below it (widening the screen if fewer than ``k``), and only
+        those get the exact two-nearest search.  ``holdout_ratio_[name]``
+        holds their exact ratios and ``screen`` for the others (a lower
+        bound).
+        """
         self.searches_ = {}
         self.thresholds_ = {}
         self.holdout_ratio_ = {}
         h_sigma = noise_sigma(holdout)
+        n = len(holdout)
         level = self.alpha / len(self.metrics)
+        k = max(1, int(math.floor(level * (n + 1))))
         for name, metric in self.metrics.items():
             feats = torch_cat_features(metric, references)
             search = ExactCopySearch(metric, feats, shift_group=self.shift_group)
-            nb = search.search(holdout, k=2)
-            r = self._ratio(name, nb, h_sigma)
+            bias = self.bias(name, h_sigma)
+            cut = screen
+            while True:
+                below = decide_ratio(search, holdout, cut, bias, self.floor, self.margin(name)).flagged
+                if below.sum() >= k or cut >= 0.99:
+                    break
+                cut = min(0.99, cut + 0.1)
+            r = np.full(n, cut)
+            pick = np.nonzero(below)[0] if below.sum() >= k else np.arange(n)
+            if len(pick):
+                nb = search.search(holdout[pick], k=2)
+                r[pick] = self._ratio(name, nb, h_sigma[pick])
             self.searches_[name] = search
             self.holdout_ratio_[name] = r
             self.thresholds_[name] = conformal_threshold(r, level)

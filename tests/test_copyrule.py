@@ -224,7 +224,7 @@ def test_search_excluding_self_and_radius():
     assert not np.any(nb.indices == np.asarray(idx)[:, None])
     radius = float(np.quantile(full, 0.02))
     found = search.within(crops[idx], radius=radius, exclude=idx)
-    for row, (i, f) in enumerate(zip(idx, found)):
+    for row, (i, f) in enumerate(zip(idx, (e.as_dict() for e in found))):
         want = {j for j in np.nonzero(full[row] <= radius)[0] if j != i}
         assert want <= set(f) and all(abs(f[j] - full[row, j]) < 1e-9 for j in f)
 
@@ -304,6 +304,16 @@ def test_decision_agrees_with_exact_ratios(tau):
     assert np.array_equal(dec.flagged, want) and 5 <= want.sum() < len(want)  # both outcomes occur
     assert np.all(dec.d1_exact[dec.flagged])
     np.testing.assert_allclose(dec.d1[dec.flagged], full[dec.flagged, 0], atol=1e-9)
+
+
+def test_fit_screens_the_holdout_but_sets_the_exact_conformal_threshold():
+    train = real_crops(("camera", "brick", "coins", "moon"))
+    hold = real_crops(("camera", "brick", "coins", "moon"), half=1)
+    rule = CopyRatioRule(32, 32, 1, alpha=0.02).fit(train, hold)
+    full = rule.ratios(hold)
+    for name, t in rule.thresholds_.items():
+        assert t.tau == conformal_threshold(full[name], 0.01).tau and t.k >= 1
+        assert np.all(rule.holdout_ratio_[name] <= full[name] + 1e-12)  # screened ones carry a lower bound
 
 
 # --------------------------------------------------------------------- controls
