@@ -46,6 +46,8 @@ SIZE = 64
 COUNTED = ("exact", "noise_0.01", "noise_0.05", "brightness", "contrast", "jpeg_80", "gamma_0.85", "blur_0.8",
            "shift_1", "shift_2", "shift_3", "rescale")
 NOT_COUNTED = ("noise_0.2", "mirror")
+#: Bins of a source's content (RMS of its 8 x 8-pooled image, mean removed; 0.004 is one 8-bit grey level).
+CONTENT_BINS = (0.0, 0.002, 0.01, 0.02, 0.05, float("inf"))
 PICTURES = ("retina", "immunohistochemistry", "cell", "camera", "astronaut", "coffee", "brick", "grass", "gravel",
             "moon", "coins", "hubble_deep_field", "clock", "page", "text", "chelsea", "rocket", "china", "flower",
             "grace_hopper", "mri")
@@ -294,6 +296,9 @@ def our_flags(q: np.ndarray, h: np.ndarray, r: np.ndarray, stats: dict) -> dict[
         "ours, identity test only": dict(components=("identity",)),
         "ours, not debiased": dict(debias=False),
         "ours, debiased without the noise floor": dict(noise_floor=False),
+        "ours, pooled 4 x 4": dict(pooled=4),
+        "ours, pooled 12 x 12": dict(pooled=12),
+        "ours, 2 x 2 tiles (worst tile)": dict(grid=2),
     }
     for name, kw in specs.items():
         t0 = time.perf_counter()
@@ -360,6 +365,8 @@ def run_seed(seed: int, n_copies: int, informative: float) -> dict:
             "threshold": how,
             "caught_counted": rate(fc[counted]),
             "caught_counted_informative": rate(fc[counted & (src_content >= informative)]),
+            "caught_by_source_content": {f"[{lo:g}, {hi:g})": rate(fc[counted & (src_content >= lo) & (src_content < hi)])
+                                         for lo, hi in zip(CONTENT_BINS[:-1], CONTENT_BINS[1:])},
             "per_perturbation": {k: rate(fc[kinds == k]) for k in COUNTED + NOT_COUNTED},
             "false_alarms_novel": rate(f[nc:nc + nn]),
             "false_alarms_novel_noise_0.05": rate(f[nc + nn:nc + 2 * nn]),
@@ -386,6 +393,12 @@ def markdown(res: dict) -> str:
         lines.append(f"| {name} | {r['threshold']} | {fmt(r['caught_counted'])} | "
                      f"{fmt(r['caught_counted_informative'])} | {fmt(r['false_alarms_novel'])} | "
                      f"{fmt(r['false_alarms_novel_noise_0.05'])} | {fmt(r['false_alarms_novel_blur_0.8'])} |")
+    bins = list(next(iter(res["rules"].values()))["caught_by_source_content"])
+    first = next(iter(res["rules"].values()))["caught_by_source_content"]
+    lines += ["", "| rule (caught by source content) | " + " | ".join(f"{b} (n={first[b]['n']})" for b in bins) + " |",
+              "|---|" + "---|" * len(bins)]
+    for name, r in res["rules"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['caught_by_source_content'][b]['rate']:.3f}" for b in bins) + " |")
     kinds = COUNTED + NOT_COUNTED
     lines += ["", "| rule | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for name, r in res["rules"].items():
