@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import itertools
 import json
 import math
 import sys
@@ -65,10 +66,11 @@ def load_picture(name: str) -> np.ndarray:
 
         img = load_sample_image(f"{name}.jpg")
     elif name in ("grace_hopper", "mri"):
-        import matplotlib.cbook as cbook
+        from matplotlib import cbook
 
         if name == "mri":
-            raw = gzip.open(cbook.get_sample_data("s1045.ima.gz", asfileobj=False)).read()
+            with gzip.open(cbook.get_sample_data("s1045.ima.gz", asfileobj=False)) as fh:
+                raw = fh.read()
             img = np.frombuffer(raw, ">u2").reshape(256, 256).astype(np.float64)
             return (img / img.max()).astype(np.float32)
         from PIL import Image
@@ -257,7 +259,7 @@ def tiled_matrix(q: np.ndarray, r: np.ndarray, grid: int = 4, pool: int = 1, rem
 def conformal(values: np.ndarray, alpha: float) -> float:
     """``k``-th smallest holdout value, ``k = floor(alpha (n + 1))`` (at least 1): flag ``statistic < tau``."""
     v = np.sort(values)
-    return float(v[max(1, int(math.floor(alpha * (len(v) + 1)))) - 1])
+    return float(v[max(1, math.floor(alpha * (len(v) + 1))) - 1])
 
 
 def ratio(d: np.ndarray) -> np.ndarray:
@@ -290,15 +292,15 @@ def our_flags(q: np.ndarray, h: np.ndarray, r: np.ndarray, stats: dict) -> dict[
 
     out = {}
     specs = {
-        "ours: identity + shift/zoom ratio, debiased (alpha 0.005)": dict(),
-        "ours, alpha 0.01": dict(alpha=0.01),
-        "ours, shift/zoom test only": dict(components=("shift_zoom",)),
-        "ours, identity test only": dict(components=("identity",)),
-        "ours, not debiased": dict(debias=False),
-        "ours, debiased without the noise floor": dict(noise_floor=False),
-        "ours, pooled 4 x 4": dict(pooled=4),
-        "ours, pooled 12 x 12": dict(pooled=12),
-        "ours, 2 x 2 tiles (worst tile)": dict(grid=2),
+        "ours: identity + shift/zoom ratio, debiased (alpha 0.005)": {},
+        "ours, alpha 0.01": {"alpha": 0.01},
+        "ours, shift/zoom test only": {"components": ("shift_zoom",)},
+        "ours, identity test only": {"components": ("identity",)},
+        "ours, not debiased": {"debias": False},
+        "ours, debiased without the noise floor": {"noise_floor": False},
+        "ours, pooled 4 x 4": {"pooled": 4},
+        "ours, pooled 12 x 12": {"pooled": 12},
+        "ours, 2 x 2 tiles (worst tile)": {"grid": 2},
     }
     for name, kw in specs.items():
         t0 = time.perf_counter()
@@ -325,7 +327,7 @@ def interval(k: int, n: int) -> list[float]:
 
 
 def rate(flags: np.ndarray) -> dict:
-    k, n = int(flags.sum()), int(len(flags))
+    k, n = int(flags.sum()), len(flags)
     return {"k": k, "n": n, "rate": round(k / n, 4) if n else None, "ci95": interval(k, n)}
 
 
@@ -366,7 +368,7 @@ def run_seed(seed: int, n_copies: int, informative: float) -> dict:
             "caught_counted": rate(fc[counted]),
             "caught_counted_informative": rate(fc[counted & (src_content >= informative)]),
             "caught_by_source_content": {f"[{lo:g}, {hi:g})": rate(fc[counted & (src_content >= lo) & (src_content < hi)])
-                                         for lo, hi in zip(CONTENT_BINS[:-1], CONTENT_BINS[1:])},
+                                         for lo, hi in itertools.pairwise(CONTENT_BINS)},
             "per_perturbation": {k: rate(fc[kinds == k]) for k in COUNTED + NOT_COUNTED},
             "false_alarms_novel": rate(f[nc:nc + nn]),
             "false_alarms_novel_noise_0.05": rate(f[nc + nn:nc + 2 * nn]),
@@ -383,12 +385,12 @@ def fmt(r: dict) -> str:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"### seed {res['seed']}: {res['train']} training, {res['novel']} novel, {res['holdout']} holdout crops, "
+    lines = [(f"### seed {res['seed']}: {res['train']} training, {res['novel']} novel, {res['holdout']} holdout crops, "
              f"{res['copies_per_perturbation']} copies per perturbation "
              f"({100 * res['uninformative_sources']:.1f}% of counted copies have a near-constant source, "
-             f"content < {res['informative_threshold']})", "",
-             "| rule | threshold | caught (counted) | caught (informative sources) | false alarms, novel | "
-             "FA novel + noise 0.05 | FA novel + blur 0.8 |", "|---|---|---|---|---|---|---|"]
+             f"content < {res['informative_threshold']})"), "",
+             ("| rule | threshold | caught (counted) | caught (informative sources) | false alarms, novel | "
+             "FA novel + noise 0.05 | FA novel + blur 0.8 |"), "|---|---|---|---|---|---|---|"]
     for name, r in res["rules"].items():
         lines.append(f"| {name} | {r['threshold']} | {fmt(r['caught_counted'])} | "
                      f"{fmt(r['caught_counted_informative'])} | {fmt(r['false_alarms_novel'])} | "

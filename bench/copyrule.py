@@ -299,7 +299,7 @@ class CopyMetric:
         self._id_cols = self._cols[ident, s * pw:(s + 1) * pw] if ident is not None else None
         self._scale = 1.0 / math.sqrt(layout.dim)
 
-    def _normalise(self, p) -> "torch.Tensor":
+    def _normalise(self, p) -> torch.Tensor:
         """Remove each tile's mean per channel from pooled images ``(..., C, ph, pw)``; flatten and scale."""
         lay = self.layout
         lead = p.shape[:-3]
@@ -309,7 +309,7 @@ class CopyMetric:
         t = t - t.mean(dim=(3, 5), keepdim=True)
         return t.reshape(*lead, c * ph * pw) * self._scale
 
-    def features(self, x) -> "torch.Tensor":
+    def features(self, x) -> torch.Tensor:
         """``phi(x)`` of images ``(N, C, H, W)`` in [0, 1]: ``(N, D)`` (the identity transform)."""
         import torch
 
@@ -321,7 +321,7 @@ class CopyMetric:
             return self._normalise(prow @ x[:, :, top:top + h, left:left + w] @ pcol.T)
         return self._normalise(self._id_rows @ x @ self._id_cols.T)
 
-    def orbit(self, x) -> "torch.Tensor":
+    def orbit(self, x) -> torch.Tensor:
         """``phi(T x)`` for every transform: ``(N, |T|, D)``, in :meth:`Transforms.items` order."""
         import torch
 
@@ -337,7 +337,7 @@ class CopyMetric:
         grid = torch.cat(out, 1)  # (N, Z * S * S, C, ph, pw)
         return self._normalise(grid[:, self._perm])
 
-    def distance_sq(self, orbit_q, ref) -> "torch.Tensor":
+    def distance_sq(self, orbit_q, ref) -> torch.Tensor:
         """Squared ``D`` between one query's orbit ``(|T|, D)`` and references ``(n, D)``, in float64: ``(n,)``."""
         lay = self.layout
         a = orbit_q.double()
@@ -346,13 +346,13 @@ class CopyMetric:
             d = (a * a).sum(1)[None, :] + (b * b).sum(1)[:, None] - 2.0 * (b @ a.T)  # (n, |T|)
             return d.clamp_min_(0.0).amin(1)
         c = lay.channels
-        ph, pw = lay.pooled_shape
+        _ph, _pw = lay.pooled_shape
         th, tw = lay.tile
         diff = (a[None] - b[:, None]).square_()  # (n, |T|, D)
         t = diff.reshape(len(b), len(a), c, lay.grid, th, lay.grid, tw).sum(dim=(2, 4, 6)).flatten(2)
         return (t.amax(2) * lay.tiles).amin(1)  # features are scaled by 1/sqrt(D): a tile's mean square is tiles x sum
 
-    def distance(self, orbit_q, ref) -> "torch.Tensor":
+    def distance(self, orbit_q, ref) -> torch.Tensor:
         return self.distance_sq(orbit_q, ref).sqrt()
 
 
@@ -439,7 +439,7 @@ class ExactCopySearch:
 
     # ------------------------------------------------------------ pieces
 
-    def orbits(self, queries) -> "torch.Tensor":
+    def orbits(self, queries) -> torch.Tensor:
         """``(Q, |T|, D)`` orbits, block by block."""
         torch = self._torch
         queries = torch.as_tensor(queries, dtype=torch.float32, device=self.metric.device)
@@ -451,7 +451,7 @@ class ExactCopySearch:
         self.stats.tick("orbits", t0)
         return out
 
-    def centres(self, orbits, groups=None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def centres(self, orbits, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Group centres ``(Q, G, D)`` and radii ``(Q, G)`` (radii rounded up for float32)."""
         torch = self._torch
         cs, es = [], []
@@ -567,7 +567,7 @@ class ExactCopySearch:
     # --------------------------------------------------------------- API
 
     def within(self, queries=None, radius=None, exclude=None, orbits=None,
-               known: "list[Evaluated] | None" = None) -> "list[Evaluated]":
+               known: list[Evaluated] | None = None) -> list[Evaluated]:
         """Every reference with ``D <= radius[q]``, with its exact distance, per query.
 
         Every reference left out has a lower bound above the radius (proven).
@@ -592,7 +592,7 @@ class ExactCopySearch:
                 known[qi].add(new, self._exact(orbits[qi], new))
         return known
 
-    def _initial(self, orbits, exclude, k: int) -> "list[Evaluated]":
+    def _initial(self, orbits, exclude, k: int) -> list[Evaluated]:
         """Exact distances of each query's proxy-ranked candidates (enough for the k-th)."""
         known = [Evaluated() for _ in range(orbits.shape[0])]
         for s in range(0, orbits.shape[0], self.query_block):
@@ -781,7 +781,7 @@ def conformal_threshold(values, alpha: float) -> ConformalThreshold:
     n = len(v)
     if n == 0:
         raise ValueError("a conformal threshold needs at least one holdout value")
-    k = int(math.floor(alpha * (n + 1)))
+    k = math.floor(alpha * (n + 1))
     if k >= 1:
         return ConformalThreshold(float(v[k - 1]), k, n, alpha, k / (n + 1),
                                   f"{k}-th smallest of {n} holdout values (false-alarm rate <= {k / (n + 1):.4f})")
@@ -956,7 +956,7 @@ class CopyRatioRule:
         return ratio_statistic(nb.distances[:, 0], nb.distances[:, 1], self.bias(name, sigma), self.floor,
                                self.margin(name))
 
-    def fit(self, references, holdout, screen: float = 0.7) -> "CopyRatioRule":
+    def fit(self, references, holdout, screen: float = 0.7) -> CopyRatioRule:
         """Index the references and set each test's threshold from the holdout's ratios.
 
         The conformal threshold is the ``k``-th smallest holdout ratio with
@@ -973,7 +973,7 @@ class CopyRatioRule:
         h_sigma = noise_sigma(holdout)
         n = len(holdout)
         level = self.alpha / len(self.metrics)
-        k = max(1, int(math.floor(level * (n + 1))))
+        k = max(1, math.floor(level * (n + 1)))
         for name, metric in self.metrics.items():
             feats = torch_cat_features(metric, references)
             search = ExactCopySearch(metric, feats, shift_group=self.shift_group)

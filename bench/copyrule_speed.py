@@ -35,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.copy_power import PICTURES, SIZE, load_picture  # noqa: E402
-from bench.copyrule import (  # noqa: E402
+from bench.copy_power import PICTURES, SIZE, load_picture
+from bench.copyrule import (
     COMPONENTS,
     CopyLayout,
     CopyMetric,
@@ -49,10 +49,10 @@ from bench.copyrule import (  # noqa: E402
 
 
 def crops(n: int, half: int, stride: int, rng: np.random.Generator, dihedral: bool) -> np.ndarray:
-    """``n`` crops from one half of every picture (all 8 dihedral variants when ``dihedral``)."""
-    out = []
-    for name in PICTURES:
-        p = load_picture(name)
+    """``n`` crops from one half of every picture (drawn among all 8 dihedral variants when ``dihedral``)."""
+    pics = [load_picture(name) for name in PICTURES]
+    spots = []
+    for i, p in enumerate(pics):
         h, w = p.shape
         axis = 1 if w >= h else 0
         n_ax = (h, w)[axis]
@@ -60,14 +60,15 @@ def crops(n: int, half: int, stride: int, rng: np.random.Generator, dihedral: bo
         for a in range(lo + 4, hi - SIZE - 4, stride):
             for b in range(4, (w, h)[axis] - SIZE - 4, stride):
                 y, x = (a, b) if axis == 0 else (b, a)
-                out.append(p[y:y + SIZE, x:x + SIZE])
-    base = np.stack(out)
-    if dihedral:
-        base = np.concatenate([np.rot90(base, k, axes=(1, 2)) for k in range(4)])
-        base = np.concatenate([base, base[:, :, ::-1]])
-    if len(base) < n:
-        raise SystemExit(f"only {len(base)} crops available; lower the stride")
-    return np.ascontiguousarray(base[rng.choice(len(base), n, replace=False)])[:, None].astype(np.float32)
+                spots += [(i, y, x, k) for k in (range(8) if dihedral else [0])]
+    if len(spots) < n:
+        raise SystemExit(f"only {len(spots)} crops available; lower the stride")
+    out = np.empty((n, 1, SIZE, SIZE), np.float32)
+    for j, s in enumerate(rng.choice(len(spots), n, replace=False)):
+        i, y, x, k = spots[s]
+        c = np.rot90(pics[i][y:y + SIZE, x:x + SIZE], k % 4)
+        out[j, 0] = c[:, ::-1] if k >= 4 else c
+    return out
 
 
 def timed(fn):
@@ -109,10 +110,11 @@ def one_size(q: int, r: int, seed: int, tau: float, brute: bool) -> dict:
     decisions = {}
     for name, tr in COMPONENTS.items():
         m = CopyMetric(CopyLayout(SIZE, SIZE, 1, transforms=tr))
-        (feats, t_feat) = timed(lambda: m.features(refs))
+        (feats, t_feat) = timed(lambda m=m: m.features(refs))
         search = ExactCopySearch(m, feats)
         bias = noise_bias(m.layout, noise_sigma(queries))
-        dec, t_dec = timed(lambda: decide_ratio(search, queries, tau, bias, margin=noise_margin(m.layout)))
+        dec, t_dec = timed(lambda m=m, search=search, bias=bias: decide_ratio(
+            search, queries, tau, bias, margin=noise_margin(m.layout)))
         decisions[name] = (m, feats, dec, bias)
         total += t_feat + t_dec
         row[f"ours_decide_{name}_s"] = round(t_feat + t_dec, 3)
@@ -123,7 +125,7 @@ def one_size(q: int, r: int, seed: int, tau: float, brute: bool) -> dict:
     # the one-pass bound (one group: one product per pair) against nine groups, same decision
     for groups, label in ((2 * m.layout.transforms.max_shift + 1, "one_group"), (3, "nine_groups")):
         s1 = ExactCopySearch(m, feats, shift_group=groups, refine=False)
-        d1, t1 = timed(lambda: decide_ratio(s1, queries, tau, bias, margin=noise_margin(m.layout)))
+        d1, t1 = timed(lambda s1=s1: decide_ratio(s1, queries, tau, bias, margin=noise_margin(m.layout)))
         assert np.array_equal(d1.flagged, dec.flagged)
         row[f"bound_{label}_no_refine"] = {"s": round(t1, 3), "survivors_per_query": round(
             s1.stats.exact_pairs / s1.stats.queries, 1), "pruned_fraction": s1.stats.pruned_fraction}
