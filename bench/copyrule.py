@@ -20,16 +20,18 @@ image.
 
 Statistic and rule
 ------------------
-``ratio(q) = sqrt(max(d1^2 - b, f^2) / max(d2^2 - b, f^2))`` with ``d1 <= d2``
-the two smallest distances: the nearest/second-nearest ratio of Lowe (2004),
-used for copy detection as a score normalised by the distances to other
-references (Douze et al. 2021, DISC21; Pizzi et al. 2022, SSCD).  ``b`` is the
-query's own noise energy after pooling (noise variance by Immerkaer 1996,
-divided by the block size), subtracted from both squared distances because
-independent noise adds ``b`` to every one of them in expectation; ``f`` is a
-floor at the 8-bit quantisation level, so that two images that are both flat
-give ratio 1 (no evidence) rather than 0/0.  A copy is much nearer its source
-than anything else; an unseen image that merely resembles the training set
+``ratio(q) = sqrt(max(d1^2 - b, m b, f^2) / max(d2^2 - b, m b, f^2))`` with
+``d1 <= d2`` the two smallest distances: the nearest/second-nearest ratio of
+Lowe (2004), used for copy detection as a score normalised by the distances
+to other references (Douze et al. 2021, DISC21; Pizzi et al. 2022, SSCD).
+``b`` is the query's own noise energy after pooling (noise variance by
+Immerkaer 1996 divided by the block size, capped at ``d1^2``), subtracted
+from both squared distances because independent noise adds it to every one
+of them; ``m b`` (``m = 2 / sqrt(dof)``, 0.25 for 8 x 8) keeps a difference
+smaller than the noise's own fluctuation from counting as evidence; ``f`` is
+a floor at the 8-bit quantisation level, so two flat images give ratio 1
+(no evidence) rather than 0/0.  A copy is much nearer its source than
+anything else; an unseen image that merely resembles the training set
 (textures, flat backgrounds) is about as near its second-nearest as its
 nearest.
 
@@ -52,20 +54,24 @@ inequality: for a group ``G`` of transforms with centre
 
 so ``LB(q, r) = min_G (||c_G(q) - phi(r)|| - e_G(q))`` never exceeds
 ``min_T ||phi(T q) - phi(r)||``, which never exceeds ``D`` (the RMS over all
-tiles is at most the worst tile's).  One group (one matrix product per pair)
-is the one-pass bound; measured on real crops it prunes only about 55 % of
-the pairs at the second-nearest distance, because shifting a textured image
-by 3 pixels moves it further than its second-nearest neighbour lies.  Groups
-of 3 x 3 neighbouring shifts (9 products of 64-dimensional features per pair)
-prune about 96 % at half that distance, which is what the decision needs.
+tiles is at most the worst tile's).  A reference is pruned for radius
+``theta`` when ``||c_G - f||^2 > (theta + e_G)^2`` for every group -- one
+matrix product of ``(G, D + 1)`` augmented centres with the references, no
+square root.  One group (one product per pair) is the one-pass bound;
+measured on real crops it prunes only about 79 % of the pairs at the
+decision radius, because shifting a textured image by 3 pixels moves it
+further than its second-nearest neighbour lies.  Nine groups of 3 x 3
+neighbouring shifts prune about 97 %; a second pass on the survivors with
+the groups split by zoom (27) leaves about 0.8 % for the exact distance.
 
 :meth:`ExactCopySearch.within` returns every reference within a per-query
 radius (exact distances; every other reference has a bound above the radius,
 so it is proven).  ``search`` (k nearest) first evaluates a few candidates
 ranked by the distance to the orbit's centre, takes the k-th exact distance
-as the radius and calls ``within``; ``decide`` uses the smaller radius that
-the ratio test needs (``tau`` times the second distance) and falls back to a
-full two-nearest search only where that does not settle the decision.
+as the radius and calls ``within``; :func:`decide_ratio` uses the smaller
+radius that the ratio test needs (about ``tau`` times the second distance)
+and falls back to the proven two nearest only where that does not settle the
+decision.
 """
 from __future__ import annotations
 
@@ -826,8 +832,8 @@ def decide_ratio(search: ExactCopySearch, queries, tau: float, bias, floor: floa
     second distance then is still only bracketed and the bracket straddles
     ``tau``, the query falls back to a proven two-nearest search.
     """
-    if not 0 < tau < 1:
-        raise ValueError(f"tau {tau} must be in (0, 1)")
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau {tau} must be in (0, 1]")
     orbits = search.orbits(queries)
     q = orbits.shape[0]
     search.stats.queries += q
@@ -995,6 +1001,7 @@ class CopyRatioRule:
         return self
 
     def decide(self, queries) -> RuleDecision:
+        """Each test's proven decision on ``queries`` and their union (:meth:`fit` first)."""
         sigma = noise_sigma(queries)
         comps = {}
         flagged = np.zeros(len(queries), bool)
