@@ -35,7 +35,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.copy_power import PICTURES, SIZE, load_picture
 from bench.copyrule import (
     COMPONENTS,
     CopyLayout,
@@ -46,6 +45,8 @@ from bench.copyrule import (
     noise_margin,
     noise_sigma,
 )
+
+from bench.copy_power import PICTURES, SIZE, load_picture
 
 
 def crops(n: int, half: int, stride: int, rng: np.random.Generator, dihedral: bool) -> np.ndarray:
@@ -95,7 +96,7 @@ def brute_min(metric: CopyMetric, queries, ref_f, chunk: int = 4):
 def one_size(q: int, r: int, seed: int, tau: float, brute: bool) -> dict:
     import torch
 
-    from audit.tiled import ExactTiledSearch, TiledMetric, TileLayout
+    from audit.core.tiled import ExactTiledSearch, TiledMetric, TileLayout
 
     rng = np.random.default_rng(seed)
     refs = crops(r, 0, 16, rng, dihedral=True)

@@ -1,4 +1,4 @@
-"""bench/copyrule.py: transforms, orbit by hand, the lower bound, exactness against brute force, the ratio rule."""
+"""The ratio copy rule (audit/copy_detection/ratio_rule.py, audit/core/shiftzoom*.py): transforms, orbit by hand, the lower bound, exactness against brute force, the ratio rule."""
 from __future__ import annotations
 
 import math
@@ -9,23 +9,23 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.copyrule import (
-    COMPONENTS,
-    CopyLayout,
-    CopyMetric,
-    CopyRatioRule,
-    ExactCopySearch,
-    Transforms,
-    brute_force,
-    conformal_threshold,
-    decide_ratio,
-    interpolation_matrix,
+from audit.copy_detection.ratio_rule import COMPONENTS, CopyRatioRule, decide_ratio
+from audit.copy_detection.ratio_statistic import (
     noise_bias,
     noise_margin,
     noise_sigma,
     ratio_statistic,
+    ratio_threshold,
     smallest_d1,
 )
+from audit.core.shiftzoom import (
+    CopyLayout,
+    CopyMetric,
+    Transforms,
+    brute_force,
+    interpolation_matrix,
+)
+from audit.core.shiftzoom_search import ExactCopySearch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SHIFT_ZOOM = COMPONENTS["shift_zoom"]
@@ -281,10 +281,10 @@ def test_noise_sigma_recovers_white_noise():
     assert noise_margin(lay) == pytest.approx(2 / math.sqrt(63))
 
 
-def test_conformal_threshold():
-    t = conformal_threshold(np.arange(1, 200) / 200, 0.01)  # n = 199: k = 2
+def test_ratio_threshold():
+    t = ratio_threshold(np.arange(1, 200) / 200, 0.01)  # n = 199: k = 2
     assert (t.k, t.tau, t.level) == (2, 0.01, 2 / 200)
-    small = conformal_threshold([0.3, 0.5, 0.9], 0.01)
+    small = ratio_threshold([0.3, 0.5, 0.9], 0.01)
     assert small.k == 1 and small.tau == 0.3 and "cannot resolve" in small.note
 
 
@@ -306,14 +306,17 @@ def test_decision_agrees_with_exact_ratios(tau):
     np.testing.assert_allclose(dec.d1[dec.flagged], full[dec.flagged, 0], atol=1e-9)
 
 
-def test_fit_screens_the_holdout_but_sets_the_exact_conformal_threshold():
+def test_fit_screens_the_holdout_but_sets_the_exact_ratio_threshold():
     train = real_crops(("camera", "brick", "coins", "moon"))
     hold = real_crops(("camera", "brick", "coins", "moon"), half=1)
     rule = CopyRatioRule(32, 32, 1, alpha=0.02).fit(train, hold)
     full = rule.ratios(hold)
     for name, t in rule.thresholds_.items():
-        assert t.tau == conformal_threshold(full[name], 0.01).tau and t.k >= 1
-        assert np.all(rule.holdout_ratio_[name] <= full[name] + 1e-12)  # screened ones carry a lower bound
+        assert t.tau == ratio_threshold(full[name], 0.01).tau and t.k >= 1
+        h = rule.holdout_[name]
+        assert np.all(h.ratio <= full[name] + 1e-12)  # screened ones carry a lower bound
+        np.testing.assert_allclose(h.ratio[h.exact], full[name][h.exact], atol=1e-12)
+        assert 1 <= h.exact.sum() < len(hold) and np.all(full[name][~h.exact] >= h.screen)
 
 
 # --------------------------------------------------------------------- controls
