@@ -286,30 +286,43 @@ def baseline_flags(q: np.ndarray, h: np.ndarray, r: np.ndarray) -> dict[str, tup
     }
 
 
-def our_flags(q: np.ndarray, h: np.ndarray, r: np.ndarray, stats: dict) -> dict[str, tuple[np.ndarray, str]]:
-    """The prototype rule (and ablations), every decision proven by the exact search."""
-    from bench.copyrule import CopyRatioRule
+NEW_DEFAULT = "new default: ratio rule (audit.copy_detection, default settings)"
 
+
+def our_flags(q: np.ndarray, h: np.ndarray, r: np.ndarray, stats: dict, ablations: bool = False
+              ) -> dict[str, tuple[np.ndarray, str]]:
+    """The check's ratio rule at its default settings (and, with ``ablations``, variants), decisions proven exact.
+
+    The rule is built exactly as :class:`audit.copy_detection.ratio_side.RatioSide`
+    builds it from :class:`~audit.copy_detection.settings.CopyDetectionSettings`:
+    same tests, shifts, zooms, blocks and false-alarm rate (the crops are
+    already at the 64 x 64 analysis size).
+    """
+    from audit.copy_detection.ratio_rule import CopyRatioRule, components
+    from audit.copy_detection.ratio_side import ratio_geometry
+    from audit.copy_detection.settings import CopyDetectionSettings
+
+    s = CopyDetectionSettings()
+    shape, pooled = ratio_geometry(SIZE, SIZE, s)
+    base = {"alpha": s.false_alarm_rate, "components": components(s.max_shift, s.zooms), "pooled": pooled}
+    specs = {NEW_DEFAULT: {}}
+    if ablations:
+        specs |= {
+            "ratio rule, alpha 0.01": {"alpha": 0.01},
+            "ratio rule, shift/zoom test only": {"components": {"shift_zoom": base["components"]["shift_zoom"]}},
+            "ratio rule, identity test only": {"components": {"identity": base["components"]["identity"]}},
+            "ratio rule, not debiased": {"debias": False},
+            "ratio rule, pooled 12 x 12": {"pooled": 12},
+        }
     out = {}
-    specs = {
-        "ours: identity + shift/zoom ratio, debiased (alpha 0.005)": {},
-        "ours, alpha 0.01": {"alpha": 0.01},
-        "ours, shift/zoom test only": {"components": ("shift_zoom",)},
-        "ours, identity test only": {"components": ("identity",)},
-        "ours, not debiased": {"debias": False},
-        "ours, debiased without the noise floor": {"noise_floor": False},
-        "ours, pooled 4 x 4": {"pooled": 4},
-        "ours, pooled 12 x 12": {"pooled": 12},
-        "ours, 2 x 2 tiles (worst tile)": {"grid": 2},
-    }
     for name, kw in specs.items():
         t0 = time.perf_counter()
-        rule = CopyRatioRule(SIZE, SIZE, 1, **kw).fit(r, h)
+        rule = CopyRatioRule(*shape, 1, **(base | kw)).fit(r, h)
         dec = rule.decide(q)
         taus = ", ".join(f"{k}: tau={v.tau:.3g} (k={v.k}/{v.n})" for k, v in rule.thresholds_.items())
         out[name] = (dec.flagged, taus)
         stats[name] = {"seconds": round(time.perf_counter() - t0, 2),
-                       "search": {k: s.stats.to_dict() for k, s in rule.searches_.items()},
+                       "search": {k: sr.stats.to_dict() for k, sr in rule.searches_.items()},
                        "thresholds": {k: vars(v) for k, v in rule.thresholds_.items()}}
     return out
 
@@ -338,7 +351,7 @@ def content(images: np.ndarray) -> np.ndarray:
     return np.sqrt(((p - p.mean((1, 2), keepdims=True)) ** 2).mean((1, 2)))
 
 
-def run_seed(seed: int, n_copies: int, informative: float) -> dict:
+def run_seed(seed: int, n_copies: int, informative: float, ablations: bool = False) -> dict:
     t0 = time.perf_counter()
     b = build(seed, n_copies=n_copies)
     r = b.images(b.train)
@@ -357,7 +370,7 @@ def run_seed(seed: int, n_copies: int, informative: float) -> dict:
     built = time.perf_counter() - t0
 
     stats: dict = {}
-    flags = baseline_flags(q, h, r) | our_flags(q, h, r, stats)
+    flags = baseline_flags(q, h, r) | our_flags(q, h, r, stats, ablations)
     src_content = content(r[:, 0])[src]
     counted = np.isin(kinds, COUNTED)
     rows = {}
@@ -408,12 +421,47 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def pooled(results: list[dict]) -> dict:
+    """Every rule's counts summed over seeds (each seed a different split and draw), with exact intervals."""
+    out: dict = {}
+    for name in results[0]["rules"]:
+        rows = [res["rules"][name] for res in results]
+
+        def total(get, rows=rows):
+            k = sum(get(r)["k"] for r in rows)
+            n = sum(get(r)["n"] for r in rows)
+            return {"k": k, "n": n, "rate": round(k / n, 4) if n else None, "ci95": interval(k, n)}
+
+        out[name] = {key: total(lambda r, key=key: r[key]) for key in
+                     ("caught_counted", "caught_counted_informative", "false_alarms_novel",
+                      "false_alarms_novel_noise_0.05", "false_alarms_novel_blur_0.8")}
+        out[name]["per_perturbation"] = {k: total(lambda r, k=k: r["per_perturbation"][k])
+                                         for k in COUNTED + NOT_COUNTED}
+    return out
+
+
+def pooled_markdown(table: dict, seeds: list[int]) -> str:
+    lines = [f"### pooled over seeds {', '.join(map(str, seeds))}", "",
+             "| rule | caught (counted) | caught (informative sources) | false alarms, novel | FA novel + noise 0.05 "
+             "| FA novel + blur 0.8 |", "|---|---|---|---|---|---|"]
+    for name, r in table.items():
+        lines.append(f"| {name} | {fmt(r['caught_counted'])} | {fmt(r['caught_counted_informative'])} | "
+                     f"{fmt(r['false_alarms_novel'])} | {fmt(r['false_alarms_novel_noise_0.05'])} | "
+                     f"{fmt(r['false_alarms_novel_blur_0.8'])} |")
+    kinds = COUNTED + NOT_COUNTED
+    lines += ["", "| rule | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for name, r in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['per_perturbation'][k]['rate']:.3f}" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (each a different split and copy draw)")
     ap.add_argument("--copies", type=int, default=150, help="copies per perturbation")
     ap.add_argument("--informative", type=float, default=0.002,
                     help="content (RMS of the 8x8-pooled source, mean removed) below which a source is near-constant")
+    ap.add_argument("--ablations", action="store_true", help="also score variants of the ratio rule")
     ap.add_argument("--out", help="write the JSON results here")
     args = ap.parse_args()
     import torch
@@ -421,11 +469,13 @@ def main() -> None:
     torch.set_num_threads(1)
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        res = run_seed(seed, args.copies, args.informative)
+        res = run_seed(seed, args.copies, args.informative, args.ablations)
         results.append(res)
         print(markdown(res) + "\n", flush=True)
+    table = pooled(results)
+    print(pooled_markdown(table, [r["seed"] for r in results]), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).write_text(json.dumps({"seeds": results, "pooled": table}, indent=1))
 
 
 if __name__ == "__main__":

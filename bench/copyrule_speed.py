@@ -1,16 +1,16 @@
-"""Benchmark: the exact shift/zoom copy search vs the current exact tiled search vs brute force, same data.
+"""Benchmark: the ratio rule's exact shift/zoom search vs the exact tiled search of the Carlini rules vs brute force.
 
 References are 64 x 64 grayscale crops of the bundled pictures (training
 halves, every dihedral variant, so there are enough distinct images);
 queries are crops of the other halves plus 10 % noisy copies of references.
 For each size the script times, in one process and on one thread:
 
-* ``ours decide``: :func:`bench.copyrule.decide_ratio` for both tests of the
+* ``ours decide``: :func:`audit.copy_detection.ratio_rule.decide_ratio` for both tests of the
   rule (identity and shift/zoom) at a typical threshold -- what the check
   would run on synthetic images;
 * ``ours k=2``: the exact two nearest under the shift/zoom distance (what
   the holdout needs);
-* ``current``: :class:`audit.tiled.ExactTiledSearch` (Carlini's tiled
+* ``current``: :class:`audit.core.tiled.ExactTiledSearch` (Carlini's tiled
   distance, k = 1) -- today's check;
 * ``brute``: every pair's exact shift/zoom distance by plain float32 matrix
   products (147 transforms x 64 features per pair);
@@ -35,17 +35,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.copyrule import (
-    COMPONENTS,
-    CopyLayout,
-    CopyMetric,
-    ExactCopySearch,
-    decide_ratio,
+from audit.copy_detection.ratio_rule import COMPONENTS, decide_ratio
+from audit.copy_detection.ratio_statistic import (
     noise_bias,
     noise_margin,
     noise_sigma,
+    ratio_statistic,
 )
-
+from audit.core.shiftzoom import CopyLayout, CopyMetric
+from audit.core.shiftzoom_search import ExactCopySearch
 from bench.copy_power import PICTURES, SIZE, load_picture
 
 
@@ -159,8 +157,6 @@ def one_size(q: int, r: int, seed: int, tau: float, brute: bool) -> dict:
         row["brute_shift_zoom_s"] = round(t_b, 3)
         s = np.sort(d, 1)
         row["k2_equals_brute"] = bool(np.allclose(nb.distances, s[:, :2], atol=1e-5))
-        from bench.copyrule import ratio_statistic
-
         want = ratio_statistic(s[:, 0], s[:, 1], bias, margin=noise_margin(m.layout)) < tau
         row["decisions_equal_brute"] = int((want == dec.flagged).sum())
         row["decisions_total"] = len(want)
