@@ -236,3 +236,71 @@ def test_ratio_settings_are_validated():
         with pytest.raises(ValueError, match=msg):
             create_check("copy_detection", **bad)
     assert create_check("copy_detection", zooms=[1, 1.1]).settings.zooms == [1, 1.1]  # ints are floats
+
+
+def test_training_duplicates_under_the_shift_zoom_distance(small, tmp_path):
+    """A training image filed twice under two patients: a pair across patients within the stated radius, and
+    neither image is used as a control source (a copy of it has no ratio evidence)."""
+    import csv
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(small / "p" / "train", train)
+    rows = list(csv.DictReader(open(train / "metadata.csv")))
+    other = next(r for r in rows if r["patient_id"] != rows[0]["patient_id"])
+    shutil.copy(train / rows[0]["path"], train / "dup.png")
+    with open(train / "metadata.csv", "a") as fh:
+        fh.write(f"dup.png,{other['patient_id']},{rows[0]['label']}\n")
+    policy = only_policy("copy_detection", action="warn", required=False)
+    r = audit.check(small / "syn", real=train, holdout=small / "p" / "holdout", policy=policy,
+                    progress=False).result("copy_detection")
+    dup = r.metrics["duplicates"]["training"]
+    assert dup["distance"].startswith("shift/zoom") and dup["threshold"] == r.thresholds["duplicate_radius"] > 0
+    assert dup["pairs_across_patients"] >= 1 and "different patients" in r.reason
+    assert r.controls[0].metrics["skipped_sources"]["near_duplicate_in_training"] >= 2
+
+
+def test_large_rgb_images_are_compared_at_the_analysis_size(tmp_path):
+    """96 x 96 RGB crops are area-downsampled to 64 x 64 (channels compared jointly); a copy shifted by 3 px and
+    one rescaled by 4 % in the original pixels are caught."""
+    import skimage.data
+
+    from synthgate.imageset import ImageSet
+
+    def rgb(path, x):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)).save(path)
+
+    rng = np.random.default_rng(1)
+    spots = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        pic = np.asarray(getattr(skimage.data, name)(), np.float64)[..., :3] / 255
+        h, w, _ = pic.shape
+        spots += [(pic, y, x) for y in range(8, h - 104, 44) for x in range(8, w - 104, 44)]
+    order = rng.permutation(len(spots))
+    for i, j in enumerate(order[:80]):
+        pic, y, x = spots[j]
+        rgb(tmp_path / "train" / f"t{i:03d}.png", pic[y:y + 96, x:x + 96])
+    for i, j in enumerate(order[80:160]):
+        pic, y, x = spots[j]
+        rgb(tmp_path / "hold" / f"h{i:03d}.png", pic[y:y + 96, x:x + 96])
+    for i, j in enumerate(order[160:170]):
+        pic, y, x = spots[j]
+        rgb(tmp_path / "syn" / f"novel_{i}.png", pic[y:y + 96, x:x + 96])
+    pic, y, x = spots[order[5]]
+    rgb(tmp_path / "syn" / "copy_shift.png", pic[y + 3:y + 99, x - 2:x + 94])
+    from scipy.ndimage import zoom as nd_zoom
+
+    pic, y, x = spots[order[6]]  # the region around the crop magnified by 4 %, centred
+    big = np.stack([nd_zoom(pic[y - 4:y + 100, x - 4:x + 100, c], 1.04, order=1) for c in range(3)], axis=-1)
+    o = (big.shape[0] - 96) // 2
+    rgb(tmp_path / "syn" / "copy_rescale.png", big[o:o + 96, o:o + 96])
+    assert ImageSet(tmp_path / "syn").records[0].channels == 3
+    policy = only_policy("copy_detection", action="warn", required=False)
+    res = audit.check(tmp_path / "syn", real=tmp_path / "train", holdout=tmp_path / "hold", policy=policy,
+                      progress=False)
+    r = res.result("copy_detection")
+    assert res.geometry.channels == 3 and r.metrics["ratio"]["analysis"]["height"] == 64
+    flagged = {f.synthetic: f.evidence for f in r.flagged}
+    assert {"copy_shift.png", "copy_rescale.png"} <= set(flagged)
+    assert flagged["copy_shift.png"]["analysis_size"] == [64, 64] and r.controls[0].passed
