@@ -304,3 +304,16 @@ def test_large_rgb_images_are_compared_at_the_analysis_size(tmp_path):
     flagged = {f.synthetic: f.evidence for f in r.flagged}
     assert {"copy_shift.png", "copy_rescale.png"} <= set(flagged)
     assert flagged["copy_shift.png"]["analysis_size"] == [64, 64] and r.controls[0].passed
+
+
+def test_ratio_rule_refuses_a_single_training_image(small, tmp_path):
+    import shutil
+
+    from synthgate.errors import UsageError
+
+    (tmp_path / "one").mkdir()
+    shutil.copy(sorted((small / "p" / "train").glob("*.png"))[0], tmp_path / "one" / "a.png")
+    policy = only_policy("copy_detection", action="warn", required=False)
+    with pytest.raises(UsageError, match="second-nearest"):
+        audit.check(small / "syn", real=tmp_path / "one", holdout=small / "p" / "holdout", policy=policy,
+                    progress=False)

@@ -133,6 +133,10 @@ class CopyDetection(Check):
                              f"most {min(geo.height, geo.width)}")
         if ratio:
             ratio_geometry(geo.height, geo.width, s)
+            if len(ctx.real) < 2:
+                raise UsageError("copy_detection: the ratio rule compares each image's nearest training image with "
+                                 f"the second-nearest, but the training set holds {len(ctx.real)} image; give more, "
+                                 "or set copy_detection.rule=absolute")
 
     # ---------------------------------------------------------------------- fit
 
