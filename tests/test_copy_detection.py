@@ -229,7 +229,7 @@ def test_negative_control_independent_images_pass(copy_case, capsys, tmp_path):
     far = holdout["false_alarms_ratio_rule"]  # cross-fitted on the holdout's two halves
     assert far["n"] == len(list((copy_case / "p" / "holdout").glob("*.png"))) == 400 and far["value"] <= 0.02
     ratio = audit["checks"][0]["metrics"]["ratio"]
-    assert ratio["false_alarm_bound"] <= 0.005 and set(ratio["tests"]) == {"identity", "shift_zoom"}
+    assert ratio["false_alarm_bound"] <= 0.005 and set(ratio["threshold"]) == {"identity", "shift_zoom"}
 
 
 def test_failed_positive_control_makes_audit_invalid(copy_case, capsys, tmp_path):

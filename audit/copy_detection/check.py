@@ -231,8 +231,8 @@ class CopyDetection(Check):
                                     "(consider rule 'ratio')")
         if ratio is not None:
             side = fit.ratio
-            metrics["ratio"] = side.metrics(s, ratio) | {"search": {n: sr.stats.to_dict()
-                                                                    for n, sr in side.rule.searches_.items()}}
+            metrics["ratio"] = side.metrics(s, ratio) | {f"search_{n}": sr.stats.to_dict()
+                                                         for n, sr in side.rule.searches_.items()}
             thresholds.update(side.thresholds(s))
             holdout["false_alarms_ratio_rule"] = side.far
             for name, t in side.rule.thresholds_.items():

@@ -179,32 +179,29 @@ class RatioSide:
         return all(t.resolved for t in self.rule.thresholds_.values())
 
     def metrics(self, s: CopyDetectionSettings, decision: SetDecision | None = None) -> dict:
-        """The rule's thresholds, its cross-fitted false-alarm rate on the holdout, its geometry and search cost."""
-        tests = {}
-        for name, t in self.rule.thresholds_.items():
-            h = self.rule.holdout_[name]
-            lay = self.rule.layouts[name]
-            tr = lay.transforms
-            tests[name] = {
-                "tau": t.tau, "k": t.k, "n_holdout": t.n, "level": t.level, "note": t.note,
-                "max_shift": tr.max_shift, "zooms": list(tr.scales), "transforms": len(tr.items()),
-                "central_region": list(lay.central), "holdout_ratio_below_screen": summary(h.ratio[h.exact]),
-                "holdout_screen": h.screen,
-            }
-            if decision is not None:
-                tests[name]["flagged"] = int(decision.tests[name]["flagged"].sum())
-        bound = sum(self.rule.thresholds_[n].level for n in tests)
-        return {
+        """The rule's thresholds, its cross-fitted false-alarm rate on the holdout, its geometry and search cost.
+
+        Keyed by quantity, then by test (``identity``, ``shift_zoom``), so the
+        report prints one row per test and quantity.
+        """
+        th, h = self.rule.thresholds_, self.rule.holdout_
+        out = {
             "false_alarm_rate": s.false_alarm_rate,
-            "false_alarm_bound": round(min(1.0, bound), 6),
+            "false_alarm_bound": round(min(1.0, sum(t.level for t in th.values())), 6),
             "holdout_false_alarms": self.far,
-            "tests": tests,
+            "threshold": {n: t.tau for n, t in th.items()},
+            "threshold_note": {n: t.note for n, t in th.items()},
+            "holdout_ratio_below_screen": {n: summary(v.ratio[v.exact]) for n, v in h.items()},
+            "transforms": {n: _describe(self.rule.layouts[n]) for n in th},
             "analysis": {"height": self.shape[0], "width": self.shape[1], "pooled": self.pooled,
                          "block_pixels": round(self.rule.layouts[self.main].block_pixels, 3)},
             "duplicate_radius": {"value": self.radius.tau, "note": "nearest-training distance of the holdout, "
                                  + self.radius.note},
-            "search_fit": self.stats,
         }
+        if decision is not None:
+            out["flagged_by_test"] = {n: int(t["flagged"].sum()) for n, t in decision.tests.items()}
+        out |= {f"search_fit_{n}": st for n, st in self.stats.items()}
+        return out
 
     def normalised(self, decision: SetDecision | None = None) -> np.ndarray:
         """Per image, the smallest ratio over its threshold across tests (< 1: flagged; lower bounds where
@@ -214,6 +211,15 @@ class RatioSide:
             r = self.rule.holdout_[name].ratio if decision is None else decision.tests[name]["ratio_low"]
             vals.append(r / max(t.tau, 1e-12))
         return np.min(vals, axis=0)
+
+
+def _describe(layout) -> str:
+    tr = layout.transforms
+    top, h, left, w = layout.central
+    if tr.max_shift == 0 and set(tr.scales) == {1.0}:
+        return f"the image as it is ({h}x{w})"
+    return (f"shifts up to {tr.max_shift} px and zooms {', '.join(f'{z:g}' for z in tr.scales)} of the central "
+            f"{h}x{w} region ({len(tr.items())} transforms)")
 
 
 def _cross_fitted(rule: CopyRatioRule, halves, n: int) -> Estimate:
