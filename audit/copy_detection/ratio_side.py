@@ -215,7 +215,7 @@ class RatioSide:
 
 def _describe(layout) -> str:
     tr = layout.transforms
-    top, h, left, w = layout.central
+    _, h, _, w = layout.central
     if tr.max_shift == 0 and set(tr.scales) == {1.0}:
         return f"the image as it is ({h}x{w})"
     return (f"shifts up to {tr.max_shift} px and zooms {', '.join(f'{z:g}' for z in tr.scales)} of the central "
