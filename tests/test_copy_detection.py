@@ -130,11 +130,12 @@ def test_holdout_threshold_conformal():
 
 def test_calibrated_by_hand():
     from audit.copy_detection.check import CopyDetection
+    from audit.copy_detection.tiled_side import TiledSide
 
     c = CopyDetection(alpha=0.5, n_neighbors=3)
     dist = np.array([[0.1, 0.2, 0.3, 0.9]])
     # 0.1 / (0.5 * mean(0.1, 0.2, 0.3)) = 0.1 / 0.1 = 1.0
-    assert c._calibrated(dist)[0] == pytest.approx(1.0)
+    assert TiledSide.calibrated(c.settings, dist)[0] == pytest.approx(1.0)
 
 
 def test_planted_transforms_are_near_copies():
@@ -154,11 +155,14 @@ def test_planted_transforms_are_near_copies():
 
 @pytest.fixture(scope="module")
 def copy_case(tmp_path_factory):
-    """Training phantoms, a holdout, and a synthetic set: novel patients plus two planted near-copies."""
+    """Training phantoms, a holdout, and a synthetic set: novel patients plus two planted near-copies.
+
+    The holdout's 400 images resolve the ratio rule's false-alarm rate of 0.5 % (2 / 0.005 - 1 = 399 needed).
+    """
     from synthgate.phantoms import write_phantoms
 
     root = tmp_path_factory.mktemp("copy")
-    write_phantoms(root / "p", patients=24, images_per_patient=4, size=32, seed=11)
+    write_phantoms(root / "p", patients=124, images_per_patient=4, size=32, seed=11, holdout_fraction=100 / 124)
     novel, _ = generate(patients=8, images_per_patient=2, size=32, seed=12)
     for i, im in enumerate(novel):
         save_unit_png(root / "syn" / f"novel_{i:02d}.png", im.pixels)
@@ -196,8 +200,13 @@ def test_flags_planted_copies_and_only_them(copy_case, capsys, tmp_path):
     assert all(f["patient"].startswith("pt-") for f in check["flagged"])
     assert check["controls"][0]["passed"] and audit["control"]["passed"]
     assert audit["released"] == []
+    for f in check["flagged"]:  # the default rule with a holdout is the ratio rule: its evidence
+        assert f["rule"] == "ratio" and f["ratio"] < f["threshold"] and f["test"] in ("identity", "shift_zoom")
+        assert f["distance"] <= f["second_distance"] and {"zoom", "dy", "dx"} == set(f["transform"])
+    assert check["thresholds"]["rule"] == "ratio" and 0 < check["thresholds"]["tau_shift_zoom"] < 1
     rows = list(csv.DictReader(open(out / "copy_detection.csv")))
-    assert len(rows) == 18 and {"synthetic", "nearest_real", "distance", "calibrated"} <= set(rows[0])
+    assert len(rows) == 18 and {"synthetic", "nearest_real", "distance", "nearest_exact", "ratio_identity",
+                                "ratio_shift_zoom"} <= set(rows[0])
     assert {r["synthetic"] for r in rows if r["flagged"] == "1"} == set(flagged)
     text = (out / "audit.json").read_text() + (out / "copy_detection.csv").read_text()
     assert "MRN" not in text  # patients only as salted hashes
@@ -217,7 +226,10 @@ def test_negative_control_independent_images_pass(copy_case, capsys, tmp_path):
     for name in ("synthetic", "real", "holdout"):
         assert {"path", "n_images", "sha256"} <= set(audit["inputs"][name])
     holdout = audit["checks"][0]["metrics"]["holdout"]
-    assert holdout["false_alarms_absolute"]["n"] == len(list((copy_case / "p" / "holdout").glob("*.png")))
+    far = holdout["false_alarms_ratio_rule"]  # cross-fitted on the holdout's two halves
+    assert far["n"] == len(list((copy_case / "p" / "holdout").glob("*.png"))) == 400 and far["value"] <= 0.02
+    ratio = audit["checks"][0]["metrics"]["ratio"]
+    assert ratio["false_alarm_bound"] <= 0.005 and set(ratio["threshold"]) == {"identity", "shift_zoom"}
 
 
 def test_failed_positive_control_makes_audit_invalid(copy_case, capsys, tmp_path):
@@ -395,16 +407,18 @@ def test_faiss_engine_is_exact_too():
 
 def test_calibrated_decisions_are_exact_with_the_cheap_search():
     """Only the nearest is proven up front; the k nearest are proven where the < 1 decision needs them."""
-    from audit.copy_detection.check import CopyDetection
+    from audit.copy_detection.settings import CopyDetectionSettings
+    from audit.copy_detection.tiled_side import TiledSide
 
     rng = np.random.default_rng(6)
     refs = _smooth_set(rng, 200, (1, 24, 24))
     queries = np.concatenate([np.clip(refs[:15] + rng.normal(0, 0.03, (15, 1, 24, 24)), 0, 1),
                               _smooth_set(rng, 15, (1, 24, 24))]).astype(np.float32)
     m = TiledMetric(TileLayout(24, 24, 1))
-    check = CopyDetection(n_neighbors=20)
-    idx, dist = check._search(ExactTiledSearch(m, m.features(refs), lambda i: refs[i]), queries, 20)
+    s = CopyDetectionSettings(n_neighbors=20)
+    side = TiledSide(m, ExactTiledSearch(m, m.features(refs), lambda i: refs[i]), k=20)
+    idx, dist = side.search_queries(s, queries)
     b_idx, b_dist, _ = brute_force(queries, refs, k=20)
     assert np.array_equal(idx[:, 0], b_idx[:, 0]) and np.allclose(dist[:, 0], b_dist[:, 0])
-    assert np.array_equal(check._calibrated(dist) < 1, check._calibrated(b_dist) < 1)
+    assert np.array_equal(side.calibrated(s, dist) < 1, side.calibrated(s, b_dist) < 1)
     assert np.all(dist >= b_dist - 1e-12)  # evaluated neighbours never look nearer than the truth

@@ -73,9 +73,12 @@ def test_validate_policy_cli(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def gate_case(tmp_path_factory):
-    """20 novel synthetic images, one of them a planted near-copy of a training image."""
+    """20 novel synthetic images, one of them a planted near-copy of a training image.
+
+    24 training patients; the holdout's 400 images resolve the ratio rule's false-alarm rate of 0.5 %.
+    """
     root = tmp_path_factory.mktemp("gate")
-    write_phantoms(root / "p", patients=24, images_per_patient=4, size=32, seed=21)
+    write_phantoms(root / "p", patients=124, images_per_patient=4, size=32, seed=21, holdout_fraction=100 / 124)
     novel, _ = generate(patients=10, images_per_patient=2, size=32, seed=22)
     (root / "syn").mkdir()
     for i, im in enumerate(novel[:19]):

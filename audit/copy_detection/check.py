@@ -1,316 +1,257 @@
 """``copy_detection``: is any synthetic image a (near-)copy of a training image?
 
-Method: Carlini et al. 2023's tiled normalised L2 distance (grid of tiles,
-RMS difference per tile, maximum over tiles; 0.15 on MediSyn's 512 x 512
-images), found *exactly* for every synthetic image by :mod:`audit.tiled`
-(no embedding can hide the true nearest training image), plus Carlini's
-calibrated distance (nearest distance over ``alpha`` times the mean distance
-to the ``n`` nearest).
-
 Decision rules (setting ``rule``):
 
+``ratio`` (the default with a holdout)
+    nearest / second-nearest training image under a pooled, mean-removed
+    distance, in two tests -- the image as it is, and the image shifted by up
+    to ``max_shift`` pixels and zoomed by ``zooms`` -- each with a threshold
+    calibrated on the holdout at ``false_alarm_rate / 2``
+    (:mod:`audit.copy_detection.ratio_rule`); every decision proven exact;
 ``absolute``
-    flag when the nearest distance is <= ``threshold`` (0.15);
+    Carlini et al.'s tiled distance to the nearest training image <= ``threshold`` (0.15);
 ``calibrated``
-    flag when the calibrated distance is < 1;
+    Carlini's calibrated distance < 1;
 ``holdout``
-    flag when a synthetic image is closer to the training set than the
-    ``holdout_quantile`` quantile of how close *unseen real* images
-    (the holdout set) come to it -- a threshold calibrated on this data, with
-    a known false-alarm rate on novel images;
+    tiled distance below the ``holdout_quantile`` quantile of how close unseen
+    real images (the holdout) come to the training set;
 ``any``
-    flag when any applicable rule does;
+    flag when any rule does (``ratio`` only with a holdout);
 ``auto`` (default)
-    ``holdout`` when a holdout set is given, else ``absolute``.
+    ``ratio`` when a holdout is given; without one the ratio's threshold
+    cannot be calibrated, so ``auto`` falls back to ``absolute`` and the
+    result says so (status at least ``warn``).  Under the default policy a
+    holdout is always given: membership inference requires one.
 
-Every run plants transformed training images (exact, noise, brightness and
-contrast, JPEG, blur) among the queries -- never written to any output --
-and checks that the rule in force catches every one; if it does not, the
-check's status is ``error`` and the audit is invalid.
+Every run plants transformed training images among the queries -- never
+written to any output -- and checks that the rule in force catches every one
+(:mod:`audit.copy_detection.control`); if it does not, the status is
+``error`` and the audit is invalid.
 """
 from __future__ import annotations
 
 import csv
-import math
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from synthgate.imageset import ImageSet
-from synthgate.privacy import hash_id
-from synthgate.progress import progress_bar
-
-from audit.core.base import Check, CheckResult, Control, Estimate, Finding
-from audit.core.controls import TRANSFORMS, plant
+from audit.core.base import Check, CheckResult, Control, Finding
+from audit.core.controls import plant  # noqa: F401 - re-exported: tests and callers plant through the check
 from audit.core.loading import SetLoader
 from audit.core.stats import binomial_rate, summary
-from audit.core.thresholds import holdout_threshold
+from audit.core.thresholds import holdout_threshold  # noqa: F401 - re-exported
+from synthgate.privacy import hash_id
 
-from .settings import CopyDetectionSettings
-from audit.core.tiled import ExactTiledSearch, SearchStats, TiledMetric, TileLayout
+from .control import planted_control
+from .duplicates import shiftzoom_duplicates, tiled_duplicates
+from .ratio_side import RatioSide, SetDecision, ratio_geometry
+from .settings import TILED_RULES, CopyDetectionSettings
+from .tiled_side import TiledSide
+
+NO_HOLDOUT = ("no holdout set was given, so the ratio rule's threshold cannot be calibrated: rule 'auto' fell back "
+              "to 'absolute' (Carlini's fixed threshold), whose false-alarm rate on unseen images is unknown and which "
+              "misses shifted or rescaled copies; give --holdout for the calibrated ratio rule")
 
 
 @dataclass
 class CopyFit:
     """The real side of copy detection, computed once per audit and reused by every scoring round."""
 
-    metric: TiledMetric
-    search: ExactTiledSearch
-    real_loader: SetLoader
-    k: int
     rule: str
-    h_dist: np.ndarray | None
-    h_cal: np.ndarray | None
-    tau_h: float | None
-    tau_note: str | None
+    rule_note: str | None
+    real_loader: SetLoader
+    tiled: TiledSide | None = None
+    ratio: RatioSide | None = None
     control: Control | None = None
     training_duplicates: dict[str, Any] | None = None
-    stats: SearchStats | None = None
 
-    def flag_fn(self, threshold: float):
-        """The decision rule in force: ``flag(nearest distance, calibrated distance) -> bool array``."""
-        tau_h = self.tau_h
-
-        def absolute(d, c):
-            return d <= threshold
-
-        def calibrated(d, c):
-            return c < 1.0
-
-        def holdout(d, c):
-            return d < tau_h
-
-        if self.rule == "any":
-            active = [absolute, calibrated] + ([holdout] if tau_h is not None else [])
-            return lambda d, c: np.logical_or.reduce([f(d, c) for f in active])
-        return {"absolute": absolute, "calibrated": calibrated, "holdout": holdout}[self.rule]
-
-    def thresholds(self, s: CopyDetectionSettings) -> dict:
-        out = {"rule": self.rule, "threshold": s.threshold, "alpha": s.alpha, "n_neighbors": self.k, "grid": s.grid}
-        if self.h_dist is not None:
-            out.update({"holdout_quantile": s.holdout_quantile, "tau_holdout": self.tau_h,
-                        "tau_holdout_note": self.tau_note})
-        if self.rule in ("holdout", "any") and self.tau_h is not None:
-            out["tau"] = self.tau_h if self.rule == "holdout" else max(self.tau_h, s.threshold)
-        elif self.rule == "absolute":
-            out["tau"] = s.threshold
-        return out
-
-def _components(pairs: list[tuple[int, int]]) -> list[list[int]]:
-    """Connected groups of images joined by near-duplicate pairs, largest first."""
-    parent: dict[int, int] = {}
-
-    def find(i: int) -> int:
-        parent.setdefault(i, i)
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in pairs:
-        parent[find(a)] = find(b)
-    groups: dict[int, list[int]] = {}
-    for i in list(parent):
-        groups.setdefault(find(i), []).append(i)
-    return sorted((sorted(g) for g in groups.values()), key=len, reverse=True)
+    def tiled_rules(self) -> tuple[str, ...]:
+        return TILED_RULES if self.rule == "any" else ((self.rule,) if self.rule in TILED_RULES else ())
 
 
 class CopyDetection(Check):
     name = "copy_detection"
     requires = ("real",)
     per_image = True
-    method = ("Exact nearest training image under Carlini's tiled normalised L2 distance (RMS difference per tile "
-              "of a grid, maximum over tiles), with Carlini's calibrated distance; decision by the policy's rule; "
-              "planted near-copies as a positive control.")
+    method = ("With a holdout: the ratio of each synthetic image's distance to its nearest training image over its "
+              "distance to the second-nearest, under a pooled (8 x 8 blocks), mean-removed distance, both as the "
+              "image is and minimised over shifts of up to 3 px and zooms of +-5 %; thresholds calibrated on unseen "
+              "holdout images at a stated false-alarm rate; every decision proven by an exact search. Without one: "
+              "Carlini's tiled normalised L2 distance with its fixed threshold. Planted near-copies (shifted and "
+              "rescaled ones included) as a positive control.")
     references = (
         "Carlini et al. 2023, Extracting Training Data from Diffusion Models (USENIX Security), arXiv:2301.13188",
         "MediSyn: text-guided diffusion for medical images (patch distance <= 0.15 as potential copy)",
+        "Lowe 2004, Distinctive image features from scale-invariant keypoints (IJCV): the ratio test",
+        "Douze et al. 2021, The 2021 Image Similarity Dataset and Challenge (DISC21), arXiv:2106.09672",
+        "Pizzi et al. 2022, A Self-Supervised Descriptor for Image Copy Detection (SSCD), CVPR",
+        "Angelopoulos & Bates 2021, A Gentle Introduction to Conformal Prediction, arXiv:2107.07511",
     )
     limitations = (
-        "A pixel-space distance catches copies and near-copies; it does not catch a training image reproduced "
-        "after a large shift, flip, crop or rescale, nor anatomy that is copied in content but not in pixels "
-        "(re-identification covers the latter).",
-        "The fixed 0.15 threshold was set on natural 512x512 images; on smooth, small medical images unseen "
-        "images can fall below it. The holdout rule calibrates the threshold on this data instead.",
-        "The calibrated distance assumes the training set is dense around each synthetic image; in sparse "
-        "regions it is less informative.",
+        "A pixel-space rule catches copies and near-copies: exact, noisy, brightness/contrast/gamma-changed, "
+        "JPEG-compressed, blurred, shifted by up to max_shift pixels and rescaled within the zooms (at the analysis "
+        "size). It does not catch mirror images, large crops, rotations or anatomy copied in content but not in "
+        "pixels (re-identification covers the latter).",
+        "The ratio rule cannot tell a copy of a near-constant training image from a novel near-constant image (no "
+        "pixel rule can), and a copy of a training image that has its own near-duplicate in the training set is "
+        "as near that duplicate as its source, so it loses its evidence; the training duplicate search reports "
+        "such images.",
+        "Images are compared at the analysis size (shorter side 64 by default): detail finer than that does not "
+        "count, and shifts are in analysis pixels.",
+        "The false-alarm rate is known only when the holdout resolves it (at least 2 / false_alarm_rate - 1 "
+        "images); with fewer, each test's threshold is the smallest holdout ratio and the rate is bounded by "
+        "2 / (n + 1), as the result states.",
+        "Carlini's fixed 0.15 was set on natural 512 x 512 images; on smooth, small medical images unseen "
+        "images can fall below it.",
     )
 
     Settings = CopyDetectionSettings
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ rules
 
-    def _features(self, ctx, metric, imageset: ImageSet, what: str):
-        import torch
+    def _resolve(self, ctx) -> tuple[str, str | None]:
+        rule = self.settings.rule
+        if rule != "auto":
+            return rule, None
+        return ("ratio", None) if ctx.holdout is not None else ("absolute", NO_HOLDOUT)
 
-        bs = self.settings.batch_size
-        feats = []
-        for _, batch in progress_bar(ctx.batches(imageset, bs), desc=f"copy: index {what}", unit="batch",
-                                     enabled=ctx.progress, total=math.ceil(len(imageset) / bs)):
-            feats.append(metric.features(batch))
-        return torch.cat(feats)
-
-    def _query_chunks(self, ctx, imageset: ImageSet):
-        geo = ctx.geometry
-        per = geo.height * geo.width * geo.channels * 4
-        size = max(1, self.settings.query_chunk_mb * (1 << 20) // per)
-        order = list(range(len(imageset)))
-        for start in range(0, len(order), size):
-            idx = order[start:start + size]
-            yield idx, np.concatenate([b for _, b in ctx.batches(imageset, self.settings.batch_size, idx)])
-
-    def _search_set(self, ctx, search, imageset, k, what):
-        """Nearest training images of every image in ``imageset``: the nearest proven exact, and the
-        ``k`` nearest exact wherever the calibrated decision (< 1) depends on them."""
-        idx_all, dist_all = [], []
-        for idx, queries in progress_bar(self._query_chunks(ctx, imageset), desc=f"copy: search {what}",
-                                         unit="chunk", enabled=ctx.progress):
-            i, d = self._search(search, queries, k)
-            idx_all.append(i)
-            dist_all.append(d)
-        return np.concatenate(idx_all), np.concatenate(dist_all)
-
-    def _search(self, search, queries, k):
-        nb = search.search(queries, k=k, exact_k=1)
-        idx, dist = nb.indices.copy(), nb.distances.copy()
-        # the mean over the evaluated k nearest is >= the true mean, the mean of the lower bounds <= it:
-        # only where the two sides of that bracket disagree about "calibrated < 1" must the k nearest be proven
-        cal = self._calibrated(dist)
-        cal_hi = self._calibrated(np.concatenate([dist[:, :1], nb.lower()[:, 1:]], axis=1))
-        unsure = np.nonzero((cal < 1.0) & (cal_hi >= 1.0))[0]
-        if len(unsure):
-            sure = search.search(queries[unsure], k=k, exact_k=k)
-            idx[unsure], dist[unsure] = sure.indices, sure.distances
-        return idx, dist
-
-    def _calibrated(self, dist: np.ndarray) -> np.ndarray:
-        """Carlini's calibrated distance: nearest / (alpha * mean of the n nearest, the nearest included)."""
-        n = min(self.settings.n_neighbors, dist.shape[1])
-        mean = dist[:, :n].mean(1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cal = dist[:, 0] / (self.settings.alpha * mean)
-        return np.where(mean > 0, cal, 0.0)
+    @staticmethod
+    def _sides(rule: str, has_holdout: bool) -> tuple[bool, bool]:
+        """Whether the rule needs the tiled side, the ratio side."""
+        return rule in TILED_RULES or rule == "any", rule == "ratio" or (rule == "any" and has_holdout)
 
     def preflight(self, ctx) -> None:
-        geo = ctx.geometry
-        if self.settings.grid > min(geo.height, geo.width):
-            from synthgate.errors import UsageError
+        from synthgate.errors import UsageError
 
-            raise UsageError(f"copy_detection: grid {self.settings.grid} needs images of at least "
-                             f"{self.settings.grid}x{self.settings.grid} pixels, but the audit compares them at "
-                             f"{geo.height}x{geo.width}; set copy_detection.grid to at most {min(geo.height, geo.width)}")
+        geo, s = ctx.geometry, self.settings
+        tiled, ratio = self._sides(self._resolve(ctx)[0], ctx.holdout is not None)
+        if tiled and s.grid > min(geo.height, geo.width):
+            raise UsageError(f"copy_detection: grid {s.grid} needs images of at least {s.grid}x{s.grid} pixels, but "
+                             f"the audit compares them at {geo.height}x{geo.width}; set copy_detection.grid to at "
+                             f"most {min(geo.height, geo.width)}")
+        if ratio:
+            ratio_geometry(geo.height, geo.width, s)
+            if len(ctx.real) < 2:
+                raise UsageError("copy_detection: the ratio rule compares each image's nearest training image with "
+                                 f"the second-nearest, but the training set holds {len(ctx.real)} image; give more, "
+                                 "or set copy_detection.rule=absolute")
 
     # ---------------------------------------------------------------------- fit
 
-    def fit(self, ctx) -> "CopyFit":
-        """Everything about the real side: the training index, the holdout's distances and threshold, the
-        planted-copy control and the training set's own near-duplicates."""
+    def fit(self, ctx) -> CopyFit:
+        """The real side: training features, holdout calibration, training duplicates, the planted-copy control."""
         s = self.settings
-        real, hold = ctx.real, ctx.holdout
-        geo = ctx.geometry
-        layout = TileLayout(geo.height, geo.width, geo.channels, grid=s.grid, pool=s.pool)
-        metric = TiledMetric(layout, ctx.torch_device)
-        real_loader = SetLoader(real, geo)
-        search = ExactTiledSearch(metric, self._features(ctx, metric, real, "training set"), real_loader,
-                                  engine=s.engine)
-        k = min(s.n_neighbors, len(real))
-        h_dist = h_cal = None
-        if hold is not None:
-            _, h_d = self._search_set(ctx, search, hold, k, "holdout")
-            h_dist, h_cal = h_d[:, 0], self._calibrated(h_d)
-        rule = s.rule if s.rule != "auto" else ("holdout" if hold is not None else "absolute")
-        tau_h = tau_note = None
-        if h_dist is not None:
-            tau_h, _, tau_note = holdout_threshold(h_dist, s.holdout_quantile)
-        fit = CopyFit(metric=metric, search=search, real_loader=real_loader, k=k, rule=rule, h_dist=h_dist,
-                      h_cal=h_cal, tau_h=tau_h, tau_note=tau_note)
-        if rule == "holdout" and hold is None:
+        rule, note = self._resolve(ctx)
+        fit = CopyFit(rule, note, SetLoader(ctx.real, ctx.geometry))
+        if rule in ("ratio", "holdout") and ctx.holdout is None:
             return fit
-        fit.control = self._control(ctx, search, real_loader, k, fit.flag_fn(s.threshold))
-        thresholds = fit.thresholds(s)
-        if s.training_duplicates and len(real) > 1:
-            fit.training_duplicates = self._duplicates(ctx, metric, real, thresholds.get("tau", s.threshold),
-                                                       "training", patients=real.has_patients)
-        fit.stats = replace(search.stats)  # what the real side cost; each scoring adds its own queries
+        use_tiled, use_ratio = self._sides(rule, ctx.holdout is not None)
+        if use_tiled:
+            fit.tiled = TiledSide.fit(ctx, s, fit.real_loader)
+        if use_ratio:
+            fit.ratio = RatioSide.fit(ctx, s)
+        # before the control: the ratio rule's control leaves out sources that have a training near-duplicate
+        if s.training_duplicates and len(ctx.real) > 1:
+            fit.training_duplicates = self._duplicates(ctx, fit, ctx.real, "training")
+        fit.control = self._control(ctx, fit)
+        if fit.tiled is not None:
+            fit.tiled.stats = replace(fit.tiled.search.stats)  # what the real side cost
         return fit
 
-    def fit_state(self, fit: "CopyFit") -> dict:
-        """What the real side cost to compute, without live objects: training features, holdout, controls."""
-        return {"features": fit.search.rf.cpu().numpy(), "k": fit.k, "rule": fit.rule, "h_dist": fit.h_dist,
-                "h_cal": fit.h_cal, "tau_h": fit.tau_h, "tau_note": fit.tau_note, "control": fit.control,
-                "training_duplicates": fit.training_duplicates, "stats": fit.stats}
+    def fit_state(self, fit: CopyFit) -> dict:
+        """What the real side cost to compute, without live objects: features, holdout calibration, controls."""
+        return {"rule": fit.rule, "rule_note": fit.rule_note, "control": fit.control,
+                "training_duplicates": fit.training_duplicates,
+                "tiled": None if fit.tiled is None else fit.tiled.state(),
+                "ratio": None if fit.ratio is None else fit.ratio.state()}
 
-    def from_state(self, ctx, state: dict) -> "CopyFit":
-        import torch
-
-        s, geo = self.settings, ctx.geometry
-        metric = TiledMetric(TileLayout(geo.height, geo.width, geo.channels, grid=s.grid, pool=s.pool),
-                             ctx.torch_device)
-        real_loader = SetLoader(ctx.real, geo)
-        search = ExactTiledSearch(metric, torch.from_numpy(state["features"]), real_loader, engine=s.engine)
-        return CopyFit(metric=metric, search=search, real_loader=real_loader, k=state["k"], rule=state["rule"],
-                       h_dist=state["h_dist"], h_cal=state["h_cal"], tau_h=state["tau_h"],
-                       tau_note=state["tau_note"], control=state["control"],
-                       training_duplicates=state["training_duplicates"], stats=state["stats"])
+    def from_state(self, ctx, state: dict) -> CopyFit:
+        s = self.settings
+        fit = CopyFit(state["rule"], state["rule_note"], SetLoader(ctx.real, ctx.geometry), control=state["control"],
+                      training_duplicates=state["training_duplicates"])
+        if state["tiled"] is not None:
+            fit.tiled = TiledSide.from_state(ctx, s, fit.real_loader, state["tiled"])
+        if state["ratio"] is not None:
+            fit.ratio = RatioSide.from_state(ctx, s, state["ratio"])
+        return fit
 
     # -------------------------------------------------------------------- score
 
-    def score(self, ctx, fit: "CopyFit") -> CheckResult:
+    def score(self, ctx, fit: CopyFit) -> CheckResult:
         s = self.settings
-        real, synth, hold = ctx.real, ctx.synthetic, ctx.holdout
-        geo = ctx.geometry
-        rule, tau_h, h_dist, h_cal = fit.rule, fit.tau_h, fit.h_dist, fit.h_cal
-        if rule == "holdout" and hold is None:
-            return self.result("skipped", "rule 'holdout' needs a holdout set (--holdout); none was given")
-        search = fit.search
-        search.stats = replace(fit.stats)
-        s_idx, s_dist = self._search_set(ctx, search, synth, fit.k, "synthetic")
-        s_cal = self._calibrated(s_dist)
-        flag_fn = fit.flag_fn(s.threshold)
-        flagged_mask = flag_fn(s_dist[:, 0], s_cal)
-        control = fit.control
+        synth, real, hold = ctx.synthetic, ctx.real, ctx.holdout
+        rule = fit.rule
+        if rule in ("ratio", "holdout") and hold is None:
+            return self.result("skipped", f"rule '{rule}' needs a holdout set (--holdout) to calibrate its "
+                                          "threshold; none was given")
+        flagged = np.zeros(len(synth), bool)
+        tiled = ratio = None
+        if fit.tiled is not None:
+            fit.tiled.search.stats = replace(fit.tiled.stats)
+            t_idx, t_dist = fit.tiled.search_set(ctx, s, synth, "synthetic")
+            t_cal = fit.tiled.calibrated(s, t_dist)
+            t_flag = fit.tiled.flags(s, fit.tiled_rules(), t_dist[:, 0], t_cal)
+            tiled = (t_idx[:, 0], t_dist[:, 0], t_cal, t_flag)
+            flagged |= t_flag
+        if fit.ratio is not None:
+            for search in fit.ratio.rule.searches_.values():
+                search.stats = type(search.stats)(references=search.n_refs, groups=len(search.groups))
+            ratio = fit.ratio.decide_set(ctx, s, synth, "synthetic")
+            flagged |= ratio.flagged
 
-        embedding = None
-        if s.embedding_weights:
-            embedding = self._embedding(ctx, fit.metric, fit.real_loader, s_idx[:, 0], flagged_mask, flag_fn)
-        findings, rows, per_patient = self._findings(synth, real, s_idx, s_dist, s_cal, flagged_mask, rule, tau_h)
+        embedding = self._embedding(ctx, fit, tiled, ratio, flagged) if s.embedding_weights else None
+        findings, rows, per_patient = self._findings(ctx, fit, tiled, ratio, flagged)
         if embedding is not None:
             for row, j in zip(rows, embedding.pop("nearest")):
                 row["embedding_nearest"] = real.records[int(j)].key
         self._write_csv(ctx, rows)
 
-        metrics = {
+        metrics: dict[str, Any] = {
             "n_synthetic": len(synth), "n_real": len(real), "n_holdout": 0 if hold is None else len(hold),
-            "n_flagged": int(flagged_mask.sum()),
-            "flagged_fraction": binomial_rate(int(flagged_mask.sum()), len(synth)),
-            "nearest_distance": summary(s_dist[:, 0]),
-            "calibrated_distance": summary(s_cal),
-            "absolute_rule_flags": int((s_dist[:, 0] <= s.threshold).sum()),
-            "calibrated_rule_flags": int((s_cal < 1).sum()),
-            "search": search.stats.to_dict(),
-            "geometry": {"height": geo.height, "width": geo.width, "channels": geo.channels, "notes": list(geo.notes)},
-            "most_copied_patients": per_patient[:10],
+            "n_flagged": int(flagged.sum()), "flagged_fraction": binomial_rate(int(flagged.sum()), len(synth)),
+            "rule": rule,
         }
-        thresholds = fit.thresholds(s)
-        warnings: list[str] = []
-        if h_dist is not None:
-            far_abs = int((h_dist <= s.threshold).sum())
-            metrics["holdout"] = {
-                "nearest_distance": summary(h_dist),
-                "false_alarms_absolute": binomial_rate(far_abs, len(h_dist)),
-                "false_alarms_calibrated": binomial_rate(int((h_cal < 1).sum()), len(h_dist)),
-                "false_alarms_holdout_rule": self._cross_validated_far(h_dist, ctx),
-            }
-            if rule != "holdout" and far_abs / len(h_dist) > 0.05 and rule in ("absolute", "any"):
-                warnings.append(f"the fixed threshold {s.threshold} flags {far_abs} of {len(h_dist)} unseen "
-                                f"holdout images; its flags here are not evidence of copying (consider rule 'holdout')")
+        thresholds: dict[str, Any] = {"rule": rule}
+        warnings: list[str] = [fit.rule_note] if fit.rule_note else []
+        holdout: dict[str, Any] = {}
+        if tiled is not None:
+            metrics.update({"nearest_distance": summary(tiled[1]), "calibrated_distance": summary(tiled[2]),
+                            "absolute_rule_flags": int((tiled[1] <= s.threshold).sum()),
+                            "calibrated_rule_flags": int((tiled[2] < 1).sum()),
+                            "search": fit.tiled.search.stats.to_dict()})
+            thresholds.update(fit.tiled.thresholds(s, rule))
+            if fit.tiled.h_dist is not None:
+                holdout.update(fit.tiled.holdout_metrics(ctx, s))
+                far_abs = holdout["false_alarms_absolute"]
+                if rule in ("absolute", "any") and far_abs.value is not None and far_abs.value > 0.05:
+                    warnings.append(f"the fixed threshold {s.threshold} flags {round(far_abs.value * far_abs.n)} of "
+                                    f"{far_abs.n} unseen holdout images; its flags here are not evidence of copying "
+                                    "(consider rule 'ratio')")
+        if ratio is not None:
+            side = fit.ratio
+            metrics["ratio"] = side.metrics(s, ratio) | {f"search_{n}": sr.stats.to_dict()
+                                                         for n, sr in side.rule.searches_.items()}
+            thresholds.update(side.thresholds(s))
+            holdout["false_alarms_ratio_rule"] = side.far
+            for name, t in side.rule.thresholds_.items():
+                if t.tau < s.min_ratio_threshold:
+                    warnings.append(f"the ratio rule's {name} threshold is {t.tau:.3g} (< {s.min_ratio_threshold:g}): "
+                                    "some holdout images are nearly copies of training images (a holdout that "
+                                    "overlaps the training data?), so only the closest copies can be caught")
+        if holdout:
+            metrics["holdout"] = holdout
+        metrics["geometry"] = {"height": ctx.geometry.height, "width": ctx.geometry.width,
+                               "channels": ctx.geometry.channels, "notes": list(ctx.geometry.notes)}
+        metrics["most_copied_patients"] = per_patient[:10]
+        if tiled is None:
+            metrics["most_copied_patients_note"] = ("nearest training image as found by the ratio rule's search: "
+                                                    "proven for flagged images, the best found for the others")
 
         dup: dict = {}
-        dup_tau = float(thresholds.get("tau", s.threshold))
         if s.synthetic_duplicates and len(synth) > 1:
-            dup["synthetic"] = self._duplicates(ctx, fit.metric, synth, dup_tau, "synthetic", patients=False)
+            dup["synthetic"] = self._duplicates(ctx, fit, synth, "synthetic")
             if dup["synthetic"]["largest_group"] >= 10:
                 warnings.append(f"{dup['synthetic']['largest_group']} synthetic images are near-duplicates of each "
                                 "other (Carlini's clique signal of memorisation or mode collapse)")
@@ -319,173 +260,225 @@ class CopyDetection(Check):
             if dup["training"].get("pairs_across_patients", 0):
                 warnings.append(f"{dup['training']['pairs_across_patients']} near-duplicate training pairs belong "
                                 "to different patients (a curation problem that makes memorisation likelier)")
-        data = {"histograms": _histograms(s_dist[:, 0], h_dist, thresholds),
-                "duplicate_examples": {k: v.pop("_examples") for k, v in dup.items()}}
+        examples = {k: v.pop("_examples") for k, v in dup.items()}
+        for v in dup.values():
+            v.pop("_pairs", None)
+            v.pop("_queried", None)
         metrics["duplicates"] = dup
         if embedding is not None:
             metrics["embedding"] = embedding
+        data = {"histograms": self._histograms(fit, tiled, ratio, thresholds), "duplicate_examples": examples}
+        status, reason = self._verdict(fit, flagged, warnings, len(synth))
+        return self.result(status, reason, metrics=metrics, thresholds=thresholds, flagged=tuple(findings),
+                           controls=(fit.control,), data=data)
 
+    def _verdict(self, fit: CopyFit, flagged: np.ndarray, warnings: list[str], n: int) -> tuple[str, str]:
+        control = fit.control
         if not control.passed:
             status, reason = "error", f"positive control failed: {control.detail}; the audit is invalid"
-        elif flagged_mask.any():
+        elif flagged.any():
             status = "fail"
-            reason = (f"{int(flagged_mask.sum())} of {len(synth)} synthetic images are near-copies of training images "
-                      f"under rule '{rule}'")
+            reason = f"{int(flagged.sum())} of {n} synthetic images are near-copies of training images under rule " \
+                     f"'{fit.rule}'"
         elif warnings:
             status, reason = "warn", "; ".join(warnings)
         else:
             status = "pass"
-            reason = f"no synthetic image is a near-copy of a training image under rule '{rule}'"
+            reason = f"no synthetic image is a near-copy of a training image under rule '{fit.rule}'"
+        if fit.ratio is not None and status in ("pass", "fail"):
+            bound = min(1.0, sum(t.level for t in fit.ratio.rule.thresholds_.values()))
+            reason += f" (false-alarm rate on unseen images <= {bound:.3g}"
+            if not fit.ratio.resolved():
+                reason += f": the holdout's {len(fit.ratio.rule.holdout_['identity'].ratio)} images cannot resolve " \
+                          f"{self.settings.false_alarm_rate:g}"
+            reason += ")"
         if warnings and status in ("fail", "error"):
             reason += "; also: " + "; ".join(warnings)
-        return self.result(status, reason, metrics=metrics, thresholds=thresholds, flagged=tuple(findings),
-                           controls=(control,), data=data)
+        return status, reason
 
     # -------------------------------------------------------------- pieces
 
-    def _control(self, ctx, search, real_loader, k, flag_fn) -> Control:
-        n = self.settings.control_copies
-        if n <= 0:
-            return Control("planted near-copies", "positive", False, "control disabled (control_copies = 0)")
-        rng = ctx.rng("copy_detection.control")
-        sources = rng.choice(len(ctx.real), size=min(n, len(ctx.real)), replace=False)
-        transforms = [TRANSFORMS[i % len(TRANSFORMS)] for i in range(len(sources))]
-        planted = np.stack([plant(real_loader.one(int(s)), t, rng) for s, t in zip(sources, transforms)])
-        idx, dist = self._search(search, planted, k)
-        caught = flag_fn(dist[:, 0], self._calibrated(dist))
-        found_source = idx[:, 0] == sources
-        missed = [f"{t} (distance {d:.4f})" for t, d, c in zip(transforms, dist[:, 0], caught) if not c]
-        by_transform = {t: {"caught": int(sum(c for tt, c in zip(transforms, caught) if tt == t)),
-                            "planted": transforms.count(t)} for t in dict.fromkeys(transforms)}
-        detail = (f"caught {int(caught.sum())} of {len(caught)} planted near-copies"
-                  + (f"; missed {', '.join(missed)}" if missed else "")
-                  + f"; nearest training image was the source for {int(found_source.sum())} of {len(caught)}")
-        return Control("planted near-copies", "positive", bool(caught.all()), detail,
-                       {"planted": len(caught), "caught": int(caught.sum()), "by_transform": by_transform,
-                        "distances": [round(float(d), 6) for d in dist[:, 0]]})
+    def _duplicates(self, ctx, fit: CopyFit, imageset, what: str) -> dict:
+        s = self.settings
+        patients = what == "training" and imageset.has_patients
+        if fit.ratio is not None:
+            own = fit.ratio.rule.searches_[fit.ratio.main] if what == "training" else None
+            return shiftzoom_duplicates(ctx, s, fit.ratio, imageset, what, patients, search=own)
+        tau = float(fit.tiled.thresholds(s, fit.rule).get("tau", s.threshold))
+        return tiled_duplicates(ctx, s, fit.tiled.metric, imageset, tau, what, patients)
 
-    def _findings(self, synth, real, s_idx, s_dist, s_cal, flagged, rule, tau_h):
+    def _control(self, ctx, fit: CopyFit) -> Control:
+        s = self.settings
+        side, tiled, rules = fit.ratio, fit.tiled, fit.tiled_rules()
+
+        def tiled_catch(planted):
+            idx, dist = tiled.search_queries(s, planted)
+            return tiled.flags(s, rules, dist[:, 0], tiled.calibrated(s, dist)), idx[:, 0], dist[:, 0]
+
+        if side is None:
+            def catch(planted, sources):
+                caught, nearest, dist = tiled_catch(planted)
+                return caught, nearest, [f"distance {d:.4f}" for d in dist]
+
+            return planted_control(ctx, s.control_copies, fit.real_loader, catch, shift_tolerant=False)
+
+        def catch(planted, sources):
+            x = side.prepare(planted)
+            caught = side.decide(x).flagged.copy()
+            if tiled is not None:
+                caught |= tiled_catch(planted)[0]
+            exact = {name: side.rule.nearest_two(x, name) for name in side.rule.searches_}
+            nearest = exact[side.main][0][:, 0]
+            scores = ["; ".join(f"{name} ratio {r[2][i]:.3f} (threshold {side.rule.thresholds_[name].tau:.3f})"
+                                for name, r in exact.items()) for i in range(len(x))]
+            return caught, nearest, scores
+
+        dup = fit.training_duplicates or {}
+        duplicated = {i for p in dup.get("_pairs", []) for i in p}
+        return planted_control(ctx, s.control_copies, fit.real_loader, catch, shift_tolerant=True,
+                               content=side.rule.reference_content(), min_content=s.control_min_content,
+                               duplicated=duplicated, searched=dup.get("_queried"))
+
+    def _findings(self, ctx, fit: CopyFit, tiled, ratio: SetDecision | None, flagged):
+        synth, real = ctx.synthetic, ctx.real
         findings, rows = [], []
-        patients = Counter()
-        flagged_by_patient = Counter()
+        patients, flagged_by_patient = Counter(), Counter()
+        main = fit.ratio.main if fit.ratio is not None else None
         for i, rec in enumerate(synth.records):
-            r = real.records[int(s_idx[i, 0])]
+            ev = ratio.evidence.get(i) if ratio is not None else None
+            if tiled is not None:
+                j = int(tiled[0][i])
+            elif ev is not None:
+                j = ev["real_index"]
+            else:
+                j = int(ratio.tests[main]["nearest"][i])
+            r = real.records[j]
             pid = hash_id(r.patient_id) if r.patient_id else ""
             if pid:
                 patients[pid] += 1
-                if flagged[i]:
-                    flagged_by_patient[pid] += 1
-            rows.append({"synthetic": rec.key, "nearest_real": r.key, "distance": f"{s_dist[i, 0]:.6f}",
-                         "calibrated": f"{s_cal[i]:.6f}", "flagged": int(bool(flagged[i])), "nearest_patient": pid})
+                flagged_by_patient[pid] += int(flagged[i])
+            row = {"synthetic": rec.key, "nearest_real": r.key, "flagged": int(bool(flagged[i])),
+                   "nearest_patient": pid}
+            if tiled is not None:
+                row |= {"distance": f"{tiled[1][i]:.6f}", "calibrated": f"{tiled[2][i]:.6f}"}
+            if ratio is not None:
+                row |= self._ratio_columns(fit, ratio, i, ev, tiled is None)
+            rows.append(row)
             if flagged[i]:
-                why = {"absolute": f"<= threshold {self.settings.threshold}",
-                       "calibrated": "calibrated distance < 1",
-                       "holdout": f"< holdout-calibrated threshold {tau_h:.4f}" if tau_h is not None else "",
-                       "any": "flagged by at least one rule"}[rule]
-                findings.append(Finding(
-                    rec.key,
-                    f"tiled distance {s_dist[i, 0]:.4f} to training image {r.key} ({why}); calibrated {s_cal[i]:.3f}",
-                    {"real": r.key, "distance": round(float(s_dist[i, 0]), 6), "calibrated": round(float(s_cal[i]), 6),
-                     "patient": pid or None, "rule": rule},
-                ))
+                findings.append(self._finding(fit, rec.key, ev, tiled, i, real, pid))
         per_patient = [{"patient": p, "nearest_of": c, "flagged": flagged_by_patient.get(p, 0)}
-                       for p, c in sorted(patients.items(), key=lambda kv: (-flagged_by_patient.get(kv[0], 0), -kv[1], kv[0]))]
+                       for p, c in sorted(patients.items(), key=lambda kv: (-flagged_by_patient.get(kv[0], 0), -kv[1],
+                                                                             kv[0]))]
         return findings, rows, per_patient
 
-    def _embedding(self, ctx, metric, real_loader, exact_nearest, flagged, flag_fn) -> dict:
-        """Embedding retrieval as extra evidence, never as a replacement for the exact search."""
-        import torch
+    @staticmethod
+    def _ratio_columns(fit: CopyFit, ratio: SetDecision, i: int, ev: dict | None, primary: bool) -> dict:
+        out = {}
+        main = fit.ratio.main
+        if primary:  # the ratio rule alone: its nearest is the row's nearest (proven where flagged)
+            t = ratio.tests[main]
+            exact = ev is not None or bool(t["d1_exact"][i])
+            out["distance"] = f"{ev['distance'] if ev else t['d1'][i]:.6f}"
+            out["nearest_exact"] = int(exact)
+        for name, t in ratio.tests.items():
+            if ev is not None:
+                out[f"ratio_{name}"] = f"{ev['ratios'][name]:.6f}"
+            else:  # proven lower bound: the exact ratio is at least this, so at least the threshold
+                out[f"ratio_{name}"] = f">={t['ratio_low'][i]:.6f}"
+        if ev is not None:
+            out["ratio_test"] = ev["test"]
+        return out
 
+    def _finding(self, fit: CopyFit, key: str, ev: dict | None, tiled, i: int, real, pid: str) -> Finding:
+        s = self.settings
+        why, evidence = [], {"patient": pid or None, "rule": fit.rule}
+        if ev is not None:
+            r = real.records[ev["real_index"]]
+            tr = ev["transform"]
+            h, w = fit.ratio.shape
+            moved = (tr["dy"], tr["dx"]) != (0, 0) or tr["zoom"] != 1.0
+            how = (f"matched after a shift of ({tr['dy']}, {tr['dx']}) px and zoom {tr['zoom']:g} at {h}x{w}"
+                   if moved else f"matched as it is at {h}x{w}")
+            why.append(f"{ev['test']} ratio {ev['ratio']:.3f} < threshold {ev['threshold']:.3f}: distance "
+                       f"{ev['distance']:.4f} to training image {r.key}, {ev['second_distance']:.4f} to the next "
+                       f"nearest; {how}")
+            evidence |= {"real": r.key, "distance": round(ev["distance"], 6),
+                         "second_distance": round(ev["second_distance"], 6), "ratio": round(ev["ratio"], 6),
+                         "threshold": round(ev["threshold"], 6), "test": ev["test"], "flagged_by": ev["flagged_by"],
+                         "ratios": {k: round(v, 6) for k, v in ev["ratios"].items()}, "transform": tr,
+                         "analysis_size": [h, w]}
+        if tiled is not None:
+            r = real.records[int(tiled[0][i])]
+            d, c = float(tiled[1][i]), float(tiled[2][i])
+            if tiled[3][i]:
+                rule = {"absolute": f"<= threshold {s.threshold}", "calibrated": "calibrated distance < 1",
+                        "holdout": f"< holdout-calibrated threshold {fit.tiled.tau_h or 0:.4f}",
+                        "any": "flagged by at least one tiled rule"}[fit.rule]
+                why.append(f"tiled distance {d:.4f} to training image {r.key} ({rule}); calibrated {c:.3f}")
+            evidence.setdefault("real", r.key)
+            tiled_ev = {"distance": round(d, 6), "calibrated": round(c, 6)}
+            evidence |= tiled_ev if ev is None else {"tiled_" + k: v for k, v in tiled_ev.items()}
+        return Finding(key, "; ".join(why), evidence)
+
+    def _embedding(self, ctx, fit: CopyFit, tiled, ratio: SetDecision | None, flagged) -> dict:
+        """Embedding retrieval as extra evidence, never as a replacement for the exact search."""
         from audit.core.embeddings import embedding_agreement
 
-        synth_loader = SetLoader(ctx.synthetic, ctx.geometry)
-
-        def pair_distance(si, ri):
-            out = np.empty(len(si))
-            for s in range(0, len(si), 256):
-                a = torch.as_tensor(synth_loader(si[s:s + 256]))
-                b = torch.as_tensor(real_loader(ri[s:s + 256]))
-                out[s:s + 256] = metric.exact(a, b).cpu().numpy()
-            return out
-
-        emb = embedding_agreement(ctx, self.settings.embedding_weights, exact_nearest, flagged, pair_distance)
-        emb_dist = emb.pop("embedding_pair_distance")
-        emb_flag = flag_fn(emb_dist, np.full(len(emb_dist), np.inf))
-        emb["flagged_missed_by_embedding"] = int((flagged & ~emb_flag).sum())
-        emb["note"] = ("how often the embedding's nearest training image is the true nearest under the tiled "
-                       "distance, and how many flagged copies a search that trusted the embedding would have missed")
+        if tiled is not None:
+            pair = fit.tiled.pair_distance(SetLoader(ctx.synthetic, ctx.geometry), fit.real_loader)
+            emb = embedding_agreement(ctx, self.settings.embedding_weights, tiled[0], flagged, pair)
+            emb_dist = emb.pop("embedding_pair_distance")
+            emb_flag = fit.tiled.flags(self.settings, fit.tiled_rules(), emb_dist, np.full(len(emb_dist), np.inf))
+            emb["flagged_missed_by_embedding"] = int((flagged & ~emb_flag).sum())
+            emb["note"] = ("how often the embedding's nearest training image is the true nearest under the tiled "
+                           "distance, and how many flagged copies a search that trusted the embedding would have "
+                           "missed")
+            return emb
+        nearest = ratio.tests[fit.ratio.main]["nearest"].copy()
+        for i, ev in ratio.evidence.items():
+            nearest[i] = ev["real_index"]
+        emb = embedding_agreement(ctx, self.settings.embedding_weights, nearest, flagged,
+                                  lambda si, ri: np.zeros(len(si)))
+        emb.pop("embedding_pair_distance")
+        emb["flagged_missed_by_embedding"] = int((flagged & (emb["nearest"] != nearest)).sum())
+        emb["note"] = ("how often the embedding's nearest training image is the one the exact ratio search found "
+                       "(proven for flagged images), and how many flagged copies would have been compared with "
+                       "another training image by a search that trusted the embedding")
         return emb
 
     def _write_csv(self, ctx, rows) -> None:
         path = ctx.artifact("copy_detection.csv")
         if path is None:
             return
-        columns = ["synthetic", "nearest_real", "distance", "calibrated", "flagged", "nearest_patient"]
-        if rows and "embedding_nearest" in rows[0]:
-            columns.append("embedding_nearest")
+        columns = list(dict.fromkeys(c for row in rows for c in row))
+        first = ["synthetic", "nearest_real", "distance", "nearest_exact", "calibrated"]
+        columns = [c for c in first if c in columns] + [c for c in columns if c not in first]
         with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
+            writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n", restval="")
             writer.writeheader()
             writer.writerows(rows)
 
-    def _cross_validated_far(self, h_dist: np.ndarray, ctx) -> Estimate:
-        """False-alarm rate of the holdout rule on unseen images, estimated by two-fold cross-fitting."""
-        n = len(h_dist)
-        if n < 4:
-            return Estimate(None, n=n, note="too few holdout images to estimate")
-        perm = ctx.rng("copy_detection.far").permutation(n)
-        halves = perm[: n // 2], perm[n // 2:]
-        hits = total = 0
-        for a, b in (halves, halves[::-1]):
-            tau, _, _ = holdout_threshold(h_dist[a], self.settings.holdout_quantile)
-            hits += int((h_dist[b] < tau).sum())
-            total += len(b)
-        return binomial_rate(hits, total, note="two-fold: threshold from one half, rate on the other")
-
-    def _duplicates(self, ctx, metric, imageset: ImageSet, tau: float, what: str, patients: bool) -> dict:
-        """Near-duplicate pairs (tiled distance <= ``tau``) inside one set."""
-        loader = SetLoader(imageset, ctx.geometry)
-        search = ExactTiledSearch(metric, self._features(ctx, metric, imageset, what), loader)
-        n = len(imageset)
-        queries = list(range(n))
-        limit = self.settings.max_duplicate_queries
-        sampled = n > limit
-        if sampled:
-            queries = sorted(ctx.rng(f"copy_detection.dup.{what}").choice(n, size=limit, replace=False).tolist())
-        idx, dist = [], []
-        for start in range(0, len(queries), 1024):
-            q = queries[start:start + 1024]
-            # enough neighbours that a clique of Carlini's size (10) is joined in full
-            i, d = search.search(loader(q), k=min(16, n - 1), exclude=q, exact_k=1, radius=tau)
-            idx.append(i)
-            dist.append(d)
-        idx, dist = np.concatenate(idx), np.concatenate(dist)
-        pairs = sorted({tuple(sorted((q, int(idx[j, m])))) for j, q in enumerate(queries)
-                        for m in range(idx.shape[1]) if dist[j, m] <= tau})
-        groups = _components(pairs)
-        out = {
-            "threshold": tau, "queries": len(queries), "sampled": sampled, "pairs": len(pairs),
-            "images_in_pairs": len({i for p in pairs for i in p}),
-            "largest_group": len(groups[0]) if groups else 0,
-            "nearest_distance": summary(dist[:, 0]),
-        }
-        # example pairs name files: training file names can carry identifiers, so they go to ``data``
-        # (audit.json, internal report), never into metrics that the shareable report prints
-        out["_examples"] = [[imageset.records[a].key, imageset.records[b].key] for a, b in pairs[:10]]
-        if patients:
-            same = sum(1 for a, b in pairs if imageset.records[a].patient_id == imageset.records[b].patient_id)
-            out["pairs_same_patient"] = same
-            out["pairs_across_patients"] = len(pairs) - same
-        return out
-
-
-def _histograms(synthetic: np.ndarray, holdout: np.ndarray | None, thresholds: dict) -> dict:
-    values = [synthetic] + ([holdout] if holdout is not None else [])
-    hi = max(float(np.max(v)) for v in values)
-    hi = max(hi, float(thresholds.get("threshold", 0.15))) * 1.05 or 1.0
-    bins = np.linspace(0.0, hi, 41)
-    out = {"edges": bins.round(6).tolist(), "synthetic": np.histogram(synthetic, bins)[0].tolist()}
-    if holdout is not None:
-        out["holdout"] = np.histogram(holdout, bins)[0].tolist()
-    out["lines"] = {k: thresholds[k] for k in ("threshold", "tau") if thresholds.get(k) is not None}
-    return out
+    @staticmethod
+    def _histograms(fit: CopyFit, tiled, ratio: SetDecision | None, thresholds: dict) -> dict:
+        out = {}
+        if ratio is not None:
+            side = fit.ratio
+            bins = np.linspace(0.0, 1.5, 31)
+            clip = 1.5 - 1e-9
+            out["ratio rule: ratio / threshold (smallest over tests)"] = {
+                "edges": bins.round(6).tolist(),
+                "holdout": np.histogram(np.minimum(side.normalised(), clip), bins)[0].tolist(),
+                "synthetic": np.histogram(np.minimum(side.normalised(ratio), clip), bins)[0].tolist(),
+                "lines": {"threshold": 1.0},
+                "xlabel": "ratio / threshold (< 1 flagged; values >= 1 are proven lower bounds, not computed)",
+            }
+        if tiled is not None:
+            values = [tiled[1]] + ([fit.tiled.h_dist] if fit.tiled.h_dist is not None else [])
+            hi = max(max(float(np.max(v)) for v in values), float(thresholds.get("threshold", 0.15))) * 1.05 or 1.0
+            bins = np.linspace(0.0, hi, 41)
+            spec = {"edges": bins.round(6).tolist(), "synthetic": np.histogram(tiled[1], bins)[0].tolist()}
+            if fit.tiled.h_dist is not None:
+                spec["holdout"] = np.histogram(fit.tiled.h_dist, bins)[0].tolist()
+            spec["lines"] = {k: thresholds[k] for k in ("threshold", "tau") if thresholds.get(k) is not None}
+            out["tiled distance to the nearest training image"] = spec
+        return next(iter(out.values())) if len(out) == 1 else out
