@@ -240,7 +240,8 @@ CHECK_CASES: dict[str, CheckCase] = {
                          "InstitutionName (care team / institution) has a value",
                          "ReferringPhysicianName (care team / institution) has a value",
                          "AccessionNumber (identifier) has a value", "StudyID (identifier) has a value",
-                         "StudyDate (acquisition date/time) has a value", "StudyTime (acquisition date/time) has a value",
+                         "StudyDate (acquisition date/time) has a value",
+                         "StudyTime (acquisition date/time) has a value",
                          "Patient Identity Removed (0012,0062) is not YES",
                          "no De-identification Method (0012,0063/0064) recorded"]},
         why="counts and the rules a header breaks: exact"),
@@ -505,7 +506,8 @@ ATTACK_CASES: dict[str, AttackCase] = {
                       mean={"pia_t100": -20.962101101875305, "pia_t200": -49.90247344970703},
                       rel=1e-4, auc_abs=0.01, why=MODEL_WHY),
     "secmi": AttackCase(MODEL_SETTINGS, positive={"secmi_t100": 0.109375, "secmi_t100_rev": 0.890625},
-                        negative={"secmi_t100": 0.615, "secmi_t100_rev": 0.385}, mean={"secmi_t100": -0.00023482989672629628},
+                        negative={"secmi_t100": 0.615, "secmi_t100_rev": 0.385},
+                        mean={"secmi_t100": -0.00023482989672629628},
                         rel=1e-4, auc_abs=0.01, why=MODEL_WHY),
 }
 
