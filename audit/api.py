@@ -13,10 +13,12 @@ The ``audit check`` command, the demo and the tests all call it::
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from synthgate.imageset import ImageSet
+from synthgate.outputs import OutputFolder, refuse_overlap
 
 from .core.context import AuditContext
 from .core.fitstore import FitStore
@@ -37,7 +39,7 @@ def check(synthetic: str | Path, *, real: str | Path | None = None, holdout: str
           checks: Sequence[str] | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
           out: str | Path | None = None, seed: int = 0, device: str = "auto", skip_unreadable: bool = False,
           max_pixels: int | None = None, progress: bool | None = None, command: Sequence[str] | None = None,
-          report: Callable[[dict, Path, ImageSet], None] | None = None) -> Audit:
+          report: Callable[[dict, Path, ImageSet, dict], None] | None = None) -> Audit:
     """Audit ``synthetic`` and return the typed :class:`~audit.core.result.Audit`.
 
     Parameters
@@ -59,12 +61,18 @@ def check(synthetic: str | Path, *, real: str | Path | None = None, holdout: str
         When given, write ``audit.json``, the checks' own files and (with
         ``report``) the report there, atomically.
     report
-        ``report(document, path, synthetic_set)`` renders the report into
-        the output folder (``reports.cli.write_report`` does).
+        ``report(document, path, synthetic_set, real_sets)`` renders the
+        report into the output folder (``reports.cli.write_report`` does);
+        ``real_sets`` (``{"real": ..., "holdout": ...}``) tell the shareable
+        edition which names to hide.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy, only=list(checks) if checks else None, overrides=params)
     inputs = resolve_inputs(synthetic, real, holdout, model)
+    if out is not None:  # before any work: an output never equals, contains or lies inside an input
+        refuse_overlap(out, {"synthetic": inputs.synthetic, "real": inputs.real, "holdout": inputs.holdout,
+                             "model": inputs.model, "policy": policy.path})
+        OutputFolder(out, "audit check").check()
 
     def load(path):
         if path is None:
@@ -88,6 +96,6 @@ def check(synthetic: str | Path, *, real: str | Path | None = None, holdout: str
             document = result.to_dict()
             workdir.mkdir(parents=True, exist_ok=True)
             if report is not None:
-                report(document, workdir / "report.html", synth)
-            write_outputs(Path(out), document, workdir)
+                report(document, workdir / "report.html", synth, {"real": real_set, "holdout": hold_set})
+            result = replace(result, left_alone=tuple(write_outputs(Path(out), document, workdir)))
     return result

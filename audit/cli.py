@@ -101,8 +101,8 @@ def cmd_check(args) -> int:
     out = Path(args.out) if args.out else default_out(args.synthetic)
     failed_report = []
 
-    def report(document, path, synthetic):
-        failed_report.append(_try_report(document, path, synthetic, args.argv))
+    def report(document, path, synthetic, sets):
+        failed_report.append(_try_report(document, path, synthetic, sets, args.argv))
 
     result = check(args.synthetic, real=args.real, holdout=args.holdout, model=args.model, policy=policy,
                    out=out, seed=args.seed, device=args.device or "auto", skip_unreadable=args.skip_unreadable,
@@ -111,18 +111,18 @@ def cmd_check(args) -> int:
     if args.json:
         clikit.emit_json(document)
     else:
-        print(format_summary(document, out))
+        print(format_summary(document, out, list(result.left_alone)))
     if any(failed_report):
         return clikit.EXIT_INTERNAL
-    return clikit.EXIT_OK if result.passed else clikit.EXIT_FAIL
+    return clikit.EXIT_OK if result.passed else clikit.EXIT_FAIL  # partial is not a pass
 
 
-def _try_report(audit: dict, path: Path, synthetic, argv) -> bool:
+def _try_report(audit: dict, path: Path, synthetic, sets, argv) -> bool:
     """Render the report; a rendering bug must not lose the audit itself (it is kept, exit 3)."""
     from reports.cli import write_report
 
     try:
-        write_report(audit, path, synthetic=synthetic)
+        write_report(audit, path, synthetic=synthetic, sets=sets)
         return False
     except Exception:
         log = clikit.write_crash_log("audit report", argv)

@@ -109,6 +109,9 @@ def add_train_arguments(p) -> None:
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     r.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints after saving the model")
     r.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    r.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: SYNTHGATE_THREADS, else torch's; 1 is often fastest for "
+                        "small models on a few busy cores)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing MODEL folder")
     r.add_argument("--skip-unreadable", action="store_true", help="train on the readable images only (listed)")
     r.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
@@ -138,6 +141,12 @@ def add_sample_arguments(p) -> None:
     p.add_argument("--bit-depth", default="auto", choices=("auto", "8", "16"),
                    help="auto: 16 when the training data had more than 8 bits")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (see train --help)")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="spread the batches over a Ray cluster (ray://HOST:PORT, HOST:PORT, auto or local; default: "
+                        "SYNTHGATE_RAY_ADDRESS, else this process); images identical to a single-process run")
+    p.add_argument("--gpus-per-batch", type=float, default=0, metavar="G",
+                   help="GPUs each cluster batch asks for (e.g. 1, or 0.25 to share a GPU)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     p.add_argument("--quiet", action="store_true")
@@ -203,6 +212,15 @@ def cmd_train(args) -> int:
         return clikit.EXIT_OK
     if args.json or args.quiet:
         set_quiet(True)
+    from synthgate.device import set_threads
+    from synthgate.outputs import check_target, refuse_overlap
+
+    set_threads(args.threads)
+    # before any training: the model folder never lands on, in or around an input
+    refuse_overlap(args.out, {"real": args.real, "vae": getattr(args, "vae", None),
+                              "base model": getattr(args, "base_model", None), "config": getattr(args, "config", None)})
+    if not args.resume:
+        check_target(args.out, "synthgate train", args.overwrite)
     if text is not None:
         from functools import partial
 
@@ -263,6 +281,16 @@ def cmd_sample(args) -> int:
 
     if args.json or args.quiet:
         set_quiet(True)
+    from synthgate.outputs import check_target, refuse_overlap
+
+    from synthgate.cluster import address, connect
+    from synthgate.device import set_threads
+
+    refuse_overlap(args.out, {"model": args.model})  # before any sampling
+    check_target(args.out, "synthgate sample", args.overwrite)
+    set_threads(args.threads)
+    cluster = address(args.cluster)
+    ray = connect(cluster) if cluster else None  # a missing Ray or an unreachable cluster: exit 2 before work
     settings = SamplerSettings(args.sampler, args.steps, args.eta, args.batch_size)
     model = load_model(args.model, resolve_device(args.device))
     items = plan(model, args.n, seed=args.seed, label=args.label, per_label=_per_label(args.per_label),
@@ -276,7 +304,14 @@ def cmd_sample(args) -> int:
     elif args.prompt is not None or args.guidance_scale is not None:
         raise UsageError(f"--prompt/--guidance-scale need a text-conditioned model (trained with --base-model); "
                          f"{args.model} is not one")
-    manifest = write_synthetic(args.out, model, generate(model, items, settings), sampler=sampler,
+    if ray is not None:
+        from .sample import generate_on_cluster
+
+        batches = generate_on_cluster(ray, model, items, settings, device=args.device or "auto",
+                                      threads=args.threads, gpus_per_task=args.gpus_per_batch)
+    else:
+        batches = generate(model, items, settings)
+    manifest = write_synthetic(args.out, model, batches, sampler=sampler,
                                fmt=args.format, bit_depth=None if args.bit_depth == "auto" else int(args.bit_depth),
                                seed=args.seed, overwrite=args.overwrite)
     if args.json:

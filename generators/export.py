@@ -39,7 +39,7 @@ def save_model(out: str | Path, unet, noise_scheduler, vae, info: dict, *, overw
     spec = get_denoiser((info.get("architecture") or {"name": "unet"})["name"])
     encoder = getattr(unet, "encoder", None)
     unet = getattr(unet, "net", unet)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, kind="synthgate train") as tmp:
         if pipeline is not None or spec.ddpm_pipeline:
             pipeline = pipeline or DDPMPipeline(unet=unet, scheduler=noise_scheduler)
             pipeline.save_pretrained(tmp, safe_serialization=True)

@@ -77,3 +77,55 @@ def load_model(path: str | Path, device="cpu") -> DiffusionModel:
 
 
 __all__ = ["read_info", "load_model"]
+
+
+#: component folders a model directory may hold besides its denoiser's (diffusers pipelines name theirs in
+#: model_index.json; synthgate adds the attribute encoder and the LoRA adapter)
+_COMPONENTS = ("scheduler", "vae", "condition", "lora", "unet", "text_encoder", "text_encoder_2", "tokenizer",
+               "tokenizer_2", "transformer", "denoiser")
+
+
+def model_files(path: str | Path) -> list[Path]:
+    """The files a model directory declares: ``synthgate.json``, ``model_index.json`` and its components.
+
+    Only these are hashed into a model's digest: a path that is not a model
+    folder is refused (``/usr/share`` is not hashed recursively), files
+    outside the declared components are ignored, and symbolic links are never
+    followed.
+    """
+    path = Path(path)
+    read_info(path)  # refuses anything that is not a model directory
+    folders = set(_COMPONENTS)
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            declared = json.loads(index.read_text())
+        except ValueError as exc:
+            raise InputError(f"model_index.json is not valid JSON ({exc})", index) from exc
+        if isinstance(declared, dict):
+            folders |= {k for k, v in declared.items() if isinstance(v, list) and not k.startswith("_")}
+    try:
+        from .denoisers import architectures, get_denoiser
+
+        folders |= {get_denoiser(a).folder for a in architectures()}
+    except Exception:  # noqa: BLE001 - the registry is optional for hashing; the fixed list covers built-ins
+        pass
+    files = [p for p in (path / "synthgate.json", index) if p.is_file() and not p.is_symlink()]
+    for name in sorted(folders):
+        sub = path / name
+        if not sub.is_dir() or sub.is_symlink():
+            continue
+        for p in sorted(sub.rglob("*")):
+            rel = p.relative_to(path)
+            if p.is_file() and not p.is_symlink() and not any(part.startswith(".") for part in rel.parts) \
+                    and not any(q.is_symlink() for q in list(p.parents)[: len(rel.parts) - 1]):
+                files.append(p)
+    return files
+
+
+def model_digest(path: str | Path) -> str:
+    """SHA-256 digest of a model directory's declared files (:func:`model_files`)."""
+    from synthgate.fsutil import digest_pairs, sha256_file
+
+    path = Path(path)
+    return digest_pairs([(p.relative_to(path).as_posix(), sha256_file(p)) for p in model_files(path)])

@@ -22,7 +22,9 @@ import numpy as np
 
 from synthgate import __version__
 from synthgate.errors import UsageError
-from synthgate.fsutil import atomic_directory, atomic_write_json, digest_folder
+from synthgate.fsutil import atomic_directory, atomic_write_json
+
+from .loading import model_digest
 
 FORMATS = ("png", "dicom")
 SCHEMA_VERSION = 1
@@ -115,11 +117,11 @@ def write_synthetic(out: str | Path, model, batches: Iterable, *, sampler: dict,
     if fmt == "png" and model.image_channels == 3:
         bit_depth = 8  # Pillow writes RGB PNGs at 8 bits
     model_path = Path(model.path).resolve()
-    model_ref = {"path": str(model_path), "sha256": digest_folder(model_path)}
+    model_ref = {"path": str(model_path), "sha256": model_digest(model_path)}
     run_key = [model_ref["sha256"], str(seed), json.dumps(sampler, sort_keys=True)]
     set_uids = {k: generate_uid(entropy_srcs=[*run_key, k]) for k in ("study", "series")}
     records = []
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, kind="synthgate sample") as tmp:
         for items, images in batches:
             for item, image in zip(items, images):
                 meta = provenance(model_ref, item, sampler)

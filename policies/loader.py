@@ -69,11 +69,16 @@ def scalar(text: str):
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506
 
 
+def builtin_text(name: str) -> str:
+    """The text of a built-in policy."""
+    return (Path(__file__).parent / f"{name}.yaml").read_text()
+
+
 def read_policy_text(name_or_path: str | Path | None) -> tuple[str, str]:
     """``(text, source)`` of a built-in policy by name, or of a policy file."""
     value = str(name_or_path or "default")
     if value in BUILTIN:
-        return (Path(__file__).parent / f"{value}.yaml").read_text(), f"built-in policy {value!r}"
+        return builtin_text(value), f"built-in policy {value!r}"
     path = Path(value)
     if not path.exists():
         near = difflib.get_close_matches(value, BUILTIN, n=1)

@@ -1,75 +1,245 @@
-"""Bundle a synthetic set that passed its audit, and verify bundles.
+"""Bundle a synthetic set that passed its audit, and verify bundles against a trusted key.
 
-A bundle holds only the released images, byte for byte, with:
+A bundle holds only the released images (their pixels as audited, without
+ancillary metadata), with:
 
-- ``manifest.json``: SHA-256 of every file in the bundle, what the bundle is,
-  the audit's digest and verdict, the policy, the generator provenance;
-- ``audit.json`` (the audit as run), ``report.html`` (its shareable edition),
-  ``policy.yaml`` (the exact policy text the gate applied);
-- ``MODEL_CARD.md`` (Mitchell et al. 2019 sections, Hugging Face front matter)
-  and ``DATASHEET.md`` (Gebru et al. 2021 sections, STANDING Together items).
+- ``manifest.json``, signed: SHA-256 of every file in the bundle; each
+  released image with the SHA-256 its file had when audited and the SHA-256
+  of the file shipped; the digests of the internal and the shareable audit;
+  the policy; the generator's provenance;
+- ``audit.json``: the *shareable* edition of the audit (every real file name
+  and patient ID a salted hash, every local path a set name), signed; the
+  internal ``audit.json`` stays with the data steward;
+- ``report.html`` rendered from that shareable edition, ``policy.yaml`` (the
+  exact policy text), ``MODEL_CARD.md`` and ``DATASHEET.md``.
 
-Refused: an audit that failed or whose controls failed; a synthetic set whose
-files changed since the audit (digest and per-file hashes); a policy other
-than the audited one; a released file that is a symlink leading outside the
-set; an existing target.  The bundle is written in a temporary sibling and
-renamed into place, so an interruption leaves nothing half-written.
+Refused before any work (exit 2, one line): an ``--out`` that is, contains or
+lies inside an input; an existing target; an ``audit.json`` that is not one
+(read by :mod:`audit.record`); an audit whose signature does not verify or
+was made by a key this installation does not trust; a verdict other than
+``pass`` (``fail``, ``partial``); failed positive controls; the ``research``
+policy; a policy other than the bundle's (``--policy``, default
+``default``), or one changed with ``--param``; an audit without conclusive
+copy-detection evidence; a required check that did not decide; any input
+(synthetic set, real set, holdout, model) missing or changed since the
+audit; a released image that a check flagged; a released file that is a
+symlink leading outside the set.  The bundle is built in a temporary sibling
+and renamed into place, marked as ``release bundle``'s output.
+
+:func:`verify` re-checks all of it from the bundle alone and says whether the
+signing key is one the reader trusts.
 """
 from __future__ import annotations
 
+import csv
 import datetime as _dt
+import hashlib
+import io
 import json
-import shutil
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from synthgate import __version__
 from synthgate.errors import InputError, IntegrityError, MissingInputError, UsageError
-from synthgate.fsutil import atomic_directory, sha256_file, sha256_text, to_json
+from synthgate.fsutil import atomic_directory, sha256_file, to_json
 from synthgate.imageset import ImageSet
 
+if TYPE_CHECKING:  # pragma: no cover
+    from audit.core.policy import Policy
+    from audit.record import AuditRecord
+    from synthgate.signing import SigningKey
+
 MANIFEST = "manifest.json"
+AUDIT = "audit.json"
 IMAGES = "images"
+METADATA = "metadata.csv"
+POLICY = "policy.yaml"
+KIND = "release bundle"
+SCHEMA_VERSION = 2
+CONCLUSIVE = ("pass", "warn", "fail")  # a per-image check that failed has had its findings dropped in a pass
+MAX_MANIFEST_BYTES = 64 << 20
+ROLES = {"synthetic": "the synthetic set", "real": "the real set", "holdout": "the holdout set",
+         "model": "the audited model"}
 
 
-def _read_json(path: Path, what: str) -> dict:
+# ------------------------------------------------------------------ reading the audit
+
+
+@dataclass(frozen=True)
+class SignedAudit:
+    """An ``audit.json`` as read: the parsed document (what the signature covers), its typed record, its digest."""
+
+    path: Path
+    document: dict
+    record: "AuditRecord"
+    sha256: str
+
+    @property
+    def released_sha256(self) -> dict[str, str]:
+        value = self.document.get("released_sha256")
+        return value if isinstance(value, dict) else {}
+
+
+def _read_bytes(path: Path, what: str, limit: int) -> bytes:
     if not path.exists():
         raise MissingInputError(f"{what} does not exist", path)
+    if not path.is_file():
+        raise InputError(f"is not a {what} file (a folder?)", path)
+    if path.stat().st_size > limit:
+        raise InputError(f"is larger than {limit >> 20} MB: not a {what} written by synthgate", path)
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{what} is not readable JSON ({exc})", path) from exc
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read the {what} ({exc.strerror or exc})", path) from None
 
 
-def _check_audit(audit: dict, audit_path: Path) -> None:
-    if "verdict" not in audit or "inputs" not in audit:
-        raise InputError("is not an audit.json written by `audit check`", audit_path)
-    if audit["verdict"] != "pass":
-        reasons = "; ".join(audit.get("verdict_reasons", [])[:2])
-        raise UsageError(f"the audit failed, so nothing may be released ({reasons})", audit_path)
-    if not audit.get("control", {}).get("passed", False):
-        raise UsageError("the audit's positive controls failed: it is invalid and releases nothing", audit_path)
-    flagged = {f["synthetic"]: c["name"] for c in audit["checks"] for f in c.get("flagged", [])}
-    shipped = [k for k in audit.get("released", []) if k in flagged]
+def _parse_json(data: bytes, path: Path, what: str):
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"is not a readable {what} ({' '.join(str(exc).split())[:160]})", path) from None
+
+
+def read_signed_audit(path: str | Path) -> SignedAudit:
+    """Read ``audit.json`` once: the bytes hashed, the document signed, the typed record validated (exit 2)."""
+    from audit.record import MAX_AUDIT_BYTES, parse_audit
+
+    path = Path(path)
+    data = _read_bytes(path, "audit", MAX_AUDIT_BYTES)
+    document = _parse_json(data, path, "audit.json")
+    record = parse_audit(document, path)  # a JSON array, a missing key, a wrong type: one line, exit 2
+    return SignedAudit(path, document, record, hashlib.sha256(data).hexdigest())
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def _trust_audit(audit: SignedAudit, trusted: dict[str, str]) -> str:
+    """The fingerprint of the key that signed the audit, when the signature holds and that key is trusted."""
+    from synthgate.signing import SignatureError, verify_document
+
+    try:
+        key = verify_document(audit.document, "the audit")
+    except SignatureError as exc:
+        raise IntegrityError(f"{exc.message}; only an audit exactly as `audit check` wrote and signed it can be "
+                             "bundled: audit again", audit.path) from None
+    if key.fingerprint not in trusted:
+        raise IntegrityError(f"the audit was signed by key {key.fingerprint[:16]}…, which is not this "
+                             f"installation's key ({next(iter(trusted))[:16]}…); if that key is your hospital's "
+                             f"audit machine, name it with --trust-key (its public key file or fingerprint)",
+                             audit.path)
+    return key.fingerprint
+
+
+def _is_research(name: str | None, sha256: str | None) -> bool:
+    from policies.loader import builtin_text
+
+    research = hashlib.sha256(builtin_text("research").encode("utf-8")).hexdigest()
+    return str(name or "").strip().lower() == "research" or sha256 == research
+
+
+def _check_verdict(audit: "AuditRecord", path: Path) -> None:
+    if audit.verdict == "partial":
+        raise UsageError("the audit is partial (only some of the policy's checks ran, --checks), so nothing may "
+                         "be released: run the whole policy", path)
+    if audit.verdict != "pass":
+        reasons = "; ".join(audit.verdict_reasons[:2]) or "no reason recorded"
+        raise UsageError(f"the audit failed, so nothing may be released ({reasons})", path)
+    if not audit.control.passed:
+        raise UsageError("the audit's positive controls failed: it is invalid and releases nothing", path)
+    if audit.policy is None:
+        raise UsageError("the audit records no policy, so nothing may be released", path)
+    if _is_research(audit.policy.name, audit.policy.sha256):
+        raise UsageError("the audit applied the `research` policy, which is for exploration inside the hospital and "
+                         "never approves a release: audit again under the release policy", path)
+
+
+def _check_evidence(audit: "AuditRecord", path: Path) -> None:
+    copy = audit.check("copy_detection")
+    if copy is None or copy.status not in CONCLUSIVE:
+        why = "did not run" if copy is None else f"is {copy.status}: {' '.join(copy.reason.split())}"
+        raise UsageError(f"the audit holds no copy-detection evidence (copy_detection {why}); a bundle needs at "
+                         "least proof that no released image copies a training image", path)
+    for name, rule in audit.policy.checks.items():
+        c = audit.check(name)
+        if rule.required and (c is None or c.status not in CONCLUSIVE):
+            raise UsageError(f"the policy requires {name}, which did not decide "
+                             f"({'absent' if c is None else c.status}); nothing may be released", path)
+    both = sorted(set(audit.released) & set(audit.dropped))
+    if both:
+        raise UsageError(f"the audit both dropped and released {both[0]!r}; it is not an audit `audit check` "
+                         "wrote", path)
+    flagged = audit.flagged
+    shipped = [k for k in audit.released if k in flagged]
     if shipped:
         raise UsageError(f"{len(shipped)} released image(s) were flagged (e.g. {shipped[0]} by {flagged[shipped[0]]}) "
                          "and only warned about by the policy; a bundle ships only what passed: re-audit with a "
-                         "policy that drops or blocks them", audit_path)
+                         "policy that drops or blocks them", path)
 
 
-def _check_set(synthetic: Path, audit: dict, released: list[str]) -> ImageSet:
-    entry = audit["inputs"]["synthetic"]
-    imageset = ImageSet(synthetic, skip_unreadable=bool(entry.get("skipped")))
+def _check_policy(audit: "AuditRecord", wanted: "Policy", path: Path) -> None:
+    recorded = audit.policy
+    if recorded.sha256 != wanted.sha256:
+        raise UsageError(f"policy mismatch: the audit applied {recorded.name!r} (sha256 {recorded.sha256[:12]}), not "
+                         f"{wanted.name!r} (sha256 {wanted.sha256[:12]}) that this bundle is made under; name the "
+                         "audited policy with --policy, or audit again under this one", path)
+    if recorded.overrides:
+        raise UsageError(f"the audit changed the policy's settings with --param ({', '.join(recorded.overrides)}); "
+                         "a bundle is made under the policy as written: put the settings in a policy file and audit "
+                         "again", path)
+
+
+def _recorded_path(entry, role: str) -> Path:
+    p = Path(entry.path)
+    if not p.exists():
+        raise MissingInputError(f"the audit's {role} is missing (recorded as {entry.path!r}); a bundle re-checks "
+                                "every input the audit recorded, so the audit still describes them: restore it, or "
+                                "audit again", p)
+    return p
+
+
+def _check_recorded_inputs(audit: "AuditRecord") -> dict[str, ImageSet]:
+    """Re-hash the real set, the holdout and the model the audit recorded; the opened sets by role."""
+    sets: dict[str, ImageSet] = {}
+    for role in ("real", "holdout"):
+        entry = getattr(audit.inputs, role)
+        if entry is None:
+            continue
+        p = _recorded_path(entry, f"{role} set")
+        s = ImageSet(p, skip_unreadable=bool(entry.skipped), cache=None)
+        if s.digest != entry.sha256:
+            raise IntegrityError(f"the {role} set changed after the audit (its digest differs): the audit no longer "
+                                 "describes it; audit again", p)
+        sets[role] = s
+    model = audit.inputs.model
+    if model is not None:
+        from generators.loading import model_digest
+
+        p = _recorded_path(model, "model")
+        if model.sha256 is None or model_digest(p) != model.sha256:
+            raise IntegrityError("the model changed after the audit (its digest differs); audit again", p)
+    return sets
+
+
+def _check_set(synthetic: Path, audit: SignedAudit) -> ImageSet:
+    entry = audit.record.inputs.synthetic
+    imageset = ImageSet(synthetic, skip_unreadable=bool(entry.skipped))
     if imageset.skipped:
         imageset.verify()
-    if imageset.digest != entry["sha256"]:
+    if imageset.digest != entry.sha256:
         raise IntegrityError("the synthetic set changed after the audit (its digest differs); audit it again",
                              synthetic)
     root = synthetic.resolve()
     by_key = {r.key: r for r in imageset.records}
-    for key in released:
+    recorded = audit.released_sha256
+    for key in audit.record.released:
         record = by_key.get(key)
         if record is None:
             raise IntegrityError(f"released image {key!r} is not in the synthetic set", synthetic)
+        if recorded.get(key) != record.sha256:
+            raise IntegrityError(f"released image {key!r} has no SHA-256 in the audit's released_sha256, or another "
+                                 "one: audit again", audit.path)
         path = synthetic / record.path
         if path.is_symlink() and root not in path.resolve().parents:
             raise UsageError(f"{record.path} is a symlink that leads outside the synthetic set; refusing to bundle",
@@ -79,106 +249,402 @@ def _check_set(synthetic: Path, audit: dict, released: list[str]) -> ImageSet:
     return imageset
 
 
-def _released_files(imageset: ImageSet, released: list[str]) -> list[str]:
-    """Files whose every frame was released (a file ships whole or not at all)."""
+def _released_files(imageset: ImageSet, released: Sequence[str]) -> tuple[list[str], list[dict]]:
+    """Files whose every frame was released (a file ships whole or not at all), and the files held back."""
     keep = set(released)
-    files: dict[str, bool] = {}
+    files: dict[str, list] = {}
     for r in imageset.records:
-        files[r.path] = files.get(r.path, True) and r.key in keep
-    return sorted(p for p, ok in files.items() if ok)
+        files.setdefault(r.path, []).append(r.key)
+    shipped = sorted(p for p, keys in files.items() if all(k in keep for k in keys))
+    held = [{"file": p, "released": [k for k in keys if k in keep], "dropped": [k for k in keys if k not in keep]}
+            for p, keys in sorted(files.items()) if p not in shipped and any(k in keep for k in keys)]
+    return shipped, held
 
 
-def bundle(synthetic: str | Path, audit_path: str | Path, out: str | Path, policy: str | None = None) -> dict:
-    """Write a release bundle; returns its manifest."""
+# ------------------------------------------------------------------ writing
+
+
+def _metadata_csv(files: list[str], labels: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")  # quotes a label with a comma, a quote or a newline
+    writer.writerow(["path", "label"])
+    writer.writerows([p, labels.get(p) or ""] for p in files)
+    return buf.getvalue()
+
+
+def _read_optional_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def bundle(synthetic: str | Path, audit_path: str | Path, out: str | Path, policy: str | Path | None = "default", *,
+           signing_key: str | Path | None = None, trust: Iterable[str] = (), overwrite: bool = False) -> dict:
+    """Write a release bundle; returns its (signed) manifest.
+
+    Parameters
+    ----------
+    synthetic, audit_path
+        The audited synthetic set and its ``audit.json`` (signed by ``audit check``).
+    out
+        The bundle folder to create.
+    policy
+        The policy the bundle is made under (name or file); the audit must have applied exactly it.
+    signing_key
+        A private key file to sign with (default: ``SYNTHGATE_KEY`` or this installation's key).
+    trust
+        Further keys (public key files or fingerprints) whose audits may be bundled.
+    overwrite
+        Replace an earlier output of ``release bundle`` (and nothing else) at ``out``.
+    """
+    from audit.core.policy import load_policy
+    from synthgate.outputs import check_target, refuse_overlap
+    from synthgate.signing import load_signing_key, trusted_key
+
+    synthetic, audit_path, out = Path(synthetic), Path(audit_path), Path(out)
+    audit = read_signed_audit(audit_path)
+    record = audit.record
+    wanted = load_policy(policy or "default")
+    if _is_research(wanted.name, wanted.sha256):
+        raise UsageError("the `research` policy never approves a release; bundle under the release policy")
+    inputs = {"synthetic": synthetic, "audit file": audit_path, "policy": wanted.path}
+    for role in ("real", "holdout", "model"):
+        entry = getattr(record.inputs, role)
+        inputs[role] = Path(entry.path) if entry is not None else None
+    refuse_overlap(out, inputs)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UsageError("bundle target already exists; choose a new folder (or --overwrite to replace an earlier "
+                         "`release bundle` output)", out)
+    check_target(out, KIND, overwrite=overwrite)
+    key = load_signing_key(signing_key)
+    trusted = {key.fingerprint: "this installation's key"} | {trusted_key(str(t)): "--trust-key" for t in trust}
+    audit_signer = _trust_audit(audit, trusted)
+    _check_verdict(record, audit_path)
+    _check_policy(record, wanted, audit_path)
+    _check_evidence(record, audit_path)
+    if not synthetic.exists():
+        raise MissingInputError("synthetic set folder does not exist", synthetic)
+    imageset = _check_set(synthetic, audit)
+    sets = _check_recorded_inputs(record)
+    files, held = _released_files(imageset, record.released)
+    if not files:
+        raise UsageError("the audit released no image that can ship (a file ships only when all its frames were "
+                         "released)", audit_path)
+    return _write(out, synthetic, audit, audit_signer, imageset, sets, files, held, wanted, key, overwrite)
+
+
+def _write(out: Path, synthetic: Path, audit: SignedAudit, audit_signer: str, imageset: ImageSet,
+           sets: dict[str, ImageSet], files: list[str], held: list[dict], policy: "Policy",
+           key: "SigningKey", overwrite: bool) -> dict:
+    from audit.record import parse_audit
+    from audit.shareable import redactor_for, shareable
     from reports.render import render_html
+    from synthgate.imagemeta import strip_ancillary
+    from synthgate.signing import sign_document
 
     from .documents import datasheet, model_card
 
-    synthetic, audit_path, out = Path(synthetic), Path(audit_path), Path(out)
-    audit = _read_json(audit_path, "audit file")
-    _check_audit(audit, audit_path)
-    if policy is not None:
-        from audit.core.policy import load_policy
+    record = audit.record
+    model_info = _model_info(record)
+    generator = _read_optional_json(synthetic / "manifest.json")
+    # local paths beyond the audit's own inputs: the model's training set, the generator's model, this synthetic set
+    local = {str(synthetic): ROLES["synthetic"], str(synthetic.resolve()): ROLES["synthetic"]}
+    for source in (model_info, generator):
+        training = (source or {}).get("training_set") or {}
+        if isinstance(training, dict) and isinstance(training.get("path"), str):
+            local[training["path"]] = "the training set"
+        model = (source or {}).get("model") or {}
+        if isinstance(model, dict) and isinstance(model.get("path"), str):
+            local[model["path"]] = ROLES["model"]
+    redactor = redactor_for(audit.document, sets, local)
+    model_info, generator = redactor.value(model_info), redactor.value(generator)
 
-        wanted = load_policy(policy)
-        if wanted.sha256 != (audit.get("policy") or {}).get("sha256"):
-            raise UsageError(f"policy mismatch: the audit applied {audit['policy'].get('name')!r} "
-                             f"(sha256 {str(audit['policy'].get('sha256'))[:12]}), not {wanted.name!r}", audit_path)
-    if out.exists():
-        raise UsageError("bundle target already exists; choose a new folder", out)
-    if not synthetic.exists():
-        raise MissingInputError("synthetic set folder does not exist", synthetic)
-    imageset = _check_set(synthetic, audit, audit["released"])
-    files = _released_files(imageset, audit["released"])
-    if not files:
-        raise UsageError("the audit released no image", audit_path)
-    gen_manifest = _read_json(synthetic / "manifest.json", "manifest") if (synthetic / "manifest.json").exists() else None
-    model_info = _model_info(audit)
-    labels = {r.path: r.label for r in imageset.records}
-    with atomic_directory(out) as tmp:
-        (tmp / IMAGES).mkdir()
+    share = shareable(audit.document, sets, local)
+    share["edition"]["derived_from"] = {"audit_sha256": audit.sha256, "signed_by": audit_signer}
+    share = sign_document(share, key)
+    share_record = parse_audit(share, AUDIT)
+    share_text = to_json(share)
+
+    by_path = {}
+    for r in imageset.records:
+        by_path.setdefault(r.path, []).append(r)
+    labels = {p: rs[0].label for p, rs in by_path.items()}
+    with atomic_directory(out, overwrite=overwrite, kind=KIND) as tmp:
+        images = []
         for rel in files:
             dst = tmp / IMAGES / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(synthetic / rel, dst)  # bytes as audited (symlinks inside the set resolved)
+            first = by_path[rel][0]
+            data = strip_ancillary(synthetic / rel, first.format)  # pixels as audited; no text chunks or EXIF
+            dst.write_bytes(data)
+            images.append({"path": f"{IMAGES}/{rel}", "keys": [r.key for r in by_path[rel]],
+                           "audited_sha256": first.sha256, "shipped_sha256": hashlib.sha256(data).hexdigest()})
         if any(labels[p] is not None for p in files):
-            rows = "".join(f"{p},{labels[p] or ''}\n" for p in files)
-            (tmp / IMAGES / "metadata.csv").write_text("path,label\n" + rows)
-        (tmp / "audit.json").write_text(to_json(audit))
-        (tmp / "report.html").write_text(render_html(audit, internal=False, synthetic=imageset))
-        policy_text = (audit.get("policy") or {}).get("text")
-        if policy_text:
-            (tmp / "policy.yaml").write_text(policy_text)
-        (tmp / "MODEL_CARD.md").write_text(model_card(audit, model_info, gen_manifest))
-        (tmp / "DATASHEET.md").write_text(datasheet(audit, model_info, gen_manifest, files, labels))
+            (tmp / IMAGES / METADATA).write_text(_metadata_csv(files, labels), encoding="utf-8")
+        (tmp / AUDIT).write_text(share_text, encoding="utf-8")
+        (tmp / "report.html").write_text(render_html(share_record, internal=False, synthetic=imageset),
+                                         encoding="utf-8")
+        (tmp / POLICY).write_text(policy.text, encoding="utf-8")
+        (tmp / "MODEL_CARD.md").write_text(redactor.text(model_card(share_record, model_info, generator)),
+                                           encoding="utf-8")
+        (tmp / "DATASHEET.md").write_text(redactor.text(datasheet(share_record, model_info, generator, files,
+                                                                  labels, key.fingerprint)), encoding="utf-8")
+        gen = generator and {k: generator.get(k) for k in ("model", "training_set", "sampler")}
         manifest = {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "kind": "synthgate release bundle",
             "tool": {"name": "synthgate", "version": __version__},
             "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-            "synthetic_set": {"path": str(synthetic), "sha256": audit["inputs"]["synthetic"]["sha256"]},
-            "audit": {"sha256": sha256_text((tmp / "audit.json").read_text()), "verdict": audit["verdict"],
-                      "created": audit.get("created")},
-            "policy": {k: (audit.get("policy") or {}).get(k) for k in ("name", "sha256")},
-            "generator": gen_manifest and {k: gen_manifest.get(k) for k in ("model", "training_set", "sampler")},
-            "images": len(files),
+            "synthetic_set": {"sha256": record.inputs.synthetic.sha256, "n_images": record.inputs.synthetic.n_images},
+            "audit": {"file": AUDIT, "edition": "shareable", "sha256": hashlib.sha256(share_text.encode()).hexdigest(),
+                      "verdict": record.verdict, "created": record.created,
+                      "internal": {"sha256": audit.sha256, "signed_by": audit_signer}},
+            "policy": {"name": policy.name, "sha256": policy.sha256, "file": POLICY},
+            "generator": gen,
+            "images": images,
+            "held_back": held,
             "files": {p.relative_to(tmp).as_posix(): sha256_file(p)
                       for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
-        (tmp / MANIFEST).write_text(to_json(manifest))
+        manifest = sign_document(manifest, key)
+        (tmp / MANIFEST).write_text(to_json(manifest), encoding="utf-8")
     return manifest
 
 
-def _model_info(audit: dict) -> dict | None:
-    model = audit["inputs"].get("model")
-    if not model:
+def _model_info(audit: "AuditRecord") -> dict | None:
+    model = audit.inputs.model
+    if model is None:
         return None
-    path = Path(model["path"]) / "synthgate.json"
+    return _read_optional_json(Path(model.path) / "synthgate.json")
+
+
+# ------------------------------------------------------------------ verifying
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`verify` found.
+
+    ``checked``: what held; ``problems``: what did not; ``signer``: the
+    fingerprint of the key whose signature over the manifest verified (None
+    when it did not); ``trusted_by``: why that key is trusted (``this
+    installation's key``, ``the key you named``) or None.
+    """
+
+    bundle: Path
+    checked: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+    signer: str | None = None
+    trusted_by: str | None = None
+    named: tuple[str, ...] = field(default=())
+
+    @property
+    def consistent(self) -> bool:
+        """Every signature verifies and every file, image and the audit match (whoever signed)."""
+        return not self.problems and self.signer is not None
+
+    @property
+    def intact(self) -> bool:
+        """Consistent, and signed by a trusted key: the only outcome ``release verify`` calls intact."""
+        return self.consistent and self.trusted_by is not None
+
+
+def _safe_rel(rel: object) -> bool:
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        return False
+    p = PurePosixPath(rel)
+    return not p.is_absolute() and ".." not in p.parts
+
+
+def verify(bundle_dir: str | Path, keys: Iterable[str | Path] = (), fingerprints: Iterable[str] = ()) -> Verification:
+    """Check a bundle: signatures, every file's hash, the images against the audit, the verdict, and trust.
+
+    Trust: with ``keys`` (public key files) or ``fingerprints``, exactly those
+    keys are trusted; without, this installation's own key.  Raises (exit 2)
+    only when the folder is not a bundle at all; everything else is a problem
+    in the result.
+    """
+    from synthgate.outputs import MARKER
+    from synthgate.signing import PublicKey, SignatureError, installation_public_key, parse_fingerprint, verify_document
+
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise MissingInputError("bundle folder does not exist", root)
+    manifest = _parse_json(_read_bytes(root / MANIFEST, "bundle manifest", MAX_MANIFEST_BYTES), root / MANIFEST,
+                           "bundle manifest")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise InputError("lists no files (not a synthgate bundle manifest)", root / MANIFEST)
+    named = tuple(PublicKey.read(k).fingerprint for k in keys) + tuple(parse_fingerprint(f) for f in fingerprints)
+    ok: list[str] = []
+    bad: list[str] = []
+
+    # 1. the manifest's signature, and whose it is
+    signer = None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        signer = verify_document(manifest, "manifest.json").fingerprint
+        ok.append(f"manifest.json signature (Ed25519, key {signer})")
+    except SignatureError as exc:
+        bad.append(exc.message)
+    trusted_by = None
+    if signer is not None:
+        if named:
+            trusted_by = "the key you named" if signer in named else None
+        else:
+            own = installation_public_key()
+            trusted_by = "this installation's key" if own is not None and own.fingerprint == signer else None
 
-
-def verify(bundle_dir: str | Path) -> list[str]:
-    """Problems found in a bundle (empty when every hash matches and nothing was added)."""
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise MissingInputError("bundle folder does not exist", bundle_dir)
-    manifest = _read_json(bundle_dir / MANIFEST, "bundle manifest")
-    expected = manifest.get("files")
-    if not isinstance(expected, dict):
-        raise InputError("manifest.json lists no files (not a synthgate bundle)", bundle_dir / MANIFEST)
-    problems = []
-    present = {p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*") if p.is_file() or p.is_symlink()}
-    for rel, sha in sorted(expected.items()):
-        path = bundle_dir / rel
-        if rel not in present:
-            problems.append(f"{rel}: missing")
+    # 2. every file: listed, present, unchanged; nothing added
+    files = manifest["files"]
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+    hashes_ok = True
+    for rel, sha in sorted(files.items(), key=lambda kv: str(kv[0])):
+        path = root / rel if _safe_rel(rel) else None
+        if path is None or not isinstance(sha, str):
+            bad.append(f"{rel!r}: not a file name inside the bundle (manifest.json is malformed)")
+        elif rel not in present:
+            bad.append(f"{rel}: missing")
         elif path.is_symlink():
-            problems.append(f"{rel}: replaced by a symlink")
+            bad.append(f"{rel}: replaced by a symlink")
         elif sha256_file(path) != sha:
-            problems.append(f"{rel}: changed (SHA-256 differs)")
-    for rel in sorted(present - set(expected) - {MANIFEST}):
-        problems.append(f"{rel}: not in the manifest (added after bundling)")
-    return problems
+            bad.append(f"{rel}: changed (SHA-256 differs from manifest.json)")
+        else:
+            continue
+        hashes_ok = False
+    for rel in sorted(present - set(files) - {MANIFEST, MARKER}):
+        bad.append(f"{rel}: not in the manifest (added after bundling)")
+        hashes_ok = False
+    if (root / MARKER).is_symlink() or ((root / MARKER).exists() and
+                                          (_read_optional_json(root / MARKER) or {}).get("kind") != KIND):
+        bad.append(f"{MARKER}: not the marker `release bundle` writes")
+        hashes_ok = False
+    if hashes_ok:
+        ok.append(f"{len(files)} files match their SHA-256 in manifest.json; nothing added or missing")
+
+    # 3. the shareable audit: signed by the same key, the digest the manifest records, a pass
+    audit_doc = _verify_audit(root, manifest, signer, ok, bad)
+
+    # 4. the images: exactly the audit's released images, with the hashes it and the manifest record
+    if audit_doc is not None:
+        _verify_images(root, manifest, audit_doc, ok, bad)
+        _verify_policy(root, manifest, audit_doc, ok, bad)
+    return Verification(root, tuple(ok), tuple(bad), signer, trusted_by, named)
+
+
+def _verify_audit(root: Path, manifest: dict, signer: str | None, ok: list[str], bad: list[str]) -> dict | None:
+    from audit.record import parse_audit
+    from synthgate.errors import SynthgateError
+    from synthgate.signing import SignatureError, verify_document
+
+    path = root / AUDIT
+    if not path.is_file() or path.is_symlink():
+        bad.append(f"{AUDIT}: missing; a bundle carries its audit")
+        return None
+    try:
+        data = path.read_bytes()
+        doc = _parse_json(data, path, AUDIT)
+        record = parse_audit(doc, AUDIT)
+    except (OSError, SynthgateError) as exc:
+        bad.append(f"{AUDIT}: not readable as an audit ({getattr(exc, 'message', exc)})")
+        return None
+    entry = manifest.get("audit") if isinstance(manifest.get("audit"), dict) else {}
+    if entry.get("sha256") != hashlib.sha256(data).hexdigest():
+        bad.append(f"{AUDIT}: its SHA-256 is not the one manifest.json records for the audit")
+    try:
+        audit_signer = verify_document(doc, AUDIT).fingerprint
+    except SignatureError as exc:
+        bad.append(exc.message)
+    else:
+        if signer is not None and audit_signer != signer:
+            bad.append(f"{AUDIT} is signed by key {audit_signer[:16]}…, the manifest by {signer[:16]}…: "
+                       "one of them was replaced")
+        else:
+            ok.append(f"{AUDIT} signature (same key)")
+    edition = doc.get("edition") if isinstance(doc.get("edition"), dict) else {}
+    derived = edition.get("derived_from") if isinstance(edition.get("derived_from"), dict) else {}
+    internal = entry.get("internal") if isinstance(entry.get("internal"), dict) else {}
+    if edition.get("kind") != "shareable":
+        bad.append(f"{AUDIT}: not the shareable edition (a bundle never carries the internal audit)")
+    elif not derived.get("audit_sha256") or derived.get("audit_sha256") != internal.get("sha256"):
+        bad.append(f"{AUDIT}: the internal audit it was derived from is not the one manifest.json records")
+    problems = []
+    if record.verdict != "pass":
+        problems.append(f"its verdict is {record.verdict}")
+    if not record.control.passed:
+        problems.append("its positive controls failed")
+    if record.policy is None or _is_research(record.policy.name, record.policy.sha256):
+        problems.append("its policy is research or not recorded")
+    excluded = set(record.flagged) | set(record.dropped)
+    flagged = [k for k in record.released if k in excluded]
+    if flagged:
+        problems.append(f"{len(flagged)} released image(s) were flagged or dropped (e.g. {flagged[0]})")
+    if problems:
+        bad.append(f"{AUDIT}: not a release verdict: {'; '.join(problems)}")
+    else:
+        ok.append(f"{AUDIT}: verdict pass, controls held, no released image flagged (policy {record.policy.name})")
+    return doc
+
+
+def _verify_images(root: Path, manifest: dict, audit: dict, ok: list[str], bad: list[str]) -> None:
+    released = audit.get("released") if isinstance(audit.get("released"), list) else []
+    released_set = {k for k in released if isinstance(k, str)}
+    audited = audit.get("released_sha256") if isinstance(audit.get("released_sha256"), dict) else {}
+    dropped = set(audit.get("dropped") or []) if isinstance(audit.get("dropped"), list) else set()
+    entries = manifest.get("images")
+    files = manifest["files"]
+    if not isinstance(entries, list):
+        bad.append("manifest.json lists no released images")
+        return
+    before = len(bad)
+    shipped_keys: set[str] = set()
+    paths = set()
+    for e in entries:
+        if not (isinstance(e, dict) and _safe_rel(e.get("path")) and isinstance(e.get("keys"), list)
+                and e["keys"] and all(isinstance(k, str) for k in e["keys"])):
+            bad.append("manifest.json: a malformed image entry")
+            continue
+        path, rel = e["path"], e["path"].removeprefix(f"{IMAGES}/")
+        paths.add(path)
+        if files.get(path) != e.get("shipped_sha256"):
+            bad.append(f"{path}: the shipped SHA-256 is not the file's SHA-256 in the manifest")
+        for k in e["keys"]:
+            if k != rel and not k.startswith(rel + "#"):
+                bad.append(f"{path}: image {k!r} is not a frame of this file")
+            elif k not in released_set:
+                bad.append(f"{path}: image {k!r} is not released by the audit")
+            elif audited.get(k) != e.get("audited_sha256"):
+                bad.append(f"{path}: the audited SHA-256 of {k!r} is not the one the audit records")
+            shipped_keys.add(k)
+    on_disk = {p.relative_to(root).as_posix() for p in (root / IMAGES).rglob("*")
+               if (p.is_file() or p.is_symlink())} if (root / IMAGES).is_dir() else set()
+    on_disk -= {f"{IMAGES}/{METADATA}"}
+    for extra in sorted(on_disk - paths):
+        bad.append(f"{extra}: an image file that is not one of the audit's released images")
+    for missing in sorted(paths - on_disk):
+        bad.append(f"{missing}: a released image listed in the manifest is not in the bundle")
+    held = manifest.get("held_back") if isinstance(manifest.get("held_back"), list) else []
+    held_keys = set()
+    for h in held:
+        if (isinstance(h, dict) and isinstance(h.get("released"), list) and isinstance(h.get("dropped"), list)
+                and h["dropped"] and set(h["dropped"]) <= dropped):
+            held_keys |= {k for k in h["released"] if isinstance(k, str)}
+    unshipped = [k for k in released if k not in shipped_keys and k not in held_keys]
+    if unshipped:
+        bad.append(f"released image {unshipped[0]!r} (and {len(unshipped) - 1} more) is not in the bundle"
+                   if len(unshipped) > 1 else f"released image {unshipped[0]!r} is not in the bundle")
+    if len(bad) == before:
+        ok.append(f"{len(paths)} image file(s): exactly the audit's released images, each with the SHA-256 the "
+                  "audit recorded (audited) and the manifest records (shipped)")
+
+
+def _verify_policy(root: Path, manifest: dict, audit: dict, ok: list[str], bad: list[str]) -> None:
+    policy = audit.get("policy") if isinstance(audit.get("policy"), dict) else {}
+    path = root / POLICY
+    if not path.is_file() or path.is_symlink():
+        bad.append(f"{POLICY}: missing")
+        return
+    if hashlib.sha256(path.read_bytes()).hexdigest() != policy.get("sha256"):
+        bad.append(f"{POLICY}: not the policy text the audit applied (SHA-256 differs)")
+    else:
+        ok.append(f"{POLICY}: the exact policy the audit applied ({policy.get('name')})")

@@ -94,7 +94,8 @@ def run_demo(args) -> int:
     only = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else None
     result = check(synthetic, holdout=data / "holdout", policy=POLICY, checks=only, out=audit_dir, seed=args.seed,
                    device=args.device or "auto",
-                   report=lambda document, path, synth: write_report(document, path, synthetic=synth))
+                   report=lambda document, path, synth, sets: write_report(document, path, synthetic=synth,
+                                                                           sets=sets))
     print(format_summary(result.to_dict(), audit_dir))
     code = 0 if result.passed else 1
     _done(t, f"verdict: {'PASS' if code == 0 else 'FAIL'}")
@@ -105,9 +106,10 @@ def run_demo(args) -> int:
 
     if code == 0:
         t = _step(6, "bundle only what passed")
-        manifest = bundle(synthetic, audit_dir / "audit.json", bundle_dir)
-        _done(t, f"{bundle_dir}: {manifest['images']} images with manifest, report, model card and datasheet "
-                 f"(`release verify {bundle_dir}` re-checks every hash)")
+        manifest = bundle(synthetic, audit_dir / "audit.json", bundle_dir, policy=POLICY)
+        _done(t, f"{bundle_dir}: {len(manifest['images'])} image files with a signed manifest, the shareable audit "
+                 f"and report, model card and datasheet (`release verify {bundle_dir}` checks every signature and "
+                 "hash)")
     else:
         _step(6, "no bundle: the gate refused this release (see the report for why)")
     print("\nWhat this shows: a generator trained on a handful of images reproduces some of them; the gate "

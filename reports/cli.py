@@ -26,12 +26,13 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     return p
 
 
-def write_report(audit, out: Path, internal: bool = False, synthetic=None, real=None) -> Path:
+def write_report(audit, out: Path, internal: bool = False, synthetic=None, real=None, sets=None) -> Path:
+    """Render ``audit`` to ``out``; ``sets`` (``{"real": ImageSet, ...}``) name what the shareable edition hides."""
     from synthgate.fsutil import atomic_write_text
 
     from .render import render_html
 
-    return atomic_write_text(out, render_html(audit, internal=internal, synthetic=synthetic, real=real))
+    return atomic_write_text(out, render_html(audit, internal=internal, synthetic=synthetic, real=real, sets=sets))
 
 
 def _run(argv: Sequence[str], prog: str) -> int:
@@ -42,6 +43,11 @@ def _run(argv: Sequence[str], prog: str) -> int:
     audit = read_audit(path)
     default = "report-internal.html" if args.internal else "report.html"
     out = Path(args.out) if args.out else path.parent / default
+    from synthgate.outputs import refuse_overlap
+
+    ins = audit.inputs
+    refuse_overlap(out, {"audit": path, "synthetic": ins.synthetic.path, "real": ins.real and ins.real.path,
+                         "holdout": ins.holdout and ins.holdout.path, "model": ins.model and ins.model.path})
     write_report(audit, out, internal=args.internal)
     print(f"wrote {out}" + (" (INTERNAL: contains patient data)" if args.internal else ""))
     if args.pdf:

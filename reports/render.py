@@ -19,8 +19,6 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from synthgate.privacy import hash_id
-
 from . import plots
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,10 +70,6 @@ def _rows(metrics: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, st
     return rows
 
 
-def _redact_real(value: str, internal: bool) -> str:
-    return value if internal else "real image " + hash_id("path:" + value)[3:]
-
-
 def _plots(data: dict, check: str) -> list[str]:
     out = []
     hist = data.get("histograms")
@@ -98,17 +92,12 @@ def _table(table: dict | None) -> dict | None:
             "rows": [[r.get(c) for c in columns] if isinstance(r, dict) else list(r) for r in rows]}
 
 
-def _flagged(check: "CheckRecord", internal: bool) -> list[dict]:
+def _flagged(check: "CheckRecord") -> list[dict]:
+    """Flagged images with their evidence (in the shareable edition real names are already hashed)."""
     rows = []
     for f in check.flagged[:MAX_FLAGGED_ROWS]:
-        evidence = f.evidence
-        if evidence.get("real"):
-            evidence["real"] = _redact_real(str(evidence["real"]), internal)
-        reason = f.reason
-        if not internal and f.real:
-            reason = reason.replace(f.real, evidence["real"])
-        rows.append({"synthetic": f.synthetic, "reason": reason,
-                     "evidence": ", ".join(f"{k}: {_fmt(v)}" for k, v in evidence.items() if v is not None)})
+        rows.append({"synthetic": f.synthetic, "reason": f.reason,
+                     "evidence": ", ".join(f"{k}: {_fmt(v)}" for k, v in f.evidence.items() if v is not None)})
     return rows
 
 
@@ -149,35 +138,55 @@ def _thumbnails(audit: "AuditRecord", synthetic, real, internal: bool) -> tuple[
     return thumbs, pairs, None
 
 
-def build_context(audit: "AuditRecord | dict", internal: bool = False, synthetic=None, real=None) -> dict:
-    """Everything the template shows, already made safe for the chosen audience."""
+def build_context(audit: "AuditRecord | dict", internal: bool = False, synthetic=None, real=None,
+                  sets: dict | None = None) -> dict:
+    """Everything the template shows, already made safe for the chosen audience.
+
+    The shareable edition is rendered from :func:`audit.shareable.shareable` of the document: every real
+    name, patient ID and path in it is replaced, whatever field it sits in.
+    """
     from audit.record import AuditRecord, parse_audit
 
-    if not isinstance(audit, AuditRecord):
-        audit = parse_audit(audit, "audit.json")
+    original = audit if isinstance(audit, AuditRecord) else parse_audit(audit, "audit.json")
+    if synthetic is None:
+        synthetic = _open_set(original.inputs.synthetic)
+    if real is None and internal:
+        real = _open_set(original.inputs.real)
+    if internal:
+        audit = original
+    else:
+        from audit.shareable import shareable
+
+        doc = original.to_dict()
+        if (doc.get("edition") or {}).get("kind") != "shareable":
+            doc = shareable(doc, sets)
+        audit = parse_audit(doc, "audit.json")
     checks = []
     for c in audit.checks:
         checks.append({
             "name": c.name, "status": c.status, "reason": c.reason, "method": c.method,
             "references": c.references, "limitations": c.limitations,
             "thresholds": _rows(c.thresholds), "metrics": _rows(c.metrics),
-            "controls": c.controls, "flagged": _flagged(c, internal), "n_flagged": len(c.flagged),
+            "controls": c.controls, "flagged": _flagged(c), "n_flagged": len(c.flagged),
             "plots": _plots(c.data, c.name), "table": _table(c.data.get("table")),
             "seconds": c.seconds,
         })
-    if synthetic is None:
-        synthetic = _open_set(audit.inputs.synthetic)
-    if real is None and internal:
-        real = _open_set(audit.inputs.real)
     thumbs, pairs, thumb_note = _thumbnails(audit, synthetic, real, internal)
     inputs = []
     for name in ("synthetic", "real", "holdout"):
         e = getattr(audit.inputs, name)
-        if e is not None:
-            inputs.append({"name": name, "path": e.path, "n": e.n_images, "sha256": e.sha256, "skipped": e.skipped})
+        if e is not None:  # the shareable edition names sets, never their paths (a path can name a patient)
+            inputs.append({"name": name, "path": e.path if internal else f"the {name} set", "n": e.n_images,
+                           "sha256": e.sha256, "skipped": e.skipped if internal else
+                           [{"path": "(file name withheld)", "reason": s.get("reason", "")} for s in e.skipped]})
+    model = audit.inputs.model
+    if model is not None and not internal:
+        model = {"path": "the audited model", "sha256": model.sha256}
     policy = audit.policy
     return {
-        "audit": audit, "internal": internal, "checks": checks, "inputs": inputs, "model": audit.inputs.model,
+        "audit": audit, "internal": internal, "checks": checks, "inputs": inputs, "model": model,
+        "command": " ".join(audit.command or []) if internal else "(withheld from the shareable edition: it holds "
+                                                                  "local paths)",
         "geometry": audit.inputs.geometry or {}, "policy": policy,
         "policy_rules": list(policy.checks.items()) if policy is not None else [],
         "thumbnails": thumbs, "pairs": pairs, "thumb_note": thumb_note,
@@ -186,7 +195,8 @@ def build_context(audit: "AuditRecord | dict", internal: bool = False, synthetic
     }
 
 
-def render_html(audit: "AuditRecord | dict", internal: bool = False, synthetic=None, real=None) -> str:
+def render_html(audit: "AuditRecord | dict", internal: bool = False, synthetic=None, real=None,
+                sets: dict | None = None) -> str:
     """The report as one HTML string."""
     import jinja2
 
@@ -195,4 +205,4 @@ def render_html(audit: "AuditRecord | dict", internal: bool = False, synthetic=N
     env.filters["fmt"] = _fmt
     css = (Path(__file__).parent / "templates" / "report.css").read_text()
     return env.get_template("report.html").render(css=css, esc=html.escape,
-                                                  **build_context(audit, internal, synthetic, real))
+                                                  **build_context(audit, internal, synthetic, real, sets))

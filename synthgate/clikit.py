@@ -20,6 +20,27 @@ from . import __version__
 from .errors import SynthgateError, UsageError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 128 + 15  # SIGTERM, handled like Ctrl-C
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C so every temporary file and folder is removed on the way out."""
+
+
+def printable(text) -> str:
+    """``text`` with control characters (C0, DEL, C1 -- terminal escape sequences included) made visible.
+
+    File names come from the user's disk: a name holding ``\\x1b[2J`` or a
+    newline must not clear a terminal or forge a line of output.
+    """
+    s = str(text)
+    if not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in s):
+        return s
+    return "".join(c if not (ord(c) < 32 or 127 <= ord(c) < 160) else ascii(c)[1:-1] for c in s)
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Terminated()
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -68,16 +89,25 @@ def write_crash_log(prog: str, argv: Sequence[str]) -> Path:
 def run(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None, prog: str) -> int:
     """Run ``command(argv)`` and map every outcome to an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(command(argv) or 0)
     except SystemExit as exc:  # argparse --help / --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     except SynthgateError as exc:
-        print(f"{prog}: error: {exc.one_line()}", file=sys.stderr)
+        print(f"{prog}: error: {printable(exc.one_line())}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM); temporary files removed", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:
         # the reader went away (e.g. `| head`); nothing to report
         try:
@@ -87,9 +117,12 @@ def run(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None, pro
         return EXIT_OK
     except Exception as exc:
         log = write_crash_log(prog, argv)
-        msg = " ".join(str(exc).split())[:200]
+        msg = printable(" ".join(str(exc).split())[:200])
         print(f"{prog}: internal error: {type(exc).__name__}: {msg} (traceback in {log})", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def not_yet_available(what: str) -> int:

@@ -94,21 +94,32 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(target: str | Path, *, overwrite: bool = False, kind: str | None = None) -> Iterator[Path]:
     """Build a directory in a temporary sibling and rename it into place on success.
 
-    An exception (or Ctrl-C) inside the block removes the partial directory,
-    so an interrupted run never leaves a half-written output behind.
+    An exception (or Ctrl-C, or SIGTERM) inside the block removes the partial
+    directory, so an interrupted run never leaves a half-written output
+    behind.  With ``kind`` the folder is marked as that command's output
+    (:mod:`synthgate.outputs`), and ``overwrite`` replaces only such a marked
+    folder holding nothing but what that command wrote.
     """
     from .errors import UsageError
 
     target = Path(target)
     if target.exists() and not overwrite:
         raise UsageError("already exists; choose a new output folder or remove it first", target)
+    if kind is not None:
+        from .outputs import check_target
+
+        check_target(target, kind, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield tmp
+        if kind is not None:
+            from .outputs import write_marker
+
+            write_marker(tmp, kind)
         if target.exists():  # overwrite: move the old one aside, then swap
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.rmdir(old)

@@ -146,8 +146,9 @@ class ImageSet:
         if not os.access(root, os.R_OK | os.X_OK):
             raise InputError("cannot read the folder (permission denied)", root)
 
+        self._link_skips: list[Skipped] = []
         files = self._list_files()
-        self.skipped: list[Skipped] = []
+        self.skipped: list[Skipped] = list(self._link_skips)
         found: list[tuple[str, str, imageio.ImageInfo]] = []
         for rel in progress_bar(files, desc=f"scan {root.name}", unit="file", enabled=progress):
             path = root / rel
@@ -195,9 +196,23 @@ class ImageSet:
         self.skipped.append(Skipped(rel, reason))
 
     def _list_files(self) -> list[str]:
+        """Image candidates, recursively.  A symlinked sub-folder is never silently ignored: it leads either
+        outside the set or to a folder the walk reads anyway, so it is listed as skipped with the reason."""
         out: list[str] = []
+        root_real = os.path.realpath(self.root)
         for dirpath, dirnames, filenames in os.walk(self.root, onerror=self._walk_error):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            keep = []
+            for d in sorted(d for d in dirnames if not d.startswith(".")):
+                full = os.path.join(dirpath, d)
+                if os.path.islink(full):
+                    real = os.path.realpath(full)
+                    inside = real == root_real or real.startswith(root_real + os.sep)
+                    why = ("symlink to a folder inside the set, which is read at its own place (not twice)" if inside
+                           else "symlink to a folder outside the set (not read)")
+                    self._link_skips.append(Skipped(Path(full).relative_to(self.root).as_posix() + "/", why))
+                    continue
+                keep.append(d)
+            dirnames[:] = keep
             rel_dir = Path(dirpath).relative_to(self.root)
             for name in sorted(filenames):
                 if name.startswith(".") or name in SIDECAR_NAMES:

@@ -214,7 +214,7 @@ def write_phantoms(out: str | Path, *, patients: int = 20, images_per_patient: i
     stream = iter_phantoms(images_per_patient, size, seed, ".png" if fmt == "png" else ".dcm", anatomies,
                            patient_ids, holdout)
     images: list[PhantomImage] = []  # metadata only; pixels are written and dropped
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, kind="synthgate phantoms") as tmp:
         for img in stream:
             target = tmp / img.path
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -162,3 +162,35 @@ def assert_golden(actual, pinned, rel: float, abs: float = 0.0, what: str = "gol
         if not ok:
             wrong[key] = (want, got)
     assert not wrong, f"{what} moved (pinned, now): {wrong}; every value now: {dict(actual)}"
+
+
+def only_policy(check: str, action: str = "block", required: bool = True, on_inconclusive: str = "fail",
+                max_drop_fraction: float = 0.5, **settings) -> Path:
+    """A policy file holding only ``check`` (a whole audit of that one check, not a partial one).
+
+    Written into the test's isolated home (pytest's temporary folder).
+    """
+    import json
+    import os
+
+    folder = Path(os.environ["SYNTHGATE_LOG_DIR"]).parent / "policies"
+    folder.mkdir(parents=True, exist_ok=True)
+    rule = {"required": required, "action": action, "on_inconclusive": on_inconclusive, "settings": settings}
+    text = f"name: only-{check}\nmax_drop_fraction: {max_drop_fraction}\nchecks:\n  {check}: {json.dumps(rule)}\n"
+    path = folder / f"only-{check}-{abs(hash(text)) % 10**8}.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hospital_key(tmp_path_factory) -> Path:
+    """One signing key file (``SYNTHGATE_KEY``) for audits made in module fixtures and the bundles of later tests.
+
+    Each test gets a fresh home, and so a fresh installation key: an audit signed in a module fixture would be
+    another installation's.  Use with ``monkeypatch.setenv("SYNTHGATE_KEY", str(hospital_key))``.
+    """
+    from synthgate.signing import write_new_key
+
+    path = tmp_path_factory.mktemp("hospital-key") / "signing-key.pem"
+    write_new_key(path)
+    return path

@@ -14,7 +14,7 @@ from audit import cli as audit_cli
 from audit.copy_detection.check import holdout_threshold, plant
 from audit.core.tiled import ExactTiledSearch, TiledMetric, TileLayout, brute_force, edges, tiled_distance_np
 from synthgate.phantoms import generate
-from conftest import assert_golden, save_unit_png
+from conftest import assert_golden, only_policy, save_unit_png
 
 
 def tiled(a, b, grid=4):
@@ -175,7 +175,7 @@ def copy_case(tmp_path_factory):
 def run_audit(capsys, *argv):
     argv = list(map(str, argv))
     if "--checks" not in argv and "--policy" not in argv:  # the default policy also trains networks
-        argv += ["--checks", "copy_detection"]
+        argv += ["--policy", str(only_policy("copy_detection", action="drop", max_drop_fraction=0.1))]
     code = audit_cli.main(["check", *argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -343,7 +343,7 @@ def test_existing_foreign_output_folder_refused(copy_case, capsys, tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "precious.txt").write_text("keep me")
     code, _, err = run_audit(capsys, copy_case / "clean", "--real", copy_case / "p" / "train", "--out", tmp_path / "o")
-    assert code == 2 and "does not hold an earlier audit" in err
+    assert code == 2 and "was not written by `audit check`" in err
     assert (tmp_path / "o" / "precious.txt").read_text() == "keep me"
 
 

@@ -52,13 +52,23 @@ def test_story_through_the_cli(tmp_path, capsys, fmt):
                for c in audit["checks"] if c["name"] == "copy_detection")
     assert (out / "report.html").exists() and (out / "copy_detection.csv").exists()
     assert audit["verdict"] == "pass", audit["verdict_reasons"]  # max_drop_fraction 1.0: drops never block here
-    assert release_cli.main(["bundle", str(syn), "--audit", str(out / "audit.json"), "--out", str(bundle)]) == 0
+    assert release_cli.main(["bundle", str(syn), "--audit", str(out / "audit.json"), "--out", str(bundle),
+                             "--policy", str(tmp_path / "policy.yaml")]) == 0
     assert release_cli.main(["verify", str(bundle)]) == 0
     shipped = {p.name for p in (bundle / "images").iterdir() if p.name != "metadata.csv"}
     assert shipped == {k.split("/")[-1] for k in audit["released"]}
     assert not shipped & {k.split("/")[-1] for k in audit["dropped"]}
     card = (bundle / "MODEL_CARD.md").read_text()
     assert "30 steps" in card and "without** differential privacy" in card
+    real = [str(data / "train"), str((data / "train").resolve()), str(data / "holdout")]
+    for f in (p for p in bundle.rglob("*") if p.is_file()):  # the model's training set path included
+        assert not [r for r in real if r.encode() in f.read_bytes()], f
+    with open(model / "synthgate.json", "a") as fh:  # the model changed after the audit: no bundle
+        fh.write("\n")
+    capsys.readouterr()
+    assert release_cli.main(["bundle", str(syn), "--audit", str(out / "audit.json"), "--out", str(tmp_path / "b2"),
+                             "--policy", str(tmp_path / "policy.yaml")]) == 2
+    assert "model changed after the audit" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

@@ -14,9 +14,9 @@ from audit.core.base import create_check
 from audit.core.context import AuditContext
 from audit.quality.fidelity import intensity_tests, label_balance
 from audit.quality.inception import (fid_inception_v3, frechet_distance, inception_score, kernel_inception_distance,
-                             load_inception, mmd2_unbiased)
-from audit.quality.prdc import PRDCReference, kth_neighbour_radii
-from audit.quality.ssim import SSIM, gaussian_window, nearest_ssim, ssim_np
+                                    load_inception)
+from audit.quality.prdc import PRDCReference
+from audit.quality.ssim import SSIM, gaussian_window, nearest_ssim
 from audit.core.stats import benjamini_hochberg
 from conftest import assert_golden, write_labelled_set
 from synthgate.errors import InputError
@@ -57,28 +57,57 @@ def test_ssim_by_hand():
     assert float(SSIM().paired(_t(x), _t(y))[0]) == pytest.approx(hand, rel=1e-9)
 
 
-@pytest.mark.parametrize("shape", [(20, 24), (3, 16, 13)])
-def test_ssim_matches_the_loop_reference_and_channel_mean(shape):
+def _skimage_ssim(a, b):
+    """scikit-image's SSIM with Wang et al.'s settings; ``(C, H, W)`` images average over channels."""
+    from skimage.metrics import structural_similarity
+
+    return structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                 channel_axis=0 if a.ndim == 3 else None)
+
+
+@pytest.mark.parametrize("shape", [(20, 24), (3, 16, 13), (11, 11)])
+def test_ssim_equals_scikit_image_on_random_images(shape):
     rng = np.random.default_rng(1)
     a = rng.random(shape)
     b = np.clip(a + rng.normal(0, 0.1, shape), 0, 1)
     got = float(SSIM().paired(_t(a), _t(b))[0])
-    if len(shape) == 2:
-        assert got == pytest.approx(ssim_np(a, b), rel=1e-9)
-    else:
-        assert got == pytest.approx(np.mean([ssim_np(a[c], b[c]) for c in range(3)]), rel=1e-9)
+    assert got == pytest.approx(_skimage_ssim(a, b), abs=1e-12)
     assert float(SSIM().paired(_t(a), _t(a))[0]) == pytest.approx(1.0)
     assert float(SSIM().paired(_t(b), _t(a))[0]) == pytest.approx(got, rel=1e-12)
 
 
-def test_ssim_matches_scikit_image_when_installed():
-    metrics = pytest.importorskip("skimage.metrics")
+def _real_images():
+    """Real photographs and scans that ship with scikit-image (no download), as float64 in [0, 1]."""
+    from skimage import data
+
+    retina = data.retina()[::8, ::8].astype(np.float64).transpose(2, 0, 1) / 255  # (3, 177, 177) fundus
+    return {"camera": data.camera()[100:196, 200:328] / 255.0, "moon": data.moon()[:80, :100] / 255.0,
+            "retina": retina, "face": data.lfw_subset()[0].astype(np.float64)}
+
+
+def test_ssim_equals_scikit_image_on_real_images():
+    from scipy.ndimage import gaussian_filter
+
     rng = np.random.default_rng(2)
-    a = rng.random((32, 40))
-    b = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
-    ref = metrics.structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                        use_sample_covariance=False)
-    assert float(SSIM().paired(_t(a), _t(b))[0]) == pytest.approx(ref, rel=1e-7)
+    worst = 0.0
+    for name, a in _real_images().items():
+        axes = (0, 1.2, 1.2) if a.ndim == 3 else 1.2
+        noisy, darker = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1), np.clip(a * 0.8 + 0.1, 0, 1)
+        for b in (noisy, gaussian_filter(a, axes), darker):
+            worst = max(worst, abs(float(SSIM().paired(_t(a), _t(b))[0]) - _skimage_ssim(a, b)))
+    assert worst < 1e-12
+
+
+def test_nearest_ssim_equals_scikit_image_over_every_pair():
+    """The batched float32 search finds scikit-image's best match, at its SSIM (to float32 rounding)."""
+    from skimage import data
+
+    faces = data.lfw_subset()[:24].astype(np.float64)  # 24 real faces, 25 x 25
+    queries = [0, 5, 17]
+    best, arg = nearest_ssim(torch.tensor(faces[:, None]), queries)
+    for q, b, j in zip(queries, best, arg):
+        ref = [(_skimage_ssim(faces[q], faces[r]), r) for r in range(len(faces)) if r != q]
+        assert (b, j) == (pytest.approx(max(ref)[0], abs=1e-5), max(ref)[1])
 
 
 def test_ssim_matrix_equals_pairs_and_nearest_excludes_self():
@@ -100,17 +129,42 @@ def test_ssim_matrix_equals_pairs_and_nearest_excludes_self():
 # ---------------------------------------------------------------------- PRDC
 
 
-def test_prdc_by_hand():
+def test_prdc_by_hand(capsys):
     real = np.array([[0.0], [1.0], [2.0], [3.0]])
-    fake = np.array([[0.5], [10.0]])
+    fake = np.array([[0.5], [10.0], [10.5]])
     ref = PRDCReference(real, k=1)
     assert ref.radii.tolist() == [1.0, 1.0, 1.0, 1.0]
     s = ref.score(fake)
-    assert s.precision == 0.5  # 0.5 lies in the balls of reals 0 and 1; 10 in none
-    assert s.density == 1.0  # (2 + 0) / (k * M)
+    assert s.precision == pytest.approx(1 / 3)  # 0.5 lies in the balls of reals 0 and 1; 10 and 10.5 in none
+    assert s.density == pytest.approx(2 / 3)  # (2 + 0 + 0) / (k * M)
     assert s.coverage == 0.5  # reals 0 and 1 hold a fake in their ball
-    assert s.recall == 1.0  # the fakes' radius is 9.5: every real lies within it of 0.5
-    assert kth_neighbour_radii(np.array([[0.0], [1.0], [3.0]]), 2).tolist() == [3.0, 2.0, 3.0]
+    assert s.recall == 1.0  # the fake 0.5 has radius 9.5: every real lies within it
+    assert capsys.readouterr().out == ""  # compute_prdc prints the set sizes; audit --json owns stdout
+    assert PRDCReference(np.array([[0.0], [1.0], [3.0], [7.0]]), k=2).radii.tolist() == [3.0, 2.0, 3.0, 6.0]
+    with pytest.raises(ValueError, match="k \\+ 2"):
+        ref.score(fake[:2])  # the authors' package takes the k-th neighbour at index k + 1: k + 2 points needed
+
+
+def test_prdc_is_the_definition_and_the_bootstrap_counts_what_it_scores():
+    """The authors' package against the definitions written out; ``inside`` (the bootstrap's input) agrees."""
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(5)
+    real, fake = rng.normal(size=(120, 6)), rng.normal(0.3, 1.2, size=(70, 6))
+    fake[:5] = real[:5]  # exact copies: distance 0 to their real point
+    k = 3
+    ref = PRDCReference(real, k)
+    d_rr, d_ff, d_rf = cdist(real, real), cdist(fake, fake), cdist(real, fake)
+    r_real, r_fake = np.sort(d_rr, 1)[:, k], np.sort(d_ff, 1)[:, k]  # column 0 is the point itself
+    inside = d_rf < r_real[:, None]
+    want = {"precision": inside.any(0).mean(), "recall": (d_rf < r_fake[None, :]).any(1).mean(),
+            "density": inside.sum(0).mean() / k, "coverage": inside.any(1).mean()}
+    got = ref.score(fake).as_dict()
+    assert max(abs(got[m] - want[m]) for m in want) < 1e-12
+    assert np.abs(ref.radii - r_real).max() < 1e-9
+    assert np.array_equal(ref.inside(fake), inside)
+    boot = ref.bootstrap(fake, 50, rng)
+    assert boot["precision"].mean() == pytest.approx(want["precision"], abs=0.1)
 
 
 def test_prdc_identical_distributions_and_collapse():
@@ -157,12 +211,60 @@ def test_kid_is_the_unbiased_mmd():
     xx = sum(k(x[i], x[j]) for i in range(6) for j in range(6) if i != j) / 30
     yy = sum(k(y[i], y[j]) for i in range(6) for j in range(6) if i != j) / 30
     xy = sum(k(x[i], y[j]) for i in range(6) for j in range(6)) / 36
-    assert mmd2_unbiased(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+    # one subset of all 6: torchmetrics' poly_mmd on a permutation of both sets, which MMD^2 does not see
+    assert kernel_inception_distance(x, y, subsets=1, subset_size=6)[0] == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
     same = kernel_inception_distance(rng.normal(size=(300, 4)), rng.normal(size=(300, 4)), subsets=20,
                                      subset_size=100, rng=rng)
     apart = kernel_inception_distance(rng.normal(size=(300, 4)), rng.normal(1, 1, size=(300, 4)), subsets=20,
                                       subset_size=100, rng=rng)
     assert abs(same[0]) < 0.05 < apart[0] and same[2] == 100
+
+
+class _Features(torch.nn.Module):
+    """A "feature extractor" that returns its input: torchmetrics' metrics then see our features as they are."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.num_features = d
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("n", [30, 300])
+def test_fid_equals_torchmetrics(n):
+    """torchmetrics' FID (eigenvalues of the d x d covariance product) agrees with ours (nuclear norm / eigh).
+
+    Kept ours: at d = 2048 and fewer images than dimensions (an audit's usual
+    case) torchmetrics' general eigensolver takes seconds per FID (bench/field_libraries.py).
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    rng = np.random.default_rng(n)
+    mix = rng.normal(size=(16, 64))
+    a = np.abs(rng.normal(size=(n, 16)) @ mix)
+    b = np.abs(rng.normal(0.3, 1.0, size=(n + 7, 16)) @ mix)
+    fid = FrechetInceptionDistance(feature=_Features(64))
+    fid.update(torch.from_numpy(a), real=True)
+    fid.update(torch.from_numpy(b), real=False)
+    assert frechet_distance(a, b) == pytest.approx(float(fid.compute()), rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `InceptionScore` will save")
+def test_inception_score_is_torchmetrics_without_its_shuffle_and_sample_sd():
+    """Same splits (torchmetrics shuffles first) give the same mean; its sd is the sample sd (ddof 1), ours ddof 0."""
+    from torchmetrics.image.inception import InceptionScore
+
+    logits = torch.from_numpy(np.random.default_rng(3).normal(0, 3, size=(60, 10)))
+    metric = InceptionScore(feature=_Features(10), splits=6)
+    metric.update(logits)
+    torch.manual_seed(11)
+    perm = torch.randperm(60)
+    torch.manual_seed(11)
+    tm_mean, tm_sd = (float(v) for v in metric.compute())
+    mean, sd, splits = inception_score(logits[perm].numpy(), splits=6)
+    assert splits == 6 and mean == pytest.approx(tm_mean, rel=1e-9)
+    assert sd * np.sqrt(6 / 5) == pytest.approx(tm_sd, rel=1e-9)
 
 
 def test_inception_score_by_hand():

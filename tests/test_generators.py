@@ -318,14 +318,14 @@ def test_cli_sample_png_manifest_provenance_and_audit_inputs(trained, ph16, tmp_
     from PIL import Image
 
     from audit.core.inputs import resolve_inputs
-    from synthgate.fsutil import digest_folder
+    from generators.loading import model_digest
     from synthgate.imageset import ImageSet
 
     out = tmp_path / "syn"
     code, _, err = run(capsys, "sample", trained, "--n", "4", "--out", out, "--steps", "3", "--seed", "2")
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"] == {"path": str(trained.resolve()), "sha256": digest_folder(trained)}
+    assert manifest["model"] == {"path": str(trained.resolve()), "sha256": model_digest(trained)}
     assert manifest["training_set"]["sha256"] == ImageSet(ph16 / "train").digest
     assert manifest["sampler"]["name"] == "ddim" and manifest["sampler"]["steps"] == 3
     assert manifest["counts"] == {"0": 2, "1": 2} and manifest["synthetic"] is True
@@ -335,8 +335,18 @@ def test_cli_sample_png_manifest_provenance_and_audit_inputs(trained, ph16, tmp_
         assert record["file"] == image.path
         meta = json.loads(Image.open(out / record["file"]).text["synthgate"])
         assert meta["synthetic"] and meta["seed"] == record["seed"] and meta["model"] == manifest["model"]
-    inputs = resolve_inputs(out, None, None, None)
-    assert inputs.real == (ph16 / "train").resolve() and inputs.model == trained.resolve()
+    # the manifest names the real set and the model; a manifest may not send the audit outside the folder that
+    # holds the synthetic set, so here (the data lies elsewhere) they must be given explicitly
+    from synthgate.errors import InputError
+
+    with pytest.raises(InputError, match="pass --real"):
+        resolve_inputs(out, None, None, None)
+    inputs = resolve_inputs(out, ph16 / "train", None, trained)
+    assert inputs.real == ph16 / "train" and inputs.model == trained
+    near = trained.parent / "syn-near"  # beside the model and data: the manifest's paths are used
+    shutil.copytree(out, near)
+    if (ph16 / "train").resolve().is_relative_to(near.resolve().parent):
+        assert resolve_inputs(near).real == (ph16 / "train").resolve()
     # per-label counts
     code, _, err = run(capsys, "sample", trained, "--per-label", "1=3", "--out", tmp_path / "one", "--steps", "2")
     assert code == 0, err

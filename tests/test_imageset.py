@@ -209,7 +209,7 @@ def test_damaged_cache_entry_is_redecoded(tmp_path):
     cache = DecodeCache(tmp_path / "cache")
     s = ImageSet(tmp_path / "a", cache=cache)
     ref = s.load(0)
-    entry = next((tmp_path / "cache").rglob("*.npy"))
+    entry = next((tmp_path / "cache").rglob("*.sgc"))
     entry.write_bytes(b"garbage")
     assert np.array_equal(ImageSet(tmp_path / "a", cache=cache).load(0), ref)
 

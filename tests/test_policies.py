@@ -94,8 +94,11 @@ def run(capsys, case, tmp_path, *extra):
 
 
 def test_drop_action_removes_the_copy_and_reaudits(gate_case, capsys, tmp_path):
-    # the default policy's copy rule (drop), without the checks that train networks
-    code, audit = run(capsys, gate_case, tmp_path, "--checks", "copy_detection,dicom_phi")
+    # the default policy's copy rule (drop, at most 10% dropped), without the checks that train networks
+    policy = tmp_path / "drop.yaml"
+    policy.write_text("name: default-copy\nmax_drop_fraction: 0.1\nchecks:\n  copy_detection: {action: drop}\n"
+                      "  dicom_phi: {action: block}\n")
+    code, audit = run(capsys, gate_case, tmp_path, "--policy", str(policy))
     assert code == 0, audit["verdict_reasons"]
     assert audit["verdict"] == "pass" and audit["dropped"] == ["zz_copy.png"]
     assert audit["dropped_evidence"]["zz_copy.png"]["check"] == "copy_detection"
@@ -103,8 +106,9 @@ def test_drop_action_removes_the_copy_and_reaudits(gate_case, capsys, tmp_path):
     assert [r["dropped"] for r in audit["drop_rounds"]] == [1, 0]  # the re-audit found nothing more
     copy = next(c for c in audit["checks"] if c["name"] == "copy_detection")
     assert copy["status"] == "pass" and copy["metrics"]["n_synthetic"] == 19  # the re-audit's result
-    assert (tmp_path / "o" / "dropped.txt").read_text() == "zz_copy.png\n"
-    assert audit["policy"]["name"] == "default" and len(audit["policy"]["sha256"]) == 64
+    dropped = [json.loads(line) for line in (tmp_path / "o" / "dropped.jsonl").read_text().splitlines()]
+    assert [d["image"] for d in dropped] == ["zz_copy.png"] and dropped[0]["check"] == "copy_detection"
+    assert audit["policy"]["name"] == "default-copy" and len(audit["policy"]["sha256"]) == 64
     assert [c["name"] for c in audit["checks"]] == ["copy_detection", "dicom_phi"]
 
 
@@ -119,14 +123,20 @@ def test_drop_beyond_max_fraction_blocks(gate_case, capsys, tmp_path):
 def test_block_and_warn_actions(gate_case, capsys, tmp_path):
     code, audit = run(capsys, gate_case, tmp_path, "--policy", "strict", "--checks", "copy_detection")
     assert code == 1 and audit["dropped"] == [] and audit["released"] == []
-    code, audit = run(capsys, gate_case, tmp_path, "--policy", "research", "--checks", "copy_detection")
+    warn = tmp_path / "warn.yaml"
+    warn.write_text("name: warn\nchecks:\n  copy_detection: {required: false, action: warn, on_inconclusive: warn}\n")
+    code, audit = run(capsys, gate_case, tmp_path, "--policy", str(warn))
     assert code == 0 and audit["checks"][0]["status"] == "fail" and len(audit["released"]) == 20
+    # a subset of a policy's checks is a partial audit: never a pass, nothing released
+    code, audit = run(capsys, gate_case, tmp_path, "--policy", "research", "--checks", "copy_detection")
+    assert code == 1 and audit["verdict"] == "partial" and audit["released"] == []
 
 
 def test_inconclusive_fails_unless_policy_says_warn(gate_case, capsys, tmp_path, inconclusive_check):
-    for on, expected in (("fail", 1), ("warn", 0)):
-        policy = tmp_path / f"{on}.yaml"
-        policy.write_text(f"name: t\nchecks:\n  always_inconclusive: {{on_inconclusive: {on}}}\n")
+    # a required check is never excused: an optional one may warn
+    for on, required, expected in (("fail", "true", 1), ("fail", "false", 1), ("warn", "false", 0)):
+        policy = tmp_path / f"{on}-{required}.yaml"
+        policy.write_text(f"name: t\nchecks:\n  always_inconclusive: {{required: {required}, on_inconclusive: {on}}}\n")
         code, audit = run(capsys, gate_case, tmp_path, "--policy", str(policy))
         assert code == expected, audit
 

@@ -193,6 +193,15 @@ class CopyDetection(Check):
             cal = dist[:, 0] / (self.settings.alpha * mean)
         return np.where(mean > 0, cal, 0.0)
 
+    def preflight(self, ctx) -> None:
+        geo = ctx.geometry
+        if self.settings.grid > min(geo.height, geo.width):
+            from synthgate.errors import UsageError
+
+            raise UsageError(f"copy_detection: grid {self.settings.grid} needs images of at least "
+                             f"{self.settings.grid}x{self.settings.grid} pixels, but the audit compares them at "
+                             f"{geo.height}x{geo.width}; set copy_detection.grid to at most {min(geo.height, geo.width)}")
+
     # ---------------------------------------------------------------------- fit
 
     def fit(self, ctx) -> "CopyFit":

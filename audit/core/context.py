@@ -94,6 +94,8 @@ class AuditContext:
         root = self.cache_dir or default_cache_root()
         if root is None:
             return None
-        path = Path(root).joinpath("models", *parts)
-        path.mkdir(parents=True, exist_ok=True)
+        path = Path(root)
+        for part in ("models", *parts):  # owner-only: trained attackers hold features of patient images
+            path = path / part
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return path

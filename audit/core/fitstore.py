@@ -29,9 +29,9 @@ MAGIC = b"synthgate-fit-v1\n"
 
 
 def _secret() -> bytes:
-    from synthgate.privacy import get_salt
+    from synthgate.cache import installation_secret
 
-    return hmac.new(get_salt(), b"synthgate fitted-state store v1", hashlib.sha256).digest()
+    return installation_secret("fitted-state store")
 
 
 @dataclass

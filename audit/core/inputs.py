@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthgate.errors import InputError, MissingInputError
-from synthgate.imageset import ImageSet
+from synthgate.outputs import resolved
 
 from .base import check_class
 from .context import AuditContext
@@ -30,23 +30,50 @@ class AuditInputs:
     notes: list[str] = field(default_factory=list)
 
 
+MAX_MANIFEST_BYTES = 64 << 20
+
+
 def read_manifest(synthetic: Path) -> dict | None:
+    """The synthetic set's ``manifest.json`` (a JSON object), or ``None`` when there is none."""
     path = synthetic / "manifest.json"
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"manifest.json is not valid JSON ({exc})", path) from exc
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise InputError(f"manifest.json is larger than {MAX_MANIFEST_BYTES >> 20} MB", path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"manifest.json is not valid JSON ({' '.join(str(exc).split())})", path) from None
+    if not isinstance(data, dict):
+        raise InputError("manifest.json must be a JSON object (a synthetic set manifest written by "
+                         "`synthgate sample`)", path)
+    return data
 
 
-def _manifest_path(synthetic: Path, manifest: dict, key: str) -> Path | None:
+def _manifest_path(synthetic: Path, manifest: dict, key: str, flag: str) -> Path | None:
+    """A path the manifest names, confined to the synthetic set's parent folder.
+
+    Relative paths resolve against the manifest's folder.  The manifest is an
+    input anyone can edit, so it may not send the audit anywhere on the disk:
+    a path that resolves outside the folder holding the synthetic set is used
+    only when given explicitly on the command line (``flag``).
+    """
     entry = manifest.get(key)
-    value = entry.get("path") if isinstance(entry, dict) else None
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), (str, type(None))):
+        raise InputError(f"manifest.json: {key} must be an object with a 'path' string", synthetic / "manifest.json")
+    value = entry.get("path")
     if not value:
         return None
     p = Path(value)
-    return p if p.is_absolute() else (synthetic / p).resolve()
+    p = resolved(p if p.is_absolute() else synthetic / p)
+    tree = resolved(synthetic).parent
+    if not p.is_relative_to(tree):
+        raise InputError(f"manifest.json names a {key.replace('_', ' ')} outside {tree} ({value}); a path outside "
+                         f"the folder holding the synthetic set is used only when given explicitly: pass {flag}",
+                         synthetic / "manifest.json")
+    return p
 
 
 def resolve_inputs(synthetic, real=None, holdout=None, model=None) -> AuditInputs:
@@ -54,29 +81,28 @@ def resolve_inputs(synthetic, real=None, holdout=None, model=None) -> AuditInput
     synthetic = Path(synthetic)
     if not synthetic.exists():
         raise MissingInputError("synthetic set folder does not exist", synthetic)
+    if not synthetic.is_dir():
+        raise InputError("is not a folder (a synthetic image set is a folder)", synthetic)
     inputs = AuditInputs(synthetic, Path(real) if real else None, Path(holdout) if holdout else None,
                          Path(model) if model else None)
     manifest = read_manifest(synthetic)
     inputs.manifest = manifest
     if manifest:
-        if inputs.real is None and (p := _manifest_path(synthetic, manifest, "training_set")):
+        if inputs.real is None and (p := _manifest_path(synthetic, manifest, "training_set", "--real")):
             inputs.real = p
             inputs.notes.append(f"real set from manifest.json: {p}")
-        if inputs.model is None and (p := _manifest_path(synthetic, manifest, "model")):
+        if inputs.model is None and (p := _manifest_path(synthetic, manifest, "model", "--model")):
             inputs.model = p
             inputs.notes.append(f"model from manifest.json: {p}")
     for name in ("real", "holdout", "model"):
         p = getattr(inputs, name)
         if p is not None and not p.exists():
             raise MissingInputError(f"{name} path does not exist", p)
+    if inputs.model is not None:
+        from generators.loading import read_info
+
+        read_info(inputs.model)  # a model folder (synthgate.json) or a clear error, before any work
     return inputs
-
-
-def _set_entry(s: ImageSet | None) -> dict | None:
-    if s is None:
-        return None
-    return {"path": str(s.root), "n_images": len(s), "sha256": s.digest,
-            "skipped": [{"path": k.path, "reason": k.reason} for k in s.skipped]}
 
 
 def missing_requirements(name: str, ctx: AuditContext) -> list[str]:

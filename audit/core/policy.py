@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -89,6 +89,14 @@ class Policy:
     source: str
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     subset: tuple[str, ...] | None = None  # --checks: the audit ran only these (a partial audit)
+    path: Path | None = None  # the policy file, when it is one (an input: outputs never go there)
+
+    @property
+    def builtin(self) -> str | None:
+        """The built-in policy's name when this is one, unchanged (same text), else ``None``."""
+        from policies.loader import builtin_text
+
+        return self.name if self.name in BUILTIN and builtin_text(self.name) == self.text else None
 
     @property
     def sha256(self) -> str:
@@ -131,6 +139,9 @@ def _rule(name: str, raw: Any, overrides: Mapping[str, Any], required: bool | No
         raise ValueError(_first_error(exc, _Rule, where)) from None
     given = {**shape.settings, **overrides}
     settings = validate_settings(settings_class(name), given, f"{where}.settings")
+    if shape.required and shape.on_inconclusive == "warn":
+        raise ValueError(f"{where}: a required check cannot warn when it is inconclusive: a pass needs its "
+                         "evidence (make it optional with required: false, or set on_inconclusive: fail)")
     return CheckRule(shape.required if required is None else (shape.required or required), shape.action,
                      shape.on_inconclusive, settings, given)
 
@@ -175,7 +186,10 @@ def load_policy(name_or_path: str | Path | None, *, only: list[str] | None = Non
                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Policy:
     """A built-in policy by name (``default``, ``strict``, ``research``) or a YAML file, validated once."""
     text, source = read_policy_text(name_or_path)
-    return parse_policy(text, source, only=only, overrides=overrides)
+    policy = parse_policy(text, source, only=only, overrides=overrides)
+    if str(name_or_path or "default") not in BUILTIN:
+        policy = replace(policy, path=Path(str(name_or_path)))
+    return policy
 
 
 __all__ = ["ACTIONS", "BUILTIN", "CheckRule", "Policy", "load_policy", "parse_policy"]

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Sequence
 
 from synthgate import __version__
-from synthgate.errors import UsageError
-from synthgate.fsutil import atomic_directory, digest_folder, to_json
+from synthgate.fsutil import to_json
+from synthgate.outputs import OutputFolder
 from synthgate.imageset import Geometry, ImageSet
 from synthgate.privacy import salt_id
 from synthgate.provenance import versions
@@ -49,6 +49,7 @@ class Audit:
     device: str = "auto"
     command: Sequence[str] | None = None
     notes: tuple[str, ...] = ()
+    left_alone: tuple[str, ...] = ()  # files found in the output folder that this audit did not write
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat())
 
     @property
@@ -58,8 +59,10 @@ class Audit:
 
     @property
     def verdict(self) -> str:
-        # never a pass with a failed control
-        return "fail" if self.decision.verdict == "pass" and not self.control_passed else self.decision.verdict
+        """``fail``; ``partial`` (a ``--checks`` subset ran: never a release verdict); or ``pass``."""
+        if self.decision.verdict != "pass" or not self.control_passed:  # never a pass with a failed control
+            return "fail"
+        return "partial" if self.policy.subset is not None else "pass"
 
     @property
     def passed(self) -> bool:
@@ -70,6 +73,9 @@ class Audit:
         out = list(self.decision.reasons)
         if self.decision.verdict == "pass" and not self.control_passed:
             out.append("a positive control failed: the audit is invalid")
+        if self.verdict == "partial":
+            out.append(f"partial audit: only {', '.join(self.policy.subset)} of the policy's checks ran "
+                       "(--checks); it can never release anything")
         return out
 
     @property
@@ -80,9 +86,17 @@ class Audit:
     def released(self) -> list[str]:
         return [k for k in self.synthetic.keys if k not in self.decision.dropped] if self.passed else []
 
+    @property
+    def released_sha256(self) -> dict[str, str]:
+        """The SHA-256 of every released image's file, as audited (a bundle must ship exactly these)."""
+        by_key = {r.key: r.sha256 for r in self.synthetic.records}
+        return {k: by_key[k] for k in self.released}
+
     @cached_property
     def model_sha256(self) -> str | None:
-        return digest_folder(self.model) if self.model is not None and self.model.is_dir() else None
+        from generators.loading import model_digest
+
+        return model_digest(self.model) if self.model is not None else None
 
     def result(self, name: str) -> CheckResult | None:
         return next((r for r in self.results if r.name == name), None)
@@ -116,33 +130,51 @@ class Audit:
             "dropped_evidence": {k: self.decision.dropped[k] for k in dropped},
             "drop_rounds": self.decision.rounds,
             "released": self.released,
+            "released_sha256": self.released_sha256,
             "patient_hash_salt_id": salt_id(),
             "versions": versions("pydicom", "scikit-learn", "opacus", "faiss-cpu", "open_clip_torch"),
         }
 
 
-def write_outputs(out: Path, document: dict, workdir: Path) -> None:
-    """Move the audit's files into ``out`` atomically (replacing an earlier audit there, never other data)."""
-    out = Path(out)
-    overwrite = out.exists() and (out / "audit.json").exists()
-    if out.exists() and not overwrite:
-        if not out.is_dir() or any(out.iterdir()):
-            raise UsageError("output folder exists and does not hold an earlier audit; choose another --out", out)
-        out.rmdir()
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        for f in sorted(workdir.iterdir()):
+def write_outputs(out: Path, document: dict, workdir: Path) -> list[str]:
+    """Write the audit's files into ``out`` (see :class:`synthgate.outputs.OutputFolder`).
+
+    A new folder appears whole; an earlier audit folder has only the files an
+    audit wrote replaced, and anything else there (an internal report, a
+    steward's notes) is left alone -- returned, so the caller can say so.
+    ``released.jsonl`` / ``dropped.jsonl`` hold one JSON object per image, so
+    a file name with a newline or a control character cannot split or forge
+    a line.  ``audit.json`` is signed with this installation's key
+    (:mod:`synthgate.signing`).
+    """
+    import json
+
+    from synthgate.signing import sign_document
+
+    document = sign_document(document)  # who wrote this audit, and that nobody edited it since (release verifies)
+    folder = OutputFolder(out, "audit check")
+    with folder.writing() as tmp:
+        for f in sorted(workdir.iterdir()) if workdir.exists() else []:
             f.replace(tmp / f.name)
         (tmp / "audit.json").write_text(to_json(document))
-        (tmp / "released.txt").write_text("".join(k + "\n" for k in document["released"]))
-        (tmp / "dropped.txt").write_text("".join(k + "\n" for k in document["dropped"]))
+        sha = document.get("released_sha256") or {}
+        (tmp / "released.jsonl").write_text("".join(
+            json.dumps({"image": k, "sha256": sha.get(k)}, ensure_ascii=True) + "\n" for k in document["released"]))
+        evidence = document.get("dropped_evidence") or {}
+        (tmp / "dropped.jsonl").write_text("".join(
+            json.dumps({"image": k, **evidence.get(k, {})}, ensure_ascii=True) + "\n" for k in document["dropped"]))
+    return folder.left_alone
 
 
-def format_summary(audit: dict, out: Path) -> str:
+def format_summary(audit: dict, out: Path, left_alone: list[str] | None = None) -> str:
+    """The terminal summary of an audit (every name escaped: file names may hold control characters)."""
+    from synthgate.clikit import printable
+
     lines = [f"verdict: {audit['verdict'].upper()}"]
     for c in audit["checks"]:
-        lines.append(f"  {c['name']:<22} {c['status']:<12} {c['reason']}")
+        lines.append(f"  {c['name']:<22} {c['status']:<12} {printable(c['reason'])}")
     for r in audit["verdict_reasons"]:
-        lines.append(f"  - {r}")
+        lines.append(f"  - {printable(r)}")
     if audit["dropped"]:
         by: dict[str, int] = {}
         for e in audit["dropped_evidence"].values():
@@ -150,5 +182,9 @@ def format_summary(audit: dict, out: Path) -> str:
         lines.append(f"dropped {len(audit['dropped'])} image(s) ({', '.join(f'{k}: {v}' for k, v in by.items())}); "
                      "the checks above describe what remained")
     lines.append(f"released {len(audit['released'])} of {audit['inputs']['synthetic']['n_images']} images; "
-                 f"report: {out / 'report.html'}")
+                 f"report: {printable(out / 'report.html')}")
+    if left_alone:
+        lines.append(f"left alone in {printable(out)} (not written by this audit; they may describe an earlier "
+                     f"one): {', '.join(printable(f) for f in left_alone[:5])}"
+                     + (f" and {len(left_alone) - 5} more" if len(left_alone) > 5 else ""))
     return "\n".join(lines)

@@ -154,7 +154,17 @@ def run_policy(ctx: AuditContext, policy: Policy, max_rounds: int = 3):
     return ordered, decision, current
 
 
+#: statuses that carry evidence: the check ran and could vouch for its finding
+CONCLUSIVE = ("pass", "warn", "fail")
+
+
 def _decide(results, rules, dropped, n_total, max_drop, rounds) -> Decision:
+    """Fail on any finding the policy blocks, any invalid check, and any required check without evidence.
+
+    A required check must have run and been conclusive: ``skipped``,
+    ``inconclusive`` or ``error`` is never part of a pass, whatever else the
+    policy says.
+    """
     reasons = []
     if dropped and (len(dropped) > max_drop * n_total or len(dropped) == n_total):
         reasons.append(f"drop actions would remove {len(dropped)} of {n_total} images, more than the policy's "
@@ -165,6 +175,8 @@ def _decide(results, rules, dropped, n_total, max_drop, rounds) -> Decision:
             reasons.append(f"{r.name}: invalid ({r.reason})")
         elif r.status == "fail" and rule.action in ("block", "drop"):
             reasons.append(f"{r.name}: fail ({r.reason})")
-        elif r.status == "inconclusive" and rule.on_inconclusive == "fail":
+        elif r.status == "inconclusive" and (rule.on_inconclusive == "fail" or rule.required):
             reasons.append(f"{r.name}: inconclusive ({r.reason})")
+        elif r.status not in CONCLUSIVE and rule.required:
+            reasons.append(f"{r.name}: required but {r.status} ({r.reason}): a pass needs its evidence")
     return Decision("fail" if reasons else "pass", reasons, dropped, rounds)

@@ -1,252 +1,235 @@
-"""``dicom_phi``: does any output DICOM file carry identifying header data?
+"""``dicom_phi``: does any synthetic file carry identifying header data or text metadata?
 
-Checked against the identifying attributes of DICOM PS3.15 Annex E (Basic
-Application Level Confidentiality Profile).  For a synthetic image there is
-no patient, so the rule is strict and simple:
+A synthetic image has no patient, so the rule is strict.  Each DICOM file is
+checked against DICOM PS3.15 Annex E, Table E.1-1, kept as data
+(:mod:`audit.dicom_phi.annex_e`), recursively through every sequence, the
+file meta information, private attributes, overlays (60xx) and curves (50xx):
 
-- identity, care-team, institution, identifier and acquisition date/time
-  attributes must be absent or empty (Annex E actions X, Z, D);
-- no private attributes (the basic profile removes them);
-- no UID may equal a UID of the real set (a copied UID links the file to a
-  real study), when the real set is DICOM;
-- no header value anywhere (free text included, sequences searched) may
-  contain a real patient's name, ID or accession number, when the real set
-  is DICOM; non-DICOM synthetic files' text metadata (PNG text chunks, TIFF
-  tags) are searched for the same;
-- Patient Identity Removed (0012,0062) must be ``YES`` and a De-identification
-  Method (0012,0063) or Method Code Sequence (0012,0064) recorded;
-- Burned In Annotation (0028,0301) must not be ``YES``.
+- every attribute the Basic Profile removes, empties or replaces with a dummy
+  (X, Z, D and their combinations) is absent or empty, unless an option the
+  policy enables keeps or cleans it (``retain_longitudinal_dates``,
+  ``clean_descriptors``... see :mod:`audit.dicom_phi.settings`);
+- attributes given new UIDs (U) may stay, but no UID anywhere may equal an
+  instance UID of the real set;
+- no private attribute (unless ``retain_safe_private``);
+- Patient Identity Removed (0012,0062) is ``YES``, a De-identification Method
+  (0012,0063/0064) is recorded, Burned In Annotation (0028,0301) is not ``YES``.
 
-The result never repeats a header value: findings name the file, the
-attribute and the rule, not the text.  A positive control (a DICOM carrying
-PHI, built in memory) must be flagged and a negative control (a clean one)
-must not, on every run.
+Every text value of every synthetic file -- DICOM values of any text VR at
+any depth, PNG text chunks, TIFF tags, EXIF, JPEG comments and application
+segments -- is searched for the identifiers of the real set and the holdout
+(DICOM headers and ``metadata.csv``'s ``patient_id``), compared in
+normalised form (:mod:`audit.dicom_phi.identifiers`).  PNG/TIFF/JPEG text
+metadata other than synthgate's own provenance is a finding in itself unless
+``allow_text_metadata``.
+
+Findings never repeat a value: they name the file, the attribute path
+(``RequestAttributesSequence[0].RequestedProcedureID (0040,1001)``) and the
+rule.  Positive controls (planted leaks of every kind the check covers) must
+be caught and negative controls (synthgate's own clean DICOM and PNG) must
+pass, against the real set's own identifiers, on every run.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 from synthgate.privacy import hash_id
 
 from audit.core.base import Check, CheckResult, Control, Finding
 from audit.core.stats import clopper_pearson
 
+from .annex_e import load_table
+from .identifiers import RealIdentifiers, from_sets
+from .scan import ScanPolicy, policy_from, read_dicom, scan_dataset, scan_image
 from .settings import DicomPhiSettings
 
-# PS3.15 Annex E identifying attributes (by keyword), grouped for the report.
-IDENTITY = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientIDsSequence",
-    "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName", "PatientBirthDate", "PatientBirthTime",
-    "PatientAddress", "PatientTelephoneNumbers", "PatientTelecomInformation", "MedicalRecordLocator",
-    "MilitaryRank", "BranchOfService", "EthnicGroup", "Occupation", "PatientReligiousPreference",
-    "PatientComments", "AdditionalPatientHistory", "PatientInsurancePlanCodeSequence", "ResponsiblePerson",
-    "ResponsibleOrganization", "CountryOfResidence", "RegionOfResidence", "PatientAge", "PatientSize",
-    "PatientWeight", "PatientSex", "MedicalAlerts", "Allergies", "SpecialNeeds", "PatientState",
-    "PregnancyStatus", "LastMenstrualDate", "SmokingStatus",
-)
-CARE_TEAM = (
-    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "ReferringPhysicianName",
-    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers", "PerformingPhysicianName",
-    "NameOfPhysiciansReadingStudy", "OperatorsName", "PhysiciansOfRecord", "RequestingPhysician",
-    "ScheduledPerformingPhysicianName", "StationName", "DeviceSerialNumber",
-)
-IDENTIFIERS = (
-    "AccessionNumber", "StudyID", "RequestedProcedureID", "AdmissionID", "ServiceEpisodeID",
-    "PerformedProcedureStepID", "ScheduledProcedureStepID", "FillerOrderNumberImagingServiceRequest",
-    "PlacerOrderNumberImagingServiceRequest",
-)
-DATES = (
-    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime", "SeriesTime", "AcquisitionTime",
-    "ContentTime", "AcquisitionDateTime", "AdmittingDate", "AdmittingTime",
-)
-GROUPS = {"identity": IDENTITY, "care team / institution": CARE_TEAM, "identifier": IDENTIFIERS,
-          "acquisition date/time": DATES}
-UID_ATTRIBUTES = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+# ------------------------------------------------------------------ controls
+
+CONTROL_NAME = "Plantedcontrol^Quintessa"
+CONTROL_ID = "QX7741902"
+CONTROL_UID = "1.2.826.0.1.3680043.10.1234.99.7"
 
 
-def _empty(value) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, (str, bytes)):
-        return value.strip() == ""
-    if isinstance(value, (int, float)):
-        return False
-    try:  # multi-valued attributes and sequences: empty when every item is
-        return all(_empty(v) for v in value)
-    except TypeError:
-        return str(value).strip() == ""
+def control_identifiers(min_digits: int = 6) -> RealIdentifiers:
+    """The identifiers of an imaginary real patient that the controls plant."""
+    ids = RealIdentifiers(min_digits=min_digits)
+    ids.add_name(CONTROL_NAME)
+    ids.add_id(CONTROL_ID)
+    ids.add_uid(CONTROL_UID)
+    return ids
 
 
-def _walk_text(ds):
-    """Every string-like value in a dataset, sequences included: (keyword, text)."""
-    for elem in ds.iterall():
-        if elem.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"):
-            continue
-        value = elem.value
-        values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
-        for v in values:
-            if v is not None and str(v).strip():
-                yield elem.keyword or str(elem.tag), str(v)
+def _clean_dicom():
+    """A clean synthetic DICOM dataset exactly as synthgate writes one (provenance included)."""
+    import io
 
-
-class RealIdentifiers:
-    """Identifying values and UIDs of the real DICOM set, kept only in memory."""
-
-    def __init__(self, tokens: set[str] | None = None, uids: set[str] | None = None):
-        self.tokens = {t for t in (tokens or set()) if len(t) >= 4}
-        self.uids = uids or set()
-
-    @classmethod
-    def from_set(cls, imageset) -> "RealIdentifiers":
-        import pydicom
-
-        tokens, uids = set(), set()
-        for path in sorted({r.path for r in imageset.records if r.format == "dicom"}):
-            ds = pydicom.dcmread(imageset.root / path, stop_before_pixels=True, force=True)
-            for kw in ("PatientName", "PatientID", "AccessionNumber", "OtherPatientIDs", "PatientBirthName"):
-                v = ds.get(kw)
-                if not _empty(v):
-                    tokens.add(str(v).strip())
-                    if kw == "PatientName":  # the family and given names on their own as well
-                        tokens.update(p.strip() for p in str(v).split("^") if p.strip())
-            for kw in UID_ATTRIBUTES:
-                v = ds.get(kw)
-                if v:
-                    uids.add(str(v))
-        return cls(tokens, uids)
-
-    def found_in(self, text: str) -> bool:
-        low = text.lower()
-        return any(t.lower() in low for t in self.tokens)
-
-
-def scan_dicom(ds, real: RealIdentifiers) -> list[str]:
-    """Problems in one dataset, as reasons that never quote a value."""
-    problems = []
-    for group, keywords in GROUPS.items():
-        for kw in keywords:
-            if kw in ds and not _empty(ds.get(kw)):
-                problems.append(f"{kw} ({group}) has a value")
-    private = sorted({str(e.tag) for e in ds.iterall() if e.tag.is_private})
-    if private:
-        problems.append(f"{len(private)} private attribute(s), e.g. {private[0]}")
-    for kw in UID_ATTRIBUTES:
-        if str(ds.get(kw) or "") in real.uids:
-            problems.append(f"{kw} equals a UID of the real set")
-    if real.tokens:
-        for kw, text in _walk_text(ds):
-            if real.found_in(text):
-                problems.append(f"{kw} contains a real patient's identifier")
-    if str(ds.get("PatientIdentityRemoved") or "").upper() != "YES":
-        problems.append("Patient Identity Removed (0012,0062) is not YES")
-    if _empty(ds.get("DeidentificationMethod")) and _empty(ds.get("DeidentificationMethodCodeSequence")):
-        problems.append("no De-identification Method (0012,0063/0064) recorded")
-    if str(ds.get("BurnedInAnnotation") or "").upper() == "YES":
-        problems.append("Burned In Annotation (0028,0301) is YES")
-    return problems
-
-
-def scan_other(path: Path, real: RealIdentifiers) -> list[str]:
-    """Text metadata of a PNG/JPEG/TIFF file, searched for real identifiers."""
-    if not real.tokens:
-        return []
-    from PIL import Image
-
-    with Image.open(path) as img:
-        texts = [str(v) for v in (getattr(img, "text", None) or img.info or {}).values() if isinstance(v, (str, bytes))]
-        tags = getattr(img, "tag_v2", None)
-        if tags is not None:
-            texts += [str(v) for v in tags.values() if isinstance(v, (str, bytes))]
-    return ["text metadata contains a real patient's identifier"] if any(real.found_in(t) for t in texts) else []
-
-
-def control_datasets():
-    """An in-memory DICOM with PHI (must be flagged) and a clean one (must pass)."""
+    import numpy as np
     import pydicom
     from pydicom.uid import generate_uid
 
-    def base():
-        ds = pydicom.Dataset()
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=["synthgate-control"])
-        ds.PatientName, ds.PatientID = "", ""
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = "synthetic image; no patient data"
-        return ds
+    from generators.write import dicom_bytes
 
-    leaky = base()
-    leaky.PatientName = "Control^Planted"
-    leaky.PatientBirthDate = "19700101"
-    leaky.InstitutionName = "Planted Control Hospital"
-    leaky.AccessionNumber = "CTRL0001"
-    return leaky, base()
+    uids = {k: generate_uid(entropy_srcs=["synthgate-control", k]) for k in ("sop", "study", "series")}
+    data = dicom_bytes(np.full((1, 8, 8), 0.5, np.float32), 8, _control_meta(), uids, 1)
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def _clean_png() -> bytes:
+    import numpy as np
+
+    from generators.write import png_bytes
+
+    return png_bytes(np.full((1, 8, 8), 0.5, np.float32), 8, _control_meta())
+
+
+def _control_meta() -> dict:
+    from synthgate import __version__
+
+    return {"synthetic": True, "generator": f"synthgate {__version__}", "label": "control", "index": 0, "seed": 0,
+            "model": {"path": "control", "sha256": "0" * 64}, "sampler": "control", "sampler_steps": 0}
+
+
+def positive_cases() -> list[tuple[str, str, object]]:
+    """``(name, expected words in a problem, planted file)``: one per kind of leak the check covers.
+
+    The planted file is a DICOM dataset or ``("png", bytes)``.
+    """
+    import io
+
+    from PIL import Image, PngImagePlugin
+    from pydicom import Dataset
+
+    cases = []
+    ds = _clean_dicom()
+    ds.PatientName, ds.PatientBirthDate, ds.InstitutionName = CONTROL_NAME, "19700101", "Control General Hospital"
+    cases.append(("identity attributes", "PatientBirthDate", ds))
+    ds = _clean_dicom()
+    modifier = Dataset()
+    modifier.CodeMeaning = "seen with Quintessa Plantedcontrol"
+    region = Dataset()
+    region.AnatomicRegionModifierSequence = [modifier]
+    ds.AnatomicRegionSequence = [region]
+    cases.append(("identifier in a nested sequence",
+                  "AnatomicRegionSequence[0].AnatomicRegionModifierSequence[0].CodeMeaning", ds))
+    ds = _clean_dicom()
+    ds.add_new(0x60000010, "US", 8)
+    ds.add_new(0x60000011, "US", 8)
+    ds.add_new(0x60003000, "OW", b"\x01" * 8)
+    cases.append(("overlay", "OverlayData (6000,3000): has a value", ds))
+    ds = _clean_dicom()
+    ds.file_meta.MediaStorageSOPInstanceUID = CONTROL_UID
+    cases.append(("real UID in the file meta", "FileMeta.MediaStorageSOPInstanceUID", ds))
+    ds = _clean_dicom()
+    ds.DeidentificationMethod = "pseudonymised from qx-7741902"
+    cases.append(("reformatted ID", "DeidentificationMethod (0012,0063): contains a real patient's ID, ", ds))
+    ds = _clean_dicom()
+    ds.Manufacturer = "lot 7741902"
+    cases.append(("digits-only ID", "Manufacturer (0008,0070): contains a real patient's ID (digits only)", ds))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "case qx7741902")
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG", pnginfo=info)
+    cases.append(("PNG text chunk", "PNG tEXt 'Comment': contains a real patient's ID, ", ("png", buf.getvalue())))
+    return cases
+
+
+def _scan(planted, real: RealIdentifiers, policy: ScanPolicy) -> list[str]:
+    if isinstance(planted, tuple):
+        return scan_image(None, planted[0], real, policy, data=planted[1])
+    return scan_dataset(planted, real, policy)
+
+
+def run_controls(real: RealIdentifiers, policy: ScanPolicy) -> tuple[Control, ...]:
+    """Positive controls (every planted leak caught) and negative controls (synthgate's own files pass),
+    searched with the real set's identifiers plus the control patient's."""
+    ids = RealIdentifiers(min_digits=real.min_digits).update(real).update(control_identifiers(real.min_digits))
+    strict = ScanPolicy()  # the planted leaks must be caught by the basic profile whatever the policy allows
+    caught, missed = [], []
+    for name, expected, planted in positive_cases():
+        (caught if any(expected in p for p in _scan(planted, ids, strict)) else missed).append(name)
+    clean = {"synthgate DICOM": _scan(_clean_dicom(), ids, policy), "synthgate PNG": _scan(("png", _clean_png()), ids,
+                                                                                          policy)}
+    flagged = {k: v for k, v in clean.items() if v}
+    n = len(caught) + len(missed)
+    return (
+        Control("planted identifiers", "positive", not missed,
+                f"caught {len(caught)} of {n} planted leaks ({', '.join(caught)})"
+                + (f"; missed: {', '.join(missed)}" if missed else ""),
+                {"planted": n, "caught": len(caught)}),
+        Control("clean synthetic files", "negative", not flagged,
+                "synthgate's own DICOM and PNG output passed" if not flagged
+                else "flagged: " + "; ".join(f"{k}: {v[0]}" for k, v in flagged.items())),
+    )
+
+
+# ------------------------------------------------------------------ the check
 
 
 class DicomPhi(Check):
     name = "dicom_phi"
     requires = ()
     per_image = True
-    method = ("Every DICOM file of the synthetic set is read (headers only) and checked against the identifying "
-              "attributes of the DICOM PS3.15 Annex E basic confidentiality profile, private attributes, UIDs "
-              "and identifiers copied from the real set, and the Patient Identity Removed / De-identification "
-              "Method attributes; non-DICOM files' text metadata is searched for real identifiers.")
-    references = ("DICOM PS3.15 Annex E, Attribute Confidentiality Profiles (Basic Application Level "
-                  "Confidentiality Profile)",)
+    method = ("Every DICOM file of the synthetic set is checked against DICOM PS3.15 Annex E Table E.1-1 (kept as "
+              "data), recursively through sequences, the file meta, private attributes, overlays and curves, with "
+              "the profile options the policy enables; no UID may equal one of the real set; Patient Identity "
+              "Removed and a De-identification Method must be recorded. Every text value of every synthetic file "
+              "(DICOM values, PNG text chunks, TIFF tags, EXIF, JPEG segments) is searched for the real set's and "
+              "the holdout's identifiers (DICOM headers and metadata.csv patient_id) in normalised form (case, "
+              "punctuation, digits only); PNG/TIFF/JPEG text metadata other than synthgate's provenance is a "
+              "finding unless allowed.")
+    references = ("DICOM PS3.15 Annex E, Attribute Confidentiality Profiles, Table E.1-1 (Basic Application Level "
+                  "Confidentiality Profile and Options); table from innolitics/dicom-standard (DICOM 2024e) and "
+                  "dicom-anonymizer (DICOM 2026c)",)
     limitations = (
         "Pixel data is not read: text burned into the image itself is only caught through the Burned In "
         "Annotation attribute (copy detection and re-identification look at pixels).",
-        "Real identifiers can only be searched for when the real set is DICOM (their headers are the source).",
+        "Real identifiers are found only in the forms the normalisation covers (case, punctuation, separators, "
+        "digits only); a name misspelt, abbreviated or glued into a longer word is not found, nor names of people "
+        "outside the real set in text that an enabled option keeps.",
+        "IDs with fewer letters-and-digits than 4, and digit forms shorter than min_id_digits, are not searched.",
     )
 
     Settings = DicomPhiSettings
 
     def fit(self, ctx) -> tuple[RealIdentifiers, tuple[Control, ...]]:
-        """The real set's identifiers (in memory only) and the scanner's controls."""
-        real = RealIdentifiers.from_set(ctx.real) if ctx.real is not None else RealIdentifiers()
-        return real, self._controls(real)
+        """The real set's and holdout's identifiers (in memory only) and the scanner's controls."""
+        real = from_sets(ctx.real, ctx.holdout, min_digits=self.settings.min_id_digits)
+        return real, run_controls(real, policy_from(self.settings))
 
     def score(self, ctx, fitted) -> CheckResult:
-        import pydicom
-
-        real, control = fitted
+        real, controls = fitted
+        policy = policy_from(self.settings)
         files = sorted({(r.path, r.format) for r in ctx.synthetic.records})
         dicom = [p for p, f in files if f == "dicom"]
         if not dicom and self.settings.require_dicom:
             return self.result("fail", "the policy requires DICOM outputs but the synthetic set has none",
-                               controls=control)
-        findings = []
+                               controls=controls)
+        keys: dict[str, list[str]] = {}
+        for r in ctx.synthetic.records:
+            keys.setdefault(r.path, []).append(r.key)
+        findings, flagged_files = [], 0
         for path, fmt in files:
             full = ctx.synthetic.root / path
-            problems = (scan_dicom(pydicom.dcmread(full, stop_before_pixels=True, force=True), real)
-                        if fmt == "dicom" else scan_other(full, real))
-            for key in [r.key for r in ctx.synthetic.records if r.path == path] if problems else []:
-                findings.append(Finding(key, "; ".join(problems), {"problems": problems}))
-        n_flag_files = len({f.synthetic.split("#")[0] for f in findings})
-        lo, hi = clopper_pearson(n_flag_files, len(files))
-        metrics = {"files": len(files), "dicom_files": len(dicom), "files_with_phi": n_flag_files,
-                   "files_with_phi_ci": [lo, hi], "real_identifiers_searched": len(real.tokens) > 0,
-                   "real_uids_compared": len(real.uids),
-                   "real_identifier_digest": hash_id(",".join(sorted(real.tokens))) if real.tokens else None}
-        if not all(c.passed for c in control):
-            return self.result("error", "control failed: the header scanner did not behave on its planted cases; "
-                               "the audit is invalid", metrics=metrics, controls=control)
+            problems = (scan_dataset(read_dicom(full), real, policy) if fmt == "dicom"
+                        else scan_image(full, fmt, real, policy))
+            if problems:
+                flagged_files += 1
+                findings += [Finding(key, "; ".join(problems), {"problems": problems}) for key in keys[path]]
+        lo, hi = clopper_pearson(flagged_files, len(files))
+        metrics = {"files": len(files), "dicom_files": len(dicom), "files_with_phi": flagged_files,
+                   "files_with_phi_ci": [lo, hi], "real_identifiers_searched": not real.empty,
+                   "real_identifier_values": real.values, "real_uids_compared": len(real.uids),
+                   "annex_e_rows": len(load_table()), "options": list(policy.options),
+                   "real_identifier_digest": hash_id(real.digest_source()) if not real.empty else None}
+        thresholds = {"min_id_digits": self.settings.min_id_digits, "allow_text_metadata": policy.allow_text_metadata}
+        kw = {"metrics": metrics, "thresholds": thresholds, "controls": controls}
+        if not all(c.passed for c in controls):
+            return self.result("error", "control failed: the scanner did not behave on its planted cases; the audit "
+                               "is invalid", **kw)
         if findings:
-            return self.result("fail", f"{n_flag_files} of {len(files)} files carry identifying header data",
-                               metrics=metrics, flagged=tuple(findings), controls=control)
-        if not dicom:
-            what = "searched for real identifiers" if real.tokens else "not DICOM; nothing to check in headers"
-            return self.result("pass" if real.tokens else "skipped", f"no DICOM outputs ({len(files)} files {what})",
-                               metrics=metrics, controls=control)
-        return self.result("pass", f"all {len(dicom)} DICOM files are free of identifying header data",
-                           metrics=metrics, controls=control)
-
-    @staticmethod
-    def _controls(real: RealIdentifiers) -> tuple[Control, ...]:
-        leaky, clean = control_datasets()
-        found = scan_dicom(leaky, real)
-        clean_found = scan_dicom(clean, RealIdentifiers())
-        return (
-            Control("planted PHI header", "positive", len(found) >= 4,
-                    f"flagged {len(found)} problem(s) in a header carrying 4 planted identifying attributes"),
-            Control("clean header", "negative", not clean_found,
-                    "a clean synthetic header passed" if not clean_found else f"clean header flagged: {clean_found}"),
-        )
+            return self.result("fail", f"{flagged_files} of {len(files)} files carry identifying data",
+                               flagged=tuple(findings), **kw)
+        if all(f == "npy" for _, f in files):  # conclusive: an array file has nowhere to carry an identifier
+            return self.result("pass", f"no file can carry metadata ({len(files)} NPY arrays)", **kw)
+        searched = "searched for real identifiers" if not real.empty else "no real identifiers to search for"
+        return self.result("pass", f"{len(files)} files ({len(dicom)} DICOM) carry no identifying data "
+                           f"(Annex E basic profile{' + ' + ', '.join(policy.options) if policy.options else ''}; "
+                           f"{searched})", **kw)

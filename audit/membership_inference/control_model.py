@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 CONTROL_VERSION = 1
+CACHE_PURPOSE = "membership control model cache"
 
 
 def tiny_unet(resolution: int, channels: int, n_classes: int | None = None, widths: Sequence[int] = (16, 32),
@@ -126,11 +127,12 @@ def control_model(images01: np.ndarray, labels: Sequence[str] | None, classes: S
     from diffusers import DDPMScheduler
 
     from generators.loading import load_model
+    from synthgate.cache import folder_is_sealed, seal_folder
 
     classes = sorted({str(c) for c in classes}) if labels else None
     key = control_key(images01, labels, classes, scheduler_config, settings)
     folder = None if cache is None else Path(cache) / key
-    if folder is not None and (folder / "synthgate.json").exists():
+    if folder is not None and (folder / "synthgate.json").exists() and folder_is_sealed(folder, CACHE_PURPOSE):
         return load_model(folder, device), True
     scheduler = DDPMScheduler.from_config(dict(scheduler_config))
     index = None if classes is None else np.array([classes.index(str(v)) for v in labels])
@@ -144,4 +146,5 @@ def control_model(images01: np.ndarray, labels: Sequence[str] | None, classes: S
             return load_model(Path(tmp) / "model", device), False
     save_model_dir(folder, unet.cpu(), scheduler, classes,
                    {"purpose": "membership_inference positive control (overfit on purpose; never release)"})
+    seal_folder(folder, CACHE_PURPOSE)
     return load_model(folder, device), False

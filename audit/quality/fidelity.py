@@ -240,7 +240,7 @@ class Fidelity(Check):
         fails: list[str] = []
         # with fewer than 4k images per compared set, every k-NN ball covers nearly everything and even the
         # planted collapse keeps full coverage: the control could not fail for a real reason
-        if len(ref_i) <= k or m < 4 * k:
+        if len(ref_i) < k + 2 or m < 4 * k:
             note = (f"precision/coverage not computed: too few images for k = {k} (reference {len(ref_i)}, "
                     f"comparison sets {m}; at least {4 * k} needed), so neither the check nor its controls could run")
             return {"note": note, "fails": fails}, None

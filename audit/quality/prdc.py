@@ -10,7 +10,8 @@ of its own set:
   for identical distributions; above 1 when fakes crowd the real modes);
 - coverage: share of reals whose ball holds at least one fake.
 
-Membership is a strict ``<``, as in the authors' reference code.
+Membership is a strict ``<``.  The scores are computed by the authors' own
+package, ``prdc`` (:class:`PRDCReference` says what it adds).
 
 Feature space: a randomly initialised convolutional network, fixed by the
 audit seed (:func:`random_cnn_features`).  Random-weight embeddings are a
@@ -23,30 +24,16 @@ what separates the classes.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 
 import numpy as np
 
 
-def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Euclidean distances ``(len(a), len(b))`` in float64."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return np.sqrt(np.maximum(sq, 0.0))
-
-
-def kth_neighbour_radii(x: np.ndarray, k: int) -> np.ndarray:
-    """Distance from each point to its k-th nearest other point of the same set."""
-    if len(x) <= k:
-        raise ValueError(f"need more than k = {k} points for the k-th neighbour radius, got {len(x)}")
-    d = pairwise_distances(x, x)
-    return np.partition(d, k, axis=1)[:, k]  # position 0 is the point itself (distance 0)
-
-
 @dataclass(frozen=True)
 class PRDC:
-    """The four scores and the per-point indicators behind them (for resampling)."""
+    """The four scores, the ``k`` they were computed with and the set sizes."""
 
     precision: float
     recall: float
@@ -62,7 +49,20 @@ class PRDC:
 
 
 class PRDCReference:
-    """Real features with their k-NN radii, computed once and compared against several fake sets.
+    """Real features with their k-NN radii, compared against several fake sets.
+
+    The scores are the authors' own package, ``prdc.compute_prdc`` (Naeem et
+    al.); the radii and the real-ball memberships behind the bootstrap come
+    from the same package's ``prdc.prdc.compute_nearest_neighbour_distances``
+    and ``compute_pairwise_distance`` (module functions it does not list in
+    ``__all__``; ``tests/test_fidelity.py`` pins them against the definitions).
+    ``compute_prdc`` recomputes the real radii on every call: at the sizes
+    the fidelity check uses (reference up to 2,500 256-d features, compared
+    sets up to 1,250) a check's four calls take under 5 s
+    (``bench/field_libraries.py --only prdc``), against minutes for
+    nearest-SSIM.  Like the package, it needs ``k + 2`` points per set (the
+    k-th neighbour is taken as the (k+1)-th smallest distance including the
+    point itself, by ``argpartition`` at ``k + 1``).
 
     Notes
     -----
@@ -72,26 +72,26 @@ class PRDCReference:
     """
 
     def __init__(self, real: np.ndarray, k: int = 5):
-        self.real = np.asarray(real, np.float64)
+        from prdc.prdc import compute_nearest_neighbour_distances
+
+        self.real = _points(real, k, "real")
         self.k = int(k)
-        self.radii = kth_neighbour_radii(self.real, self.k)
+        self.radii = compute_nearest_neighbour_distances(self.real, self.k)
 
     def inside(self, fake: np.ndarray) -> np.ndarray:
-        """``(N, M)`` booleans: fake ``j`` lies inside real ball ``i``."""
-        return pairwise_distances(self.real, fake) < self.radii[:, None]
+        """``(N, M)`` booleans: fake ``j`` lies inside real ball ``i`` (strictly, as ``compute_prdc`` counts)."""
+        from prdc.prdc import compute_pairwise_distance
+
+        return compute_pairwise_distance(self.real, np.asarray(fake, np.float64)) < self.radii[:, None]
 
     def score(self, fake: np.ndarray) -> PRDC:
-        fake = np.asarray(fake, np.float64)
-        d = pairwise_distances(self.real, fake)
-        inside = d < self.radii[:, None]
-        fake_radii = kth_neighbour_radii(fake, self.k)
-        return PRDC(
-            precision=float(inside.any(0).mean()),
-            recall=float((d < fake_radii[None, :]).any(1).mean()),
-            density=float(inside.sum(0).mean() / self.k),
-            coverage=float(inside.any(1).mean()),
-            k=self.k, n_real=len(self.real), n_fake=len(fake),
-        )
+        from prdc import compute_prdc
+
+        fake = _points(fake, self.k, "fake")
+        with contextlib.redirect_stdout(io.StringIO()):  # compute_prdc prints the set sizes; stdout may be JSON
+            s = compute_prdc(self.real, fake, self.k)
+        return PRDC(precision=float(s["precision"]), recall=float(s["recall"]), density=float(s["density"]),
+                    coverage=float(s["coverage"]), k=self.k, n_real=len(self.real), n_fake=len(fake))
 
     def bootstrap(self, fake: np.ndarray, n_boot: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Precision and density on fakes resampled with replacement.
@@ -105,6 +105,13 @@ class PRDCReference:
         m = len(hits)
         draws = hits[rng.integers(0, m, (n_boot, m))]
         return {"precision": (draws > 0).mean(1), "density": draws.mean(1) / self.k}
+
+
+def _points(x: np.ndarray, k: int, which: str) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    if len(x) < k + 2:
+        raise ValueError(f"need at least k + 2 = {k + 2} {which} points for the k-th neighbour radius, got {len(x)}")
+    return x
 
 
 def random_cnn_features(x, seed: int, normalizer=None, batch_size: int = 256, device=None) -> np.ndarray:

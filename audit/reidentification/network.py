@@ -386,6 +386,7 @@ def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device,
 
 WEIGHTS_FILE = "network.safetensors"
 META_FILE = "network.json"
+CACHE_PURPOSE = "re-identification network cache"
 
 
 def save_network(folder: Path, model, meta: dict) -> None:
@@ -404,13 +405,26 @@ def save_network(folder: Path, model, meta: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
     atomic_write_json(folder / META_FILE, meta)
+    from synthgate.cache import seal_folder
+
+    seal_folder(folder, CACHE_PURPOSE)
 
 
 def load_network(folder: Path | None, cfg: NetworkConfig, device):
-    """``(model, meta)`` from a complete cache entry for ``cfg``, else ``None`` (missing or damaged: retrain)."""
+    """``(model, meta)`` from a complete, authenticated cache entry for ``cfg``, else ``None`` (retrain).
+
+    An entry whose files were changed after this installation wrote them (a
+    network swapped for one that never matches anyone would make the check
+    pass) does not verify and is retrained.
+    """
     if folder is None or not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         return None
     from safetensors.torch import load_file
+
+    from synthgate.cache import folder_is_sealed
+
+    if not folder_is_sealed(folder, CACHE_PURPOSE):
+        return None
 
     try:
         meta = json.loads((folder / META_FILE).read_text())
