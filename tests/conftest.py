@@ -137,6 +137,33 @@ def assert_training_halves_the_loss(trainer, x, draws: int) -> None:
     assert after < 0.5 * before, (before, after)
 
 
+def assert_golden(actual, pinned, rel: float, abs: float = 0.0, what: str = "golden numbers") -> None:
+    """Every pinned value holds: integers, strings, booleans, lists, dicts and ``None`` exactly, floats within ``rel`` /
+    ``abs``, and a value pinned as ``pytest.approx(...)`` within its own tolerance.
+
+    Seeded tests pin literal values measured once (with one and two torch
+    threads), so that a stub returning constants, or a change that moves the
+    numbers, fails -- comparing two runs of the code with each other cannot
+    see either.  The message lists every value as it is now, ready to paste
+    when a deliberate change moves them.
+    """
+    import pytest
+
+    wrong = {}
+    for key, want in pinned.items():
+        got = actual[key]
+        if hasattr(want, "expected"):  # pytest.approx(value, ...): its own tolerance
+            ok = got is not None and got == want
+        elif want is None or got is None or isinstance(want, (bool, str, list, tuple, dict)) or (
+                isinstance(want, int) and isinstance(got, int)):
+            ok = got == want
+        else:
+            ok = got == pytest.approx(want, rel=rel, abs=abs)
+        if not ok:
+            wrong[key] = (want, got)
+    assert not wrong, f"{what} moved (pinned, now): {wrong}; every value now: {dict(actual)}"
+
+
 def only_policy(check: str, action: str = "block", required: bool = True, on_inconclusive: str = "fail",
                 max_drop_fraction: float = 0.5, **settings) -> Path:
     """A policy file holding only ``check`` (a whole audit of that one check, not a partial one).

@@ -14,7 +14,7 @@ from audit import cli as audit_cli
 from audit.copy_detection.check import holdout_threshold, plant
 from audit.core.tiled import ExactTiledSearch, TiledMetric, TileLayout, brute_force, edges, tiled_distance_np
 from synthgate.phantoms import generate
-from conftest import only_policy, save_unit_png
+from conftest import assert_golden, only_policy, save_unit_png
 
 
 def tiled(a, b, grid=4):
@@ -254,6 +254,16 @@ def test_rules_selectable_and_deterministic(copy_case, capsys, tmp_path):
         results.append(check)
     for key in ("metrics", "flagged", "controls"):
         assert results[0][key] == results[3][key], key
+    # golden numbers (seed 0; identical with 1 and 2 torch threads); rel 1e-5: the tiled distance is float32
+    m = results[0]["metrics"]
+    flagged = {f["synthetic"]: f["distance"] for f in results[0]["flagged"]}
+    assert_golden({"nearest min": m["nearest_distance"]["min"], "nearest median": m["nearest_distance"]["median"],
+                   "holdout median": m["holdout"]["nearest_distance"]["median"],
+                   "tau_holdout": results[0]["thresholds"]["tau_holdout"], "copy_0": flagged["copy_0.png"],
+                   "copy_1": flagged["copy_1.png"], "n_flagged": [r["metrics"]["n_flagged"] for r in results]},
+                  {"nearest min": 0.017870322195188724, "nearest median": 0.17999764200723123,
+                   "holdout median": 0.17615645715611583, "tau_holdout": 0.1425838795898474, "copy_0": 0.01787,
+                   "copy_1": 0.017958, "n_flagged": [2, 2, 2, 2]}, rel=1e-5)
 
 
 def test_near_duplicates_inside_synthetic_set_warn(copy_case, capsys, tmp_path):

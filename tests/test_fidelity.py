@@ -18,7 +18,7 @@ from audit.quality.inception import (fid_inception_v3, frechet_distance, incepti
 from audit.quality.prdc import PRDCReference
 from audit.quality.ssim import SSIM, gaussian_window, nearest_ssim
 from audit.core.stats import benjamini_hochberg
-from conftest import write_labelled_set
+from conftest import assert_golden, write_labelled_set
 from synthgate.errors import InputError
 from synthgate.imageset import ImageSet
 from synthgate.phantoms import generate, write_phantoms
@@ -405,6 +405,17 @@ def test_independent_phantoms_pass(sets):
 def test_deterministic_given_seed(sets):
     a, b = _fidelity(sets, "good", ssim_queries=10), _fidelity(sets, "good", ssim_queries=10)
     assert a.to_dict()["metrics"] == b.to_dict()["metrics"]
+    # golden numbers (seed 0; identical with 1 and 2 torch threads); rel 1e-5: float32 random-CNN features
+    m = a.metrics
+    assert_golden({"coverage": m["prdc"]["synthetic"]["coverage"].value,
+                   "precision": m["prdc"]["synthetic"]["precision"].value,
+                   "density": m["prdc"]["synthetic"]["density"].value,
+                   "baseline coverage": m["prdc"]["baseline"]["coverage"],
+                   "ssim synthetic median": m["nearest_ssim"]["synthetic"]["median"],
+                   "ssim real median": m["nearest_ssim"]["real"]["median"]},
+                  {"coverage": 0.7888888888888889, "precision": 1.0, "density": 1.0714285714285714,
+                   "baseline coverage": 0.8222222222222222, "ssim synthetic median": 0.7484709620475769,
+                   "ssim real median": 0.7376680970191956}, rel=1e-5)
 
 
 def test_mode_collapse_fails(sets):

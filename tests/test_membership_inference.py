@@ -22,7 +22,7 @@ from audit.membership_inference.synthetic_attacks import (RandomConvFeatures, de
 from audit.core.stats import bootstrap_roc, percentile_ci, roc_auc, tpr_at_fpr
 from synthgate.imageset import ImageSet
 from synthgate.phantoms import generate, write_phantoms
-from conftest import save_unit_png
+from conftest import assert_golden, save_unit_png
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -341,6 +341,13 @@ def test_deterministic_given_the_seed(case):
     a = create_check("membership_inference", n_boot=200).run(_ctx(case, "leaky", seed=3)).to_dict()
     b = create_check("membership_inference", n_boot=200).run(_ctx(case, "leaky", seed=3)).to_dict()
     assert a["metrics"] == b["metrics"] and a["controls"] == b["controls"]
+    # golden numbers (seed 3; identical with 1 and 2 torch threads); rel 1e-5: float32 distances and features
+    attacks = a["metrics"]["attacks"]
+    assert_golden({**{f"{n} auc": attacks[n]["auc"]["value"] for n in ("dcr_pixel", "dcr_embedding", "domias")},
+                   "dcr_pixel tpr at 1%": attacks["dcr_pixel"]["tpr_at_1pct_fpr"]["value"],
+                   "chosen": a["metrics"]["decision"]["chosen_attack"], "status": a["status"]},
+                  {"dcr_pixel auc": 0.595225, "dcr_embedding auc": 0.53335, "domias auc": 0.586075,
+                   "dcr_pixel tpr at 1%": 0.16, "chosen": "dcr_pixel", "status": "fail"}, rel=1e-5)
 
 
 def test_limits_too_lax_to_catch_the_planted_leak_make_the_audit_invalid(case):
