@@ -237,14 +237,15 @@ def _dp_text(model: Mapping | None) -> str:
     dp = model.get("dp")
     if not dp:
         return "Trained **without** differential privacy: no formal privacy guarantee; the audit is the evidence."
-    parts = [f"ε = {_value(dp, 'epsilon_spent')} spent (target {_value(dp, 'epsilon_target')})",
-             f"δ = {_value(dp, 'delta')}", f"accountant {_value(dp, 'accountant')}",
-             f"per-example clipping norm {_value(dp, 'max_grad_norm')}",
-             f"noise multiplier {_value(dp, 'noise_multiplier')}",
-             f"noise multiplicity {_value(dp, 'noise_multiplicity')}",
-             f"{_value(dp, 'sampling')} sampling at rate {_value(dp, 'sample_rate')}"]
-    return (f"Trained with differential privacy (DP-SGD, {_value(dp, 'library', 'library not recorded')}): "
-            + ", ".join(parts) + ".")
+    fields_ = (("epsilon_spent", "ε spent = {}"), ("epsilon_target", "target ε = {}"), ("delta", "δ = {}"),
+               ("accountant", "{} accountant"), ("max_grad_norm", "per-example clipping norm {}"),
+               ("noise_multiplier", "noise multiplier {}"), ("noise_multiplicity", "noise multiplicity {}"),
+               ("sampling", "{} sampling"), ("sample_rate", "sampling rate {}"))
+    given = [text.format(_num(dp[k])) for k, text in fields_ if dp.get(k) not in (None, "")]
+    missing = [k.replace("_", " ") for k, _ in fields_ if dp.get(k) in (None, "")]
+    library = f", {dp['library']}" if dp.get("library") else ""
+    return (f"Trained with differential privacy (DP-SGD{library}): {', '.join(given)}."
+            + (f" Not recorded: {', '.join(missing)}." if missing else ""))
 
 
 def _cumulative_text(privacy: "Cumulative | None") -> str:
@@ -388,16 +389,17 @@ def model_card(audit: "AuditRecord", model: Mapping | None, generator: Mapping |
                      f"{training['n_patients']} patients" if _is_num(training.get("n_patients"))
                      else "patient count not recorded"]
             labels = _training_labels(m)
-            label_text = ("; labels " + ", ".join(f"{k}: {v}" for k, v in labels.items())) if labels else \
+            label_text = ("; labels " + ", ".join(f"{k}: {v}" for k, v in sorted(labels.items()))) if labels else \
                 "; label counts not recorded"
             train_data = f"- Training set: {', '.join(parts)}{label_text}."
         else:
             train_data = "- Training set: not recorded in the model's synthgate.json."
         train_data += "\n- The training images never leave the hospital; only this model's audited outputs do."
         procedure = "\n".join([
-            f"- Steps: {_value(m, 'steps')}; seed: {_value(m, 'seed')}; batch size: {_value(cfg, 'batch_size')}; "
-            f"learning rate: {_value(cfg, 'learning_rate')} ({_value(cfg, 'lr_schedule', 'schedule not recorded')}); "
-            f"EMA decay: {_value(cfg, 'ema_decay')}.",
+            (f"- {m['steps']} steps" if _is_num(m.get("steps")) else "- Number of steps: not recorded")
+            + f"; seed {_value(m, 'seed')}; batch size {_value(cfg, 'batch_size')}; learning rate "
+            f"{_value(cfg, 'learning_rate')} ({_value(cfg, 'lr_schedule', 'schedule not recorded')}); EMA decay "
+            f"{_value(cfg, 'ema_decay')}.",
             f"- Objective: predict the {_value(m, 'prediction_type', 'unrecorded target')} of a denoising diffusion "
             f"model (Ho et al. 2020) over {_value(cfg, 'num_train_timesteps', 'an unrecorded number of')} noise "
             f"levels ({_value(cfg, 'beta_schedule', 'unrecorded')} schedule).",

@@ -148,7 +148,7 @@ def test_two_dp_models_on_the_same_training_set_add_up(case, capsys, tmp_path):
     assert manifest["privacy"]["cumulative_at_bundling"]["epsilon"] == pytest.approx(5.0)
     card = (tmp_path / "b2" / "MODEL_CARD.md").read_text()
     assert "cumulative ε = 5, δ = 3e-06 over 2 models" in card and "Dwork & Roth 2014, Theorem 3.16" in card
-    assert "Trained with differential privacy (DP-SGD" in card and "ε = 3 spent (target 3)" in card
+    assert "Trained with differential privacy (DP-SGD" in card and "ε spent = 3, target ε = 3, δ = 2e-06, prv accountant" in card
     code, text, _ = _ledger(capsys, ledger)
     assert code == 0 and "every entry verifies" in text and "cumulative: cumulative ε = 5" in text
     assert str(case / "p" / "train") not in "".join(p.read_text(errors="replace")
@@ -397,4 +397,4 @@ def test_a_real_dp_model_s_epsilon_reaches_the_ledger(tmp_path, capsys, one_torc
                                     "accountant": "rdp"}
     assert 0 < group["cumulative"]["epsilon"] == spent["epsilon_spent"] <= 8.0
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
-    assert "### Training procedure\n- Steps: 3; seed: 1; batch size: 8" in card and "opacus" in card
+    assert "### Training procedure\n- 3 steps; seed 1; batch size 8" in card and "opacus" in card
