@@ -215,6 +215,19 @@ def test_a_release_past_the_limit_is_refused_before_anything_is_written(case, ca
     assert _bundle(capsys, case, tmp_path / "b3", ledger=ledger, policy=policy_a, audit=audit_a)[0] == 0
 
 
+def test_the_limit_is_checked_again_under_the_ledger_lock(case, capsys, tmp_path, monkeypatch):
+    """A concurrent bundle recorded between this bundle's first check and its ledger entry: still refused."""
+    ledger = tmp_path / "ledger.jsonl"
+    policy_a, audit_a = _limited(case, tmp_path, 4.0, "refuse", "A")
+    policy_b, audit_b = _limited(case, tmp_path, 4.0, "refuse", "B")
+    assert _bundle(capsys, case, tmp_path / "b1", ledger=ledger, policy=policy_a, audit=audit_a)[0] == 0
+    empty = L.LedgerState(ledger)  # what the first check saw, before the other bundle's entry landed
+    monkeypatch.setattr(L, "read_ledger", lambda *a, **k: empty)
+    result = _bundle(capsys, case, tmp_path / "b2", ledger=ledger, policy=policy_b, audit=audit_b)
+    one_line_error(result, "another release was recorded while this one was being written", "nothing was written")
+    assert not (tmp_path / "b2").exists() and len(ledger.read_text().splitlines()) == 1
+
+
 def test_a_release_past_the_limit_warns_when_the_policy_says_warn(case, capsys, tmp_path):
     ledger = tmp_path / "ledger.jsonl"
     policy_a, audit_a = _limited(case, tmp_path, 4.0, "warn", "A")
