@@ -534,7 +534,7 @@ def _write(out: Path, synthetic: Path, audit: SignedAudit, audit_signer: str, im
                         "dp": None if facts.dp is None else facts.dp.to_dict(), "no_dp": facts.no_dp,
                         "cumulative_at_bundling": release.cumulative.to_dict()},
             "content_credentials": credentials,
-            "custodian": release.steward.to_dict(),
+            "custodian": redactor.value(release.steward.to_dict()),
             "images": images,
             "held_back": held,
             "files": {p.relative_to(tmp).as_posix(): sha256_file(p)

@@ -145,6 +145,13 @@ def assertion_for(*, model_sha256: str | None, model_source: str, audit_sha256: 
 # ------------------------------------------------------------------ verifying
 
 
+def _inside(rel: str) -> bool:
+    from pathlib import PurePosixPath
+
+    p = PurePosixPath(rel)
+    return bool(rel) and "\\" not in rel and not p.is_absolute() and ".." not in p.parts
+
+
 def verify_images(root: Path, manifest: dict, trust: str | Path | None, ok: list[str], bad: list[str]) -> str | None:
     """Check every released image's credentials; returns a note when they were not checked (else ``None``).
 
@@ -189,7 +196,11 @@ def verify_images(root: Path, manifest: dict, trust: str | Path | None, ok: list
             continue
         if trust is None:
             continue
-        if sidecar is not None and not (isinstance(sidecar, str) and (root / sidecar).is_file()):
+        files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+        if sidecar is not None and not (isinstance(sidecar, str) and sidecar in files and _inside(sidecar)):
+            bad.append(f"{e['path']}: its detached C2PA manifest is not a file the manifest lists")
+            continue
+        if sidecar is not None and not (root / sidecar).is_file():
             bad.append(f"{e['path']}: its detached C2PA manifest {sidecar} is missing")
             continue
         try:

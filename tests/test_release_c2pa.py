@@ -143,6 +143,11 @@ def test_every_released_file_carries_credentials_that_verify_with_the_root(case,
     assert f"ok: content credentials of {len(manifest['images'])} image file(s)" in out and "intact" in out
     sheet = (bundle / "DATASHEET.md").read_text()
     assert "Content credentials (C2PA)" in sheet and "--c2pa-trust ROOT.pem" in sheet
+    # the images folder is still an image set (the sidecars are not images): labels and all
+    from synthgate.imageset import ImageSet
+
+    shipped_set = ImageSet(bundle / "images", cache=None)
+    assert len(shipped_set) == len(manifest["images"]) and all(r.label is not None for r in shipped_set)
 
 
 def test_without_a_trust_root_credentials_are_said_not_to_be_checked(case, capsys):
