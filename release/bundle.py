@@ -36,9 +36,10 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from synthgate import __version__
 from synthgate.errors import InputError, IntegrityError, MissingInputError, UsageError
@@ -49,6 +50,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from audit.core.policy import Policy
     from audit.record import AuditRecord
     from synthgate.signing import SigningKey
+
+    from .credentials import C2paSigner
+    from .documents import Stewardship
+    from .ledger import Cumulative, Release
 
 MANIFEST = "manifest.json"
 AUDIT = "audit.json"
@@ -281,8 +286,10 @@ def _read_optional_json(path: Path) -> dict | None:
 
 
 def bundle(synthetic: str | Path, audit_path: str | Path, out: str | Path, policy: str | Path | None = "default", *,
-           signing_key: str | Path | None = None, trust: Iterable[str] = (), overwrite: bool = False) -> dict:
-    """Write a release bundle; returns its (signed) manifest.
+           signing_key: str | Path | None = None, trust: Iterable[str] = (), overwrite: bool = False,
+           ledger: str | Path | None = None, c2pa_chain: str | Path | None = None, c2pa_key: str | Path | None = None,
+           steward: "Stewardship | None" = None, warn: Callable[[str], None] | None = None) -> dict:
+    """Write a release bundle and record it in the release ledger; returns its (signed) manifest.
 
     Parameters
     ----------
@@ -295,14 +302,31 @@ def bundle(synthetic: str | Path, audit_path: str | Path, out: str | Path, polic
     signing_key
         A private key file to sign with (default: ``SYNTHGATE_KEY`` or this installation's key).
     trust
-        Further keys (public key files or fingerprints) whose audits may be bundled.
+        Further keys (public key files or fingerprints) whose audits, and ledger entries, are trusted.
     overwrite
         Replace an earlier output of ``release bundle`` (and nothing else) at ``out``.
+    ledger
+        The release ledger (:mod:`release.ledger`; default ``SYNTHGATE_LEDGER`` or
+        ``$XDG_DATA_HOME/synthgate/ledger.jsonl``).  The release is appended to it, signed
+        with this installation's key; a policy's ``max_cumulative_epsilon`` is checked
+        against it before anything is written.
+    c2pa_chain, c2pa_key
+        The hospital's C2PA certificate chain and key (default ``SYNTHGATE_C2PA_CHAIN`` /
+        ``SYNTHGATE_C2PA_KEY``): every released file gets content credentials.  Both or neither.
+    steward
+        What the custodian states for the model card and datasheet (:func:`release.documents.stewardship`).
+    warn
+        Called with each warning (a cumulative ε past a ``warn`` limit, a ledger that does not
+        verify); default :func:`warnings.warn`.
     """
     from audit.core.policy import load_policy
     from synthgate.outputs import check_target, refuse_overlap
     from synthgate.signing import load_signing_key, trusted_key
 
+    from . import credentials as c2pa
+    from .ledger import read_ledger, release_facts
+
+    warn = warn or _warn
     synthetic, audit_path, out = Path(synthetic), Path(audit_path), Path(out)
     audit = read_signed_audit(audit_path)
     record = audit.record
@@ -332,23 +356,95 @@ def bundle(synthetic: str | Path, audit_path: str | Path, out: str | Path, polic
     if not files:
         raise UsageError("the audit released no image that can ship (a file ships only when all its frames were "
                          "released)", audit_path)
-    return _write(out, synthetic, audit, audit_signer, imageset, sets, files, held, wanted, key, overwrite)
+    formats = {r.path: r.format for r in imageset.records}
+    signer = c2pa.resolve(c2pa_chain, c2pa_key)
+    if signer is not None:
+        c2pa.check_sidecars(files, formats)
+    steward = steward or _default_steward()
+    model_info = _model_info(record)
+    generator = _read_optional_json(synthetic / "manifest.json")
+    shipped = set(files)
+    facts = release_facts(record, model_info, generator, sum(1 for r in imageset.records if r.path in shipped))
+    state = read_ledger(ledger, trust)
+    cumulative = _check_privacy(state.cumulative(facts.training_set, facts), wanted, state.problems, warn)
+    release = _Release(facts, cumulative, ledger, tuple(str(t) for t in trust), signer, steward)
+    return _write(out, synthetic, audit, audit_signer, imageset, sets, files, held, wanted, key, overwrite,
+                  model_info, generator, release)
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, stacklevel=3)
+
+
+def _default_steward() -> "Stewardship":
+    from .documents import Stewardship
+
+    return Stewardship()
+
+
+@dataclass(frozen=True)
+class _Release:
+    """What the bundle needs beyond the audit: ledger facts and cost, where the ledger is, C2PA, the custodian."""
+
+    facts: "Release"
+    cumulative: "Cumulative"
+    ledger: str | Path | None
+    trust: tuple[str, ...]
+    signer: "C2paSigner | None"
+    steward: "Stewardship"
+
+
+def _short(digest: str | None) -> str:
+    return f"{digest[:12]}…" if digest else "(digest not recorded)"
+
+
+def _limit_problem(cumulative: "Cumulative", policy: "Policy") -> str | None:
+    """Why this release breaks the policy's ``max_cumulative_epsilon``, or ``None``."""
+    limit = policy.max_cumulative_epsilon
+    if limit is None:
+        return None
+    where = f"training set {_short(cumulative.training_set)}"
+    if not cumulative.bounded:
+        return (f"policy {policy.name!r} limits the cumulative ε of a training set to {limit:g}, but {where} has "
+                f"no differential-privacy guarantee ({'; '.join(cumulative.reasons)}), so its cumulative ε is not "
+                "bounded")
+    if cumulative.epsilon > limit:
+        return (f"this release takes the cumulative ε of {where} to {cumulative.epsilon:.4g} (δ "
+                f"{cumulative.delta:.3g}) over {len(cumulative.models)} DP model(s), past policy {policy.name!r}'s "
+                f"max_cumulative_epsilon {limit:g} (basic composition: the models' ε add up)")
+    return None
+
+
+def _check_privacy(cumulative: "Cumulative", policy: "Policy", ledger_problems: Sequence[str],
+                   warn: Callable[[str], None]) -> "Cumulative":
+    """Refuse (exit 2, nothing written) or warn when the cumulative ε passes the policy's limit."""
+    problem = _limit_problem(cumulative, policy)
+    if problem is not None:
+        if policy.on_cumulative_epsilon == "refuse":
+            raise UsageError(f"{problem}; nothing was written (see `release ledger`)")
+        warn(f"{problem}; bundling anyway (on_cumulative_epsilon: warn)")
+    elif ledger_problems:
+        warn(f"the release ledger does not verify ({ledger_problems[0]}{'; …' if len(ledger_problems) > 1 else ''}); "
+             "this release is recorded after it: see `release ledger`")
+    return cumulative
 
 
 def _write(out: Path, synthetic: Path, audit: SignedAudit, audit_signer: str, imageset: ImageSet,
            sets: dict[str, ImageSet], files: list[str], held: list[dict], policy: "Policy",
-           key: "SigningKey", overwrite: bool) -> dict:
+           key: "SigningKey", overwrite: bool, model_info: dict | None, generator: dict | None,
+           release: _Release) -> dict:
     from audit.record import parse_audit
     from audit.shareable import redactor_for, shareable
     from reports.render import render_html
     from synthgate.imagemeta import strip_ancillary
     from synthgate.signing import sign_document
 
+    from . import credentials as c2pa
     from .documents import datasheet, model_card
 
     record = audit.record
-    model_info = _model_info(record)
-    generator = _read_optional_json(synthetic / "manifest.json")
     # local paths beyond the audit's own inputs: the model's training set, the generator's model, this synthetic set
     local = {str(synthetic): ROLES["synthetic"], str(synthetic.resolve()): ROLES["synthetic"]}
     for source in (model_info, generator):
@@ -366,11 +462,23 @@ def _write(out: Path, synthetic: Path, audit: SignedAudit, audit_signer: str, im
     share = sign_document(share, key)
     share_record = parse_audit(share, AUDIT)
     share_text = to_json(share)
+    share_sha = hashlib.sha256(share_text.encode()).hexdigest()
+    created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    facts, signer = release.facts, release.signer
+    credentials = None if signer is None else {
+        **signer.to_dict(), "standard": "C2PA", "digital_source_type": "trainedAlgorithmicMedia",
+        "assertion": "org.synthgate.release", "embedded_in": list(c2pa.EMBEDDED),
+        "detached": "a .c2pa sidecar next to every other file"}
 
     by_path = {}
     for r in imageset.records:
         by_path.setdefault(r.path, []).append(r)
     labels = {p: rs[0].label for p, rs in by_path.items()}
+    reference = None
+    if "real" in sets and any(r.label is not None for r in sets["real"].records):
+        from collections import Counter
+
+        reference = dict(Counter(str(r.label) for r in sets["real"].records if r.label is not None))
     with atomic_directory(out, overwrite=overwrite, kind=KIND) as tmp:
         images = []
         for rel in files:
@@ -378,39 +486,100 @@ def _write(out: Path, synthetic: Path, audit: SignedAudit, audit_signer: str, im
             dst.parent.mkdir(parents=True, exist_ok=True)
             first = by_path[rel][0]
             data = strip_ancillary(synthetic / rel, first.format)  # pixels as audited; no text chunks or EXIF
+            entry = {"path": f"{IMAGES}/{rel}", "keys": [r.key for r in by_path[rel]],
+                     "audited_sha256": first.sha256}
+            if signer is not None:  # after strip_ancillary, which would remove an embedded manifest
+                assertion = c2pa.assertion_for(
+                    model_sha256=facts.model, model_source=facts.model_source, audit_sha256=share_sha,
+                    internal_audit_sha256=audit.sha256, verdict=record.verdict, audited_sha256=first.sha256,
+                    policy=policy.name)
+                source_sha = hashlib.sha256(data).hexdigest()
+                data, sidecar, fmt = c2pa.sign(data, first.format, signer, assertion)
+                cred = {"format": fmt, "source_sha256": source_sha}
+                if sidecar is not None:
+                    cred["sidecar"] = f"{IMAGES}/{c2pa.sidecar_for(rel)}"
+                    (tmp / cred["sidecar"]).write_bytes(sidecar)
+                entry["credentials"] = cred
             dst.write_bytes(data)
-            images.append({"path": f"{IMAGES}/{rel}", "keys": [r.key for r in by_path[rel]],
-                           "audited_sha256": first.sha256, "shipped_sha256": hashlib.sha256(data).hexdigest()})
+            entry["shipped_sha256"] = hashlib.sha256(data).hexdigest()
+            images.append(entry)
         if any(labels[p] is not None for p in files):
             (tmp / IMAGES / METADATA).write_text(_metadata_csv(files, labels), encoding="utf-8")
         (tmp / AUDIT).write_text(share_text, encoding="utf-8")
         (tmp / "report.html").write_text(render_html(share_record, internal=False, synthetic=imageset),
                                          encoding="utf-8")
         (tmp / POLICY).write_text(policy.text, encoding="utf-8")
-        (tmp / "MODEL_CARD.md").write_text(redactor.text(model_card(share_record, model_info, generator)),
-                                           encoding="utf-8")
-        (tmp / "DATASHEET.md").write_text(redactor.text(datasheet(share_record, model_info, generator, files,
-                                                                  labels, key.fingerprint)), encoding="utf-8")
+        card = model_card(share_record, model_info, generator, steward=release.steward, privacy=release.cumulative,
+                          credentials=credentials)
+        sheet = datasheet(share_record, model_info, generator, files, labels, key.fingerprint,
+                          steward=release.steward, privacy=release.cumulative, credentials=credentials,
+                          created=created, reference_labels=reference,
+                          reference_name="real set as audited (taken to be the training set)")
+        (tmp / "MODEL_CARD.md").write_text(redactor.text(card), encoding="utf-8")
+        (tmp / "DATASHEET.md").write_text(redactor.text(sheet), encoding="utf-8")
         gen = generator and {k: generator.get(k) for k in ("model", "training_set", "sampler")}
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "kind": "synthgate release bundle",
             "tool": {"name": "synthgate", "version": __version__},
-            "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "created": created,
             "synthetic_set": {"sha256": record.inputs.synthetic.sha256, "n_images": record.inputs.synthetic.n_images},
-            "audit": {"file": AUDIT, "edition": "shareable", "sha256": hashlib.sha256(share_text.encode()).hexdigest(),
+            "audit": {"file": AUDIT, "edition": "shareable", "sha256": share_sha,
                       "verdict": record.verdict, "created": record.created,
                       "internal": {"sha256": audit.sha256, "signed_by": audit_signer}},
             "policy": {"name": policy.name, "sha256": policy.sha256, "file": POLICY},
             "generator": gen,
+            "privacy": {"training_set_sha256": facts.training_set, "training_set_source": facts.training_set_source,
+                        "model_sha256": facts.model, "model_source": facts.model_source,
+                        "dp": None if facts.dp is None else facts.dp.to_dict(), "no_dp": facts.no_dp,
+                        "cumulative_at_bundling": release.cumulative.to_dict()},
+            "content_credentials": credentials,
+            "custodian": redactor.value(release.steward.to_dict()),
             "images": images,
             "held_back": held,
             "files": {p.relative_to(tmp).as_posix(): sha256_file(p)
                       for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         manifest = sign_document(manifest, key)
-        (tmp / MANIFEST).write_text(to_json(manifest), encoding="utf-8")
+        manifest_text = to_json(manifest)
+        (tmp / MANIFEST).write_text(manifest_text, encoding="utf-8")
+        _record(release, policy, out, hashlib.sha256(manifest_text.encode("utf-8")).hexdigest(), key.fingerprint,
+                audit)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; a bundle is meant to be shared
     return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _record(release: _Release, policy: "Policy", out: Path, manifest_sha: str, bundle_signer: str,
+            audit: SignedAudit) -> None:
+    """Append the release to the ledger, re-checking the policy's limit under the ledger's lock.
+
+    Runs as the last step inside the bundle's temporary folder: a refusal here
+    (a concurrent bundle took the cumulative ε past the limit meanwhile)
+    removes the bundle, and a ledger entry is never missing for a bundle that
+    exists (at worst one is recorded for a bundle whose final rename failed:
+    an over-count, never an under-count).
+    """
+    from synthgate.signing import load_signing_key
+
+    from .ledger import append
+
+    def recheck(state) -> None:
+        cumulative = state.cumulative(release.facts.training_set, release.facts)
+        problem = _limit_problem(cumulative, policy)
+        if problem is not None and policy.on_cumulative_epsilon == "refuse":
+            raise UsageError(f"{problem} (another release was recorded while this one was being written); nothing "
+                             "was written (see `release ledger`)")
+
+    append(release.facts, path=release.ledger, key=load_signing_key(), bundle_sha256=manifest_sha,
+           bundle_path=str(out.resolve()), bundle_signer=bundle_signer,
+           policy={"name": policy.name, "sha256": policy.sha256},
+           audit={"sha256": audit.sha256, "verdict": audit.record.verdict}, trust=release.trust, check=recheck)
 
 
 def _model_info(audit: "AuditRecord") -> dict | None:
@@ -439,6 +608,7 @@ class Verification:
     signer: str | None = None
     trusted_by: str | None = None
     named: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
 
     @property
     def consistent(self) -> bool:
@@ -458,13 +628,17 @@ def _safe_rel(rel: object) -> bool:
     return not p.is_absolute() and ".." not in p.parts
 
 
-def verify(bundle_dir: str | Path, keys: Iterable[str | Path] = (), fingerprints: Iterable[str] = ()) -> Verification:
+def verify(bundle_dir: str | Path, keys: Iterable[str | Path] = (), fingerprints: Iterable[str] = (),
+           c2pa_trust: str | Path | None = None) -> Verification:
     """Check a bundle: signatures, every file's hash, the images against the audit, the verdict, and trust.
 
     Trust: with ``keys`` (public key files) or ``fingerprints``, exactly those
-    keys are trusted; without, this installation's own key.  Raises (exit 2)
-    only when the folder is not a bundle at all; everything else is a problem
-    in the result.
+    keys are trusted; without, this installation's own key.  Content
+    credentials (C2PA) are validated only against ``c2pa_trust``, the root
+    certificates the verifier gives (never anything inside the bundle);
+    without it they are reported as not checked (``notes``).  Raises (exit 2)
+    only when the folder is not a bundle at all, or ``c2pa_trust`` cannot be
+    read; everything else is a problem in the result.
     """
     from synthgate.outputs import MARKER
     from synthgate.signing import PublicKey, SignatureError, installation_public_key, parse_fingerprint, verify_document
@@ -477,6 +651,7 @@ def verify(bundle_dir: str | Path, keys: Iterable[str | Path] = (), fingerprints
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise InputError("lists no files (not a synthgate bundle manifest)", root / MANIFEST)
     named = tuple(PublicKey.read(k).fingerprint for k in keys) + tuple(parse_fingerprint(f) for f in fingerprints)
+    anchors = _read_trust_roots(c2pa_trust, root) if c2pa_trust is not None else None
     ok: list[str] = []
     bad: list[str] = []
 
@@ -529,7 +704,23 @@ def verify(bundle_dir: str | Path, keys: Iterable[str | Path] = (), fingerprints
     if audit_doc is not None:
         _verify_images(root, manifest, audit_doc, ok, bad)
         _verify_policy(root, manifest, audit_doc, ok, bad)
-    return Verification(root, tuple(ok), tuple(bad), signer, trusted_by, named)
+    from .credentials import verify_images as verify_credentials
+
+    note = verify_credentials(root, manifest, anchors, ok, bad)
+    return Verification(root, tuple(ok), tuple(bad), signer, trusted_by, named, (note,) if note else ())
+
+
+def _read_trust_roots(path: str | Path, bundle_root: Path) -> bytes:
+    """The verifier's C2PA trust roots (PEM certificates); refused when they come from inside the bundle."""
+    path = Path(path)
+    data = _read_bytes(path, "C2PA trust root", 1 << 20)
+    if path.resolve() == bundle_root.resolve() or bundle_root.resolve() in path.resolve().parents:
+        raise UsageError("lies inside the bundle: trust roots must come from the hospital that signed it (the root "
+                         "certificate it publishes), never from the bundle being checked", path)
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise InputError("holds no PEM certificate (-----BEGIN CERTIFICATE-----); give the root certificate(s) the "
+                         "hospital publishes", path)
+    return data
 
 
 def _verify_audit(root: Path, manifest: dict, signer: str | None, ok: list[str], bad: list[str]) -> dict | None:
@@ -619,6 +810,9 @@ def _verify_images(root: Path, manifest: dict, audit: dict, ok: list[str], bad: 
     on_disk = {p.relative_to(root).as_posix() for p in (root / IMAGES).rglob("*")
                if (p.is_file() or p.is_symlink())} if (root / IMAGES).is_dir() else set()
     on_disk -= {f"{IMAGES}/{METADATA}"}
+    sidecars = {e["credentials"]["sidecar"] for e in entries if isinstance(e, dict)
+                and isinstance(e.get("credentials"), dict) and isinstance(e["credentials"].get("sidecar"), str)}
+    on_disk -= sidecars & set(files)  # detached C2PA manifests the signed manifest lists
     for extra in sorted(on_disk - paths):
         bad.append(f"{extra}: an image file that is not one of the audit's released images")
     for missing in sorted(paths - on_disk):

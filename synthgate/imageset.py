@@ -4,7 +4,9 @@ Conventions (the README's "Image sets" section says the same):
 
 - The folder is scanned recursively in a stable order (sorted POSIX paths);
   hidden files and folders and the sidecar files ``metadata.csv``,
-  ``manifest.json``, ``synthgate.json`` and ``audit.json`` are not images.
+  ``manifest.json``, ``synthgate.json``, ``audit.json`` and ``*.c2pa``
+  (detached C2PA content credentials, as release bundles carry next to DICOM
+  files) are not images.
   Every other file must be a readable image: ``.png .jpg .jpeg .tif .tiff
   .dcm .dicom .npy``, or DICOM without extension (detected by its ``DICM``
   preamble).  Anything else is an error unless ``skip_unreadable`` is set, in
@@ -39,6 +41,7 @@ from .errors import EmptySetError, ImageReadError, InputError, MetadataError, Mi
 from .fsutil import digest_pairs, sha256_file
 
 SIDECAR_NAMES = frozenset({"metadata.csv", "manifest.json", "synthgate.json", "audit.json"})
+SIDECAR_SUFFIXES = (".c2pa",)  # detached C2PA manifests (a release bundle's DICOM/TIFF credentials)
 KNOWN_COLUMNS = ("path", "patient_id", "label", "split")
 
 
@@ -215,7 +218,7 @@ class ImageSet:
             dirnames[:] = keep
             rel_dir = Path(dirpath).relative_to(self.root)
             for name in sorted(filenames):
-                if name.startswith(".") or name in SIDECAR_NAMES:
+                if name.startswith(".") or name in SIDECAR_NAMES or name.lower().endswith(SIDECAR_SUFFIXES):
                     continue
                 out.append((rel_dir / name).as_posix())
         return sorted(out)

@@ -14,6 +14,7 @@ def _isolate(monkeypatch, home: Path) -> None:
     monkeypatch.setenv("SYNTHGATE_LOG_DIR", str(home / "logs"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg-cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / "xdg-data"))  # the release ledger
     monkeypatch.setenv("SYNTHGATE_SALT", "test-salt")
     monkeypatch.setenv("SYNTHGATE_QUIET", "1")
     for name in ("SYNTHGATE_MAX_PIXELS", "SYNTHGATE_DEVICE", "SYNTHGATE_KEY", "SYNTHGATE_RAY_ADDRESS",

@@ -80,17 +80,99 @@ def test_bundle_ships_released_images_signed_and_documented(passed, capsys, tmp_
     assert marker["kind"] == "release bundle"
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
     assert card.startswith("---\nlibrary_name: diffusers")
-    for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
-                    "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"):
-        assert f"## {section}" in card
+    for section in HF_SECTIONS:
+        assert f"\n## {section}\n" in card, section
     sheet = (tmp_path / "b" / "DATASHEET.md").read_text()
-    for section in ("Motivation", "Composition", "Collection process", "Preprocessing", "Uses", "Distribution",
-                    "Maintenance", "STANDING Together"):
-        assert f"## {section}" in sheet
+    for section in DATASHEET_SECTIONS:
+        assert f"\n## {section}" in sheet, section
     assert "MRN" not in card + sheet + (tmp_path / "b" / "report.html").read_text()
-    assert not re.search(r"(^|[\s`(])\?($|[\s`×,.)])", card + sheet)  # no placeholder: what was not given is said
+    assert_no_placeholder(card + sheet)
     assert "gated by copy detection, DICOM" in card and "membership inference did not run" in card
     assert release_cli.main(["verify", str(tmp_path / "b")]) == 0
+
+
+HF_SECTIONS = ("Model details", "Uses", "Bias, risks, and limitations", "Training details", "Evaluation",
+               "Environmental impact and compute", "Technical specifications", "Citation", "Model card authors")
+DATASHEET_SECTIONS = ("Summary", "Motivation", "Composition", "Collection process", "Preprocessing", "Uses",
+                      "Distribution", "Maintenance", "STANDING Together")
+
+
+def assert_no_placeholder(text: str) -> None:
+    """No ``?`` standing for a value, no Python/JSON empty value, no made-up model type."""
+    assert not re.search(r"(^|[\s`(|])\?($|[\s`×,.)|])", text), re.search(r".{0,60}\?.{0,20}", text).group(0)
+    for word in ("None", "null", "unknown diffusion model", "nan", "{}", "[]"):
+        assert not re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text), word
+
+
+def test_a_card_made_without_the_model_says_what_was_not_given(passed, capsys, tmp_path):
+    code, _ = bundle(capsys, passed, tmp_path / "b")
+    assert code == 0
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    sheet = (tmp_path / "b" / "DATASHEET.md").read_text()
+    assert "model_given_to_audit: false" in card
+    assert "The audit was not given the model" in card and "**not** part of this release's evidence" in card
+    assert "Training procedure\n- Not given (the model was not given to the audit)." in card
+    assert "no differential-privacy guarantee that anyone checked" in card
+    assert "Custodian: not given (`release bundle --custodian`)" in sheet
+    unknown = sheet.split("What is unknown, stated as unknown:")[1]
+    assert "the model that generated the images (not given to the audit)" in unknown
+    assert "the custodian (not given: `release bundle --custodian`)" in unknown
+    assert "re-identification evidence (not in the policy)" in unknown
+    # a check the policy did not hold is named as not run, with what that leaves unknown
+    assert "membership inference: **not run** (not in the policy); so nothing shows whether the model" in card
+    assert_no_placeholder(card + sheet)
+
+
+def test_the_custodian_s_statements_reach_both_documents(passed, capsys, tmp_path):
+    code, (_, err) = bundle(capsys, passed, tmp_path / "b", "--custodian", "Radiology data office, St Elsewhere",
+                            "--licence", "CC-BY-4.0", "--purpose", "teaching chest imaging", "--uses-to-avoid",
+                            "commercial products")
+    assert code == 0, err
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    sheet = (tmp_path / "b" / "DATASHEET.md").read_text()
+    assert "license: cc-by-4.0" in card.split("---")[1]
+    assert "**Developed by / data custodian:** Radiology data office, St Elsewhere." in card
+    assert "- Teaching chest imaging; within the policy" in card and "commercial products (stated by the custodian)" in card
+    assert "Purpose: teaching chest imaging." in sheet and "Uses to avoid: commercial products" in sheet
+    assert "Licence and terms of use: CC-BY-4.0." in sheet
+    assert "not given (`release bundle --custodian`)" not in card + sheet
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["custodian"]["licence"] == "CC-BY-4.0"
+    code, (_, err) = bundle(capsys, passed, tmp_path / "c", "--purpose", "a\x07b")
+    assert code == 2 and "control character" in err
+
+
+def test_datasheet_composition_counts_are_the_bundle_s_metadata_csv(passed, capsys, tmp_path):
+    import csv
+    from collections import Counter
+
+    assert bundle(capsys, passed, tmp_path / "b")[0] == 0
+    with open(tmp_path / "b" / "images" / "metadata.csv", newline="") as fh:
+        shipped = Counter(row["label"] for row in csv.DictReader(fh))
+    sheet = (tmp_path / "b" / "DATASHEET.md").read_text()
+    rows = re.findall(r"^\| label \| (\S+) \| (\d+) \(\d+%\) \| (\d+) \(\d+%\) \|$", sheet, re.M)
+    assert {v: int(n) for v, n, _ in rows} == dict(shipped) and sum(shipped.values()) >= 10
+    real = Counter(r.label for r in __import__("synthgate.imageset", fromlist=["ImageSet"]).ImageSet(
+        passed / "p" / "train", cache=None))
+    assert {v: int(n) for v, _, n in rows} == dict(real)  # no model: the real set as audited is the reference
+    assert "real set as audited (taken to be the training set)" in sheet
+
+
+def test_the_placeholder_check_catches_what_the_old_cards_printed():
+    for old in ("unknown diffusion model (UNet2DModel), ?×? pixels", "Training: ? steps, seed ?",
+                "Digest `?`, ? images", "seed None", "delta: null"):
+        with pytest.raises(AssertionError):
+            assert_no_placeholder(old)
+    assert_no_placeholder("Is it a copy? No: ε = 2.5, training set unknown to synthgate.")
+
+
+def test_a_bundle_folder_gets_normal_permissions(passed, capsys, tmp_path):
+    mask = os.umask(0o022)  # mkdtemp makes 0700 whatever the umask; a bundle is meant to be shared
+    try:
+        assert bundle(capsys, passed, tmp_path / "b")[0] == 0
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o755
 
 
 @pytest.mark.parametrize("tamper", ["change", "add", "remove", "symlink"])

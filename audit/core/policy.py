@@ -20,6 +20,14 @@ Example::
         action: drop                 # block | drop | warn
         on_inconclusive: fail        # fail | warn
         settings: {rule: holdout, holdout_quantile: 0.01}
+    max_cumulative_epsilon: 8.0      # optional: DP budget of every release from one training set
+    on_cumulative_epsilon: refuse    # refuse (default) | warn, when `release bundle` would pass it
+
+``max_cumulative_epsilon`` is read by ``release bundle``, not by the audit: the
+ε of every model released from the same training set adds up (basic sequential
+composition, see :mod:`release.ledger`), and a release that would take the sum
+past the limit -- or add a model without a differential-privacy guarantee -- is
+refused or warned about.
 """
 from __future__ import annotations
 
@@ -60,6 +68,11 @@ class _Policy(BaseModel):
     max_drop_fraction: float = Field(0.1, ge=0.0, le=1.0,
                                      description="if a drop action removes more than this share, block instead")
     checks: dict[str, Any]
+    max_cumulative_epsilon: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False,
+        description="release bundle: the most DP epsilon all releases from one training set may add up to")
+    on_cumulative_epsilon: Literal["warn", "refuse"] | None = Field(
+        None, description="release bundle: refuse (default) or only warn when a release passes that limit")
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,8 @@ class Policy:
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     subset: tuple[str, ...] | None = None  # --checks: the audit ran only these (a partial audit)
     path: Path | None = None  # the policy file, when it is one (an input: outputs never go there)
+    max_cumulative_epsilon: float | None = None  # release bundle's limit on the training set's cumulative DP ε
+    on_cumulative_epsilon: str = "refuse"  # what release bundle does past it: refuse | warn
 
     @property
     def builtin(self) -> str | None:
@@ -105,7 +120,9 @@ class Policy:
     def to_dict(self) -> dict:
         out = {"name": self.name, "source": self.source, "sha256": self.sha256, "text": self.text,
                "max_drop_fraction": self.max_drop_fraction,
-               "checks": {n: r.to_dict() for n, r in self.checks.items()}}
+               "checks": {n: r.to_dict() for n, r in self.checks.items()},
+               "max_cumulative_epsilon": self.max_cumulative_epsilon,
+               "on_cumulative_epsilon": self.on_cumulative_epsilon}
         out["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
         return out
 
@@ -163,6 +180,9 @@ def parse_policy(text: str, source: str, *, only: list[str] | None = None,
         raise ConfigError(_first_error(exc, _Policy, ""), source) from None
     if not shape.checks:
         raise ConfigError("checks: a policy must name at least one check", source)
+    if shape.on_cumulative_epsilon is not None and shape.max_cumulative_epsilon is None:
+        raise ConfigError("on_cumulative_epsilon: says what to do past max_cumulative_epsilon, which is not set "
+                          "(set both, or neither)", source)
     overrides = {k: dict(v) for k, v in (overrides or {}).items() if v}
     names = list(only) if only else list(shape.checks)
     for name in [*shape.checks, *names, *overrides]:
@@ -179,7 +199,8 @@ def parse_policy(text: str, source: str, *, only: list[str] | None = None,
     except ValueError as exc:
         raise ConfigError(str(exc), source) from None
     return Policy(shape.name, shape.description, shape.max_drop_fraction, rules, text, source, overrides,
-                  tuple(names) if only else None)
+                  tuple(names) if only else None, max_cumulative_epsilon=shape.max_cumulative_epsilon,
+                  on_cumulative_epsilon=shape.on_cumulative_epsilon or "refuse")
 
 
 def load_policy(name_or_path: str | Path | None, *, only: list[str] | None = None,
