@@ -63,6 +63,24 @@ def roc(curves: dict, title: str) -> str:
     return _uri(plt, fig)
 
 
+def subgroup_rates(points: list[dict], title: str, limit: float | None = None) -> str:
+    """One point per subgroup with its interval: ``[{"label", "value", "lo", "hi", "resolved"}]``."""
+    plt, fig, ax = _fig()
+    shown = [p for p in points if p.get("resolved") and p.get("value") is not None]
+    ys = list(range(len(shown)))
+    for y, p in zip(ys, shown):
+        ax.errorbar(p["value"], y, xerr=[[p["value"] - p["lo"]], [p["hi"] - p["value"]]], fmt="o", color="C0",
+                    capsize=3)
+    if limit is not None:
+        ax.axvline(limit, color="C3", linestyle="--", linewidth=1.5, label=f"per-subgroup limit {limit:g}")
+        ax.legend(fontsize=7)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([p["label"] for p in shown], fontsize=7)
+    ax.set_xlabel("rate (95% interval)")
+    ax.set_title(title, fontsize=10)
+    return _uri(plt, fig)
+
+
 def thumbnail_uri(image, size: int = 96) -> str:
     """A float image ``(H, W, C)`` in [0, 1] as a small PNG data URI."""
     import numpy as np

@@ -101,6 +101,53 @@ def _flagged(check: "CheckRecord") -> list[dict]:
     return rows
 
 
+def _subgroups(audit) -> dict | None:
+    """The per-subgroup table (one row per column value) and its plots, or ``None`` without a subgroup analysis."""
+    doc = getattr(audit, "model_extra", None) or {}
+    sg = doc.get("subgroups")
+    if not sg:
+        return None
+    rows, copy_points, reid_points = [], [], []
+
+    def est(e):
+        return "—" if not e else f"{_fmt(e.get('value'))} [{_fmt(e['ci'][0])}, {_fmt(e['ci'][1])}]" if e.get("ci") \
+            else _fmt(e.get("value"))
+
+    for column, values in (sg.get("table") or {}).items():
+        for value, row in values.items():
+            label = f"{column}={value}"
+            comp = row.get("composition", {})
+            cells = {"subgroup": label, "training": comp.get("training"), "synthetic": comp.get("synthetic", "—")}
+            for part, key, points in (("copy", "rate", copy_points), ("reidentification", "rate", reid_points)):
+                r = row.get(part)
+                if r is None:
+                    cells[part] = "—"
+                    continue
+                cells[part] = est(r.get(key)) + f" (n={r.get('n_synthetic_matched')})" if r.get("resolved") else \
+                    "too small to resolve"
+                e = r.get(key) or {}
+                points.append({"label": label, "value": e.get("value"), "lo": (e.get("ci") or [0, 0])[0],
+                               "hi": (e.get("ci") or [0, 0])[1], "resolved": r.get("resolved")})
+            m = row.get("membership")
+            cells["membership AUC"] = "—" if m is None else est(m.get("auc")) if m.get("resolved") else \
+                "too small to resolve"
+            u = row.get("utility")
+            cells["utility drop"] = "—" if u is None else est(u.get("drop")) if u.get("resolved") else \
+                "too small to resolve"
+            rows.append(cells)
+    limits = sg.get("limits") or {}
+    figures = []
+    if any(p["resolved"] for p in copy_points):
+        figures.append(plots.subgroup_rates(copy_points, "copy rate by subgroup", limits.get("copy_rate")))
+    if any(p["resolved"] for p in reid_points):
+        figures.append(plots.subgroup_rates(reid_points, "re-identification rate by subgroup",
+                                                   limits.get("reidentification_rate")))
+    columns = ["subgroup", "training", "synthetic", "copy", "reidentification", "membership AUC", "utility drop"]
+    return {"columns": columns, "rows": [[r[c] for c in columns] for r in rows], "plots": figures,
+            "exceeded": sg.get("exceeded") or [], "unavailable": sg.get("unavailable") or [],
+            "min_size": sg.get("min_size"), "judge": sg.get("judge")}
+
+
 def _open_set(entry: "SetRecord | None"):
     from synthgate.imageset import ImageSet
 
@@ -192,6 +239,7 @@ def build_context(audit: "AuditRecord | dict", internal: bool = False, synthetic
         "thumbnails": thumbs, "pairs": pairs, "thumb_note": thumb_note,
         "n_synthetic": audit.inputs.synthetic.n_images, "fmt": _fmt,
         "dropped": [{"key": k, "check": audit.dropped_evidence.get(k, {}).get("check", "")} for k in audit.dropped],
+        "subgroups": _subgroups(audit),
     }
 
 

@@ -132,6 +132,15 @@ def _header(rng: np.random.Generator, anatomy_rng_id: int) -> dict:
     }
 
 
+#: the year every phantom study is dated (ages are counted to it)
+STUDY_YEAR = 2024
+
+
+def patient_age(anatomy: "Anatomy") -> int:
+    """The invented patient's age in whole years at the (fixed) study year."""
+    return STUDY_YEAR - int(anatomy.header["PatientBirthDate"][:4])
+
+
 @dataclass(frozen=True)
 class PhantomImage:
     path: str  # relative to the output root, e.g. "train/img_00007.png"
@@ -223,13 +232,16 @@ def write_phantoms(out: str | Path, *, patients: int = 20, images_per_patient: i
             else:
                 _write_dicom(target, img, anatomies[img.patient_id], seed)
             images.append(PhantomImage(img.path, img.split, img.patient_id, img.label, np.empty(0), img.index))
-        cols = ["path", "patient_id", "label"] if fmt == "png" else ["path", "label"]
+        # sex and age of the invented patient (from its header): subgroups for the per-subgroup analysis
+        cols = (["path", "patient_id", "label"] if fmt == "png" else ["path", "label"]) + ["sex", "age"]
+        demo = {pid: {"sex": a.header["PatientSex"], "age": patient_age(a)} for pid, a in anatomies.items()}
         for split in ("train", "holdout"):
-            rows = [{"path": i.path.split("/", 1)[1], "patient_id": i.patient_id, "label": i.label}
-                    for i in images if i.split == split]
+            rows = [{"path": i.path.split("/", 1)[1], "patient_id": i.patient_id, "label": i.label,
+                     **demo[i.patient_id]} for i in images if i.split == split]
             if rows:
                 (tmp / split / "metadata.csv").write_text(_metadata_csv(rows, cols))
-        rows = [{"path": i.path, "patient_id": i.patient_id, "label": i.label, "split": i.split} for i in images]
+        rows = [{"path": i.path, "patient_id": i.patient_id, "label": i.label, "split": i.split, **demo[i.patient_id]}
+                for i in images]
         (tmp / "metadata.csv").write_text(_metadata_csv(rows, cols + ["split"]))
     counts = {s: sum(1 for i in images if i.split == s) for s in ("train", "holdout")}
     return {

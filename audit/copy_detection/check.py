@@ -270,7 +270,8 @@ class CopyDetection(Check):
         data = {"histograms": self._histograms(fit, tiled, ratio, thresholds), "duplicate_examples": examples}
         status, reason = self._verdict(fit, flagged, warnings, len(synth))
         return self.result(status, reason, metrics=metrics, thresholds=thresholds, flagged=tuple(findings),
-                           controls=(fit.control,), data=data)
+                           controls=(fit.control,), data=data,
+                           per_image={"matched_real": _matched(tiled, ratio, len(synth)), "flagged": flagged})
 
     def _verdict(self, fit: CopyFit, flagged: np.ndarray, warnings: list[str], n: int) -> tuple[str, str]:
         control = fit.control
@@ -482,3 +483,15 @@ class CopyDetection(Check):
             spec["lines"] = {k: thresholds[k] for k in ("threshold", "tau") if thresholds.get(k) is not None}
             out["tiled distance to the nearest training image"] = spec
         return next(iter(out.values())) if len(out) == 1 else out
+
+
+def _matched(tiled, ratio, n: int) -> np.ndarray:
+    """Each synthetic image's nearest training image (the one a flag names; else the best found), for subgroups."""
+    if tiled is not None:
+        return np.asarray(tiled[0], int)
+    out = np.full(n, -1, int)
+    for test in ratio.tests.values():
+        nearest = np.asarray(test["nearest"], int)
+        out = np.where(out < 0, nearest, out)
+        out = np.where(np.asarray(test["flagged"], bool), nearest, out)
+    return out

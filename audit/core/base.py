@@ -102,6 +102,8 @@ class CheckResult:
     limitations: tuple[str, ...] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
     seconds: float | None = None
+    #: per-image evidence for the per-subgroup analysis (audit.core.subgroups); never serialised
+    per_image: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if self.status not in STATUSES:

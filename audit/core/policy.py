@@ -60,6 +60,20 @@ class _Rule(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict, description="the check's own settings")
 
 
+class _Subgroups(BaseModel):
+    """Which metadata columns results are broken down by, and optional per-subgroup limits."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    columns: list[str] = Field(min_length=1, description="metadata.csv columns (or label) to break results down by")
+    min_size: int = Field(20, ge=2, description="fewest units on a side for a subgroup's figure to be reported")
+    bins: dict[str, list[float]] = Field(default_factory=dict, description="bin edges for numeric columns (age)")
+    limits: dict[Literal["copy_rate", "reidentification_rate", "membership_auc", "utility_drop"], float | None] = \
+        Field(default_factory=dict, description="per-subgroup limits; the worst subgroup decides")
+    judge: Literal["interval", "point"] = Field("interval", description="a limit fails on the interval's lower "
+                                                                      "bound (interval) or the point estimate")
+
+
 class _Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -73,6 +87,7 @@ class _Policy(BaseModel):
         description="release bundle: the most DP epsilon all releases from one training set may add up to")
     on_cumulative_epsilon: Literal["warn", "refuse"] | None = Field(
         None, description="release bundle: refuse (default) or only warn when a release passes that limit")
+    subgroups: _Subgroups | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,7 @@ class Policy:
     path: Path | None = None  # the policy file, when it is one (an input: outputs never go there)
     max_cumulative_epsilon: float | None = None  # release bundle's limit on the training set's cumulative DP ε
     on_cumulative_epsilon: str = "refuse"  # what release bundle does past it: refuse | warn
+    subgroups: Any = None  # audit.core.subgroups.SubgroupSpec, when the policy names subgroup columns
 
     @property
     def builtin(self) -> str | None:
@@ -124,6 +140,11 @@ class Policy:
                "max_cumulative_epsilon": self.max_cumulative_epsilon,
                "on_cumulative_epsilon": self.on_cumulative_epsilon}
         out["overrides"] = {k: dict(v) for k, v in self.overrides.items()}
+        if self.subgroups is not None:
+            sg = self.subgroups
+            out["subgroups"] = {"columns": list(sg.columns), "min_size": sg.min_size,
+                                "bins": {k: list(v) for k, v in sg.bins.items()}, "limits": dict(sg.limits),
+                                "judge": sg.judge}
         return out
 
     def rule(self, name: str) -> CheckRule:
@@ -198,8 +219,19 @@ def parse_policy(text: str, source: str, *, only: list[str] | None = None,
             rules[name] = _rule(name, shape.checks.get(name), overrides.get(name, {}), True if only else None)
     except ValueError as exc:
         raise ConfigError(str(exc), source) from None
+    subgroups = None
+    if shape.subgroups is not None:
+        from .subgroups import SubgroupSpec
+
+        sg = shape.subgroups
+        for column, edges in sg.bins.items():
+            if len(edges) < 2 or any(b <= a for a, b in zip(edges[:-1], edges[1:])):
+                raise ConfigError(f"subgroups.bins.{column}: needs at least two increasing edges", source)
+        subgroups = SubgroupSpec(tuple(sg.columns), sg.min_size, {k: tuple(v) for k, v in sg.bins.items()},
+                                 {k: v for k, v in sg.limits.items() if v is not None}, sg.judge)
     return Policy(shape.name, shape.description, shape.max_drop_fraction, rules, text, source, overrides,
-                  tuple(names) if only else None, max_cumulative_epsilon=shape.max_cumulative_epsilon,
+                  tuple(names) if only else None, subgroups=subgroups,
+                  max_cumulative_epsilon=shape.max_cumulative_epsilon,
                   on_cumulative_epsilon=shape.on_cumulative_epsilon or "refuse")
 
 

@@ -133,6 +133,7 @@ class Audit:
             "drop_rounds": self.decision.rounds,
             "released": self.released,
             "released_sha256": self.released_sha256,
+            **({"subgroups": self.decision.subgroups} if self.decision.subgroups is not None else {}),
             "patient_hash_salt_id": salt_id(),
             "versions": versions("pydicom", "scikit-learn", "opacus", "faiss-cpu", "open_clip_torch"),
         }

@@ -29,6 +29,7 @@ class Decision:
     dropped: dict[str, dict]  # synthetic key -> {"check": name, "reason": ...} (the finding that dropped it)
     rounds: list[dict]
     notes: list[str] = field(default_factory=list)  # e.g. real-side state restored from an earlier audit
+    subgroups: dict | None = None  # the per-subgroup analysis, when the policy asks for one
 
 
 def _files_of(keys: set[str], synthetic) -> set[str]:
@@ -123,11 +124,13 @@ def run_policy(ctx: AuditContext, policy: Policy, max_rounds: int = 3):
     dropped: dict[str, dict] = {}
     rounds: list[dict] = []
     results: dict[str, CheckResult] = {}
+    first: dict[str, CheckResult] = {}  # round 1 saw every synthetic image: the subgroup analysis reads it
     current = ctx
     for round_no in range(1, max_rounds + 1):
         new: dict[str, dict] = {}
         for n in per_image:
             r = results[n] = checks.run(n, current)
+            first.setdefault(n, r)
             # a drop action removes every flagged image, also when the check only warns (e.g. matches within
             # the false-match rate): privacy-enhancing sampling filters each match, not only a significant excess
             if r.status in ("fail", "warn") and r.flagged and rules[n].action == "drop":
@@ -147,6 +150,14 @@ def run_policy(ctx: AuditContext, policy: Policy, max_rounds: int = 3):
             results[n] = checks.run(n, current)
     ordered = [results[n] for n in names if n in results]
     decision = _decide(ordered, rules, dropped, n_total, policy.max_drop_fraction, rounds)
+    if policy.subgroups is not None:
+        from .subgroups import analyse, reasons
+
+        decision.subgroups = analyse(policy.subgroups, ctx, first, results)
+        extra = reasons(decision.subgroups)
+        if extra:
+            decision.reasons += extra
+            decision.verdict = "fail"
     decision.notes += [f"{n}: the real side (training features, calibration, controls) was restored from a "
                        "verified earlier audit of the same real data and settings" for n in checks.restored]
     if ctx.fit_store is not None:

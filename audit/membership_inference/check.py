@@ -479,7 +479,9 @@ class MembershipInference(Check):
                 "table": self._table(ev.full, ev.chosen)}
         self._write_csv(ctx, sample, run)
         return self.result(status, reason, metrics=self._metrics(sample, run, ev, shared), thresholds=thresholds,
-                           controls=tuple(controls), data=data)
+                           controls=tuple(controls), data=data,
+                           per_image={"members": sample.members, "nonmembers": sample.nonmembers,
+                                      "scores": run.scores[ev.chosen], "attack": ev.chosen})
 
     # ---------------------------------------------------------------- outputs
 

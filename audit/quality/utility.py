@@ -148,6 +148,7 @@ class Utility(Check):
         x = load_images(ctx, imageset, size, indices)
         records = imageset.records if indices is None else [imageset.records[i] for i in indices]
         y = np.array([class_index[r.label] for r in records], np.int64)
+        self._indices[which] = np.arange(n) if indices is None else np.asarray(indices)
         return x, y, (n if indices is None else len(indices)) < n
 
     # ------------------------------------------------------------------ run
@@ -157,6 +158,7 @@ class Utility(Check):
         import torch
 
         st = self.settings
+        self._indices: dict[str, np.ndarray] = {}
         real, synth, hold = ctx.real, ctx.synthetic, ctx.holdout
         if not hold.has_labels:
             return self.result("skipped", "the holdout set has no labels (metadata.csv label column or class folders)")
@@ -232,8 +234,11 @@ class Utility(Check):
         if k == 2:
             plot["roc"] = {a: roc_points(probs[a][0][:, 1], y_hold == 1) for a in names}
             plot["roc_note"] = "first training run of each arm"
+        # per holdout image, each arm's mean probabilities over its runs: the per-subgroup analysis reads them
+        per_image = {"holdout": self._indices["holdout"], "y": y_hold,
+                     "probs": {a: np.mean(probs[a], axis=0) for a in names if a in ("real", "synthetic")}}
         return self.result(status, reason, metrics=metrics, thresholds=thresholds, controls=tuple(controls),
-                           data=plot)
+                           data=plot, per_image=per_image)
 
     # -------------------------------------------------------------- pieces
 

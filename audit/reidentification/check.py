@@ -222,7 +222,8 @@ class Reidentification(Check):
         data = {"histograms": _histograms(s_score, fit.impostor, fit.genuine, fit.probe_scores, tau), "roc": fit.roc}
         status, reason = self._decide(plan, fit.verification, fit.controls, n_flag, n_syn, p_excess, tau, bound)
         return self.result(status, reason, metrics=metrics, thresholds=thresholds, flagged=tuple(findings),
-                           controls=fit.controls, data=data)
+                           controls=fit.controls, data=data,
+                           per_image={"matched_real": np.asarray(s_idx, int), "flagged": np.asarray(flagged, bool)})
 
     # ------------------------------------------------------------ network
 
