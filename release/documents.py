@@ -278,6 +278,28 @@ def subgroup_counts(files: list[str], columns: Mapping[str, Mapping[str, str | N
             for name, values in columns.items()}
 
 
+def _policy_subgroups(audit: "AuditRecord") -> str:
+    """The training set's composition by the policy's subgroup columns (from the audit's per-subgroup analysis),
+    against the released images where they carry the column; with the subgroups beyond a limit."""
+    sg = (audit.model_extra or {}).get("subgroups") or {}
+    table = sg.get("table") or {}
+    if not table:
+        return ""
+    lines = ["- Composition by the policy's subgroup columns (training set as audited; released images where they "
+             "carry the column -- a generator not conditioned on it does not record it):", "",
+             "| column | value | training images | released images |", "|---|---|---|---|"]
+    for column, values in table.items():
+        for value, row in values.items():
+            comp = row.get("composition") or {}
+            rel = comp.get("synthetic")
+            lines.append(f"| {column} | {value} | {comp.get('training', 0)} | "
+                         f"{rel if rel is not None else 'not recorded'} |")
+    for e in sg.get("exceeded") or []:
+        lines.append(f"\n- Subgroup {e['column']}={e['value']} went beyond the policy's per-subgroup "
+                     f"{e['limit'].replace('_', ' ')} limit {e['limit_value']:g}.")
+    return "\n".join(lines) + "\n"
+
+
 def _composition_table(released: Mapping[str, Counter], reference: Mapping[str, Mapping[str, int]] | None,
                        reference_name: str) -> str:
     lines = [f"| subgroup column | value | released images | {reference_name} |", "|---|---|---|---|"]
@@ -601,7 +623,7 @@ is listed at the end, as unknown.
 - Composition by subgroup (released files vs the {ref_name}):
 
 {_composition_table(released_counts, reference, ref_name)}
-
+{_policy_subgroups(audit)}
 - Excluded: {len(audit.dropped)} generated image(s) dropped by the release gate (near-copies or re-identifiable
   images), never included.
 - Geometry as audited: {geometry}.

@@ -677,7 +677,7 @@ def _cbor(data: bytes, pos: int, depth: int = 0):
 # ------------------------------------------------------------------- helpers
 
 def _c2pa():
-    return require("c2pa", purpose="C2PA content credentials (pip install c2pa-python)")
+    return require("c2pa", purpose="C2PA content credentials (pip install \"synthgate[c2pa]\")")
 
 
 def _mime(fmt: str) -> str:

@@ -249,8 +249,9 @@ def test_training_duplicates_under_the_shift_zoom_distance(small, tmp_path):
     rows = list(csv.DictReader(open(train / "metadata.csv")))
     other = next(r for r in rows if r["patient_id"] != rows[0]["patient_id"])
     shutil.copy(train / rows[0]["path"], train / "dup.png")
-    with open(train / "metadata.csv", "a") as fh:
-        fh.write(f"dup.png,{other['patient_id']},{rows[0]['label']}\n")
+    with open(train / "metadata.csv", "a", newline="") as fh:  # every column of the header, CSV-quoted
+        csv.DictWriter(fh, fieldnames=list(rows[0])).writerow({**rows[0], "path": "dup.png",
+                                                             "patient_id": other["patient_id"]})
     policy = only_policy("copy_detection", action="warn", required=False)
     r = audit.check(small / "syn", real=train, holdout=small / "p" / "holdout", policy=policy,
                     progress=False).result("copy_detection")

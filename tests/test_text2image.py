@@ -116,7 +116,7 @@ def test_extra_metadata_columns_reach_the_captions(ph, tmp_path):
     lines = (real / "metadata.csv").read_text().splitlines()
     (real / "metadata.csv").write_text("\n".join([lines[0] + ",view"] + [f"{ln},{'AP' if i % 2 else 'PA'}"
                                                                         for i, ln in enumerate(lines[1:])]) + "\n")
-    assert metadata_columns(real) == ["path", "patient_id", "label", "view"]
+    assert metadata_columns(real) == ["path", "patient_id", "label", "sex", "age", "view"]
     training = open_training_set(real, 16, "none", extra_columns=["view"])
     captions = build_captions("{view} radiograph, class {label}", training.images.records)
     assert captions[0].startswith("PA radiograph, class ") and captions[1].startswith("AP radiograph, class ")
