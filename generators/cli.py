@@ -110,8 +110,8 @@ def add_train_arguments(p) -> None:
     r.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoints after saving the model")
     r.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     r.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: SYNTHGATE_THREADS, else torch's; 1 is often fastest for "
-                        "small models on a few busy cores)")
+                   help="torch CPU threads (default: SYNTHGATE_THREADS, else the cores not already busy; 1 is often "
+                        "fastest for small models on a few busy cores)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing MODEL folder")
     r.add_argument("--skip-unreadable", action="store_true", help="train on the readable images only (listed)")
     r.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")

@@ -89,6 +89,9 @@ def write_crash_log(prog: str, argv: Sequence[str]) -> Path:
 def run(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None, prog: str) -> int:
     """Run ``command(argv)`` and map every outcome to an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .device import prefer_passive_waiting
+
+    prefer_passive_waiting()  # before any command imports torch
     import signal
     import threading
 
