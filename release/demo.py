@@ -42,6 +42,10 @@ verified). Prints both verdicts side by side. Minutes on 2 CPU cores; nothing
 is downloaded. Exit 0 when the gate told them apart, 1 when it did not.
 """
 
+#: the ``tiny`` preset's UNet at a quarter of its widths (16, 32, 32 channels; 0.26 M parameters rather than 1.05 M): a
+#: training step costs a third of the preset's on one CPU core, and it still memorises a few patients' images
+NETWORK = {"block_out_channels": (16, 32, 32)}
+
 CHECK_ORDER = ("copy_detection", "reidentification", "membership_inference", "dicom_phi", "utility", "fidelity")
 
 
@@ -244,7 +248,7 @@ def train_arm(arm: Arm, model_dir: Path, args, device) -> float:
     from generators.run import train
 
     config = preset("tiny", resolution=args.size, steps=arm.steps, batch_size=min(32, arm.images), seed=args.seed,
-                    conditioning="none")
+                    conditioning="none", **NETWORK)
     return train(arm.train, model_dir, config, device=str(device), progress=False).final_loss
 
 
