@@ -28,6 +28,8 @@ class MembershipInferenceSettings(CheckSettings):
     """Members and non-members drawn (each at most the set's size)."""
     n_boot: int = Field(1000, ge=100)
     """Bootstrap resamples for the intervals."""
+    n_permutations: int = Field(2000, ge=100)
+    """Null control: random relabellings of patients (all of them when there are fewer)."""
     alpha: float = Field(0.05, gt=0, lt=0.5)
     """Level of the intervals; the simultaneous ones use alpha / k over k attacks (Bonferroni)."""
     control_alpha: float = Field(0.01, gt=0, lt=0.5)
