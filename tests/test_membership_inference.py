@@ -478,6 +478,34 @@ def test_a_memorising_model_fails_the_default_policy(case, model_case):
     assert max(a["auc"].value for a in r.metrics["attacks"].values() if a["scenario"] == 2) > 0.9
 
 
+def test_the_model_records_resize_is_applied_and_reported(case, model_case, tmp_path):
+    """32 x 32 copies of the 16 x 16 sets: refused for a model whose record does not say its trainer resized, run
+    (and said so) when synthgate.json records it, as synthgate's trainer does."""
+    from synthgate.errors import InputError
+
+    def upscaled(src, dst):
+        dst.mkdir()
+        for f in sorted(src.glob("*.png")):
+            Image.open(f).resize((32, 32), Image.Resampling.BILINEAR).save(dst / f.name)
+        shutil.copy(src / "metadata.csv", dst / "metadata.csv")
+        return dst
+
+    seen, hold = upscaled(model_case / "seen", tmp_path / "seen"), upscaled(case / "p" / "holdout", tmp_path / "h")
+    model = tmp_path / "model"
+    shutil.copytree(model_case / "model", model)
+    ctx = _ctx(case, real=seen, holdout=hold, model=model)
+    check = create_check("membership_inference", control_model=False, **FAST)
+    with pytest.raises(InputError, match="does not say its trainer resized"):
+        check.preflight(ctx)
+    info = json.loads((model / "synthgate.json").read_text())
+    info["training_set"] = {**(info.get("training_set") or {}), "resized": ["sizes 32x32 resized to 16x16"]}
+    (model / "synthgate.json").write_text(json.dumps(info))
+    r = check.run(ctx)
+    assert r.metrics["scenario_2"]["preprocessing"].startswith("images resized to 16x16 (antialiased bilinear) as "
+                                                               "the model's trainer recorded")
+    assert r.metrics["attacks"]["loss_t50"]["auc"].value > 0.9  # the members are still recognised
+
+
 def test_model_that_never_saw_the_members_is_not_flagged(case, model_case):
     # 16 non-members cannot resolve TPR at 1% FPR: judge the AUC only here
     r = create_check("membership_inference", control_model=False, max_tpr_at_1pct_fpr=None, **FAST).run(

@@ -297,16 +297,36 @@ class MembershipInference(Check):
                         raise InputError(f"the model is conditioned on {', '.join(names)} but {r.key} has no "
                                          f"{gap!r} in metadata.csv; the model attacks need each image's attributes",
                                          set_.root)
-        if self.settings.resize_for_model:
+        if self._preprocessing(ctx, info, res) is not None:
             return geo
         for set_ in (ctx.real, ctx.holdout):
             bad = next((r for r in set_.records if (r.height, r.width, r.channels) != (res, res, chans)), None)
             if bad is not None:
                 raise InputError(
                     f"the model was trained on {chans}x{res}x{res} images but {set_.root.name}/{bad.key} is "
-                    f"{bad.channels}x{bad.height}x{bad.width}; the model attacks need the images as the model saw them "
-                    "(set membership_inference.resize_for_model=true if its trainer resized them this way)", ctx.model)
+                    f"{bad.channels}x{bad.height}x{bad.width}, and the model's record (synthgate.json training_set."
+                    "resized) does not say its trainer resized images; the model attacks need the images as the "
+                    "model saw them (set membership_inference.resize_for_model=true if its trainer resized them "
+                    "with an antialiased bilinear resize)", ctx.model)
         return geo
+
+    def _preprocessing(self, ctx, info: dict, res: int) -> str | None:
+        """How the audited images are brought to the model's input, when that differs from "as they are".
+
+        synthgate's trainer records in ``synthgate.json`` (``training_set.resized``) that it resized the training
+        images, with the antialiased bilinear resize the audit uses too: then the attacks apply the same by
+        default.  ``resize_for_model`` asserts it for a model without that record.
+        """
+        sizes = {(r.height, r.width) for set_ in (ctx.real, ctx.holdout) for r in set_.records}
+        if sizes <= {(res, res)}:
+            return None
+        recorded = (info.get("training_set") or {}).get("resized")
+        if recorded:
+            return (f"images resized to {res}x{res} (antialiased bilinear) as the model's trainer recorded "
+                    f"({'; '.join(recorded)})")
+        if self.settings.resize_for_model:
+            return f"images resized to {res}x{res} (antialiased bilinear): resize_for_model set by the policy"
+        return None
 
     def _model_attacks(self):
         from .registry import create_attacks
@@ -353,7 +373,7 @@ class MembershipInference(Check):
         return out
 
     def _scenario2(self, ctx, sample: Sample, run: AttackRun, geo: Geometry):
-        from generators.loading import load_model
+        from generators.loading import load_model, read_info
 
         model = load_model(ctx.model, ctx.torch_device)
         self._check_timesteps(model)
@@ -366,6 +386,8 @@ class MembershipInference(Check):
             "latent": model.latent, "num_train_timesteps": model.num_train_timesteps,
             "prediction_type": model.prediction_type, "conditional": model.labels is not None,
             "forward_passes_per_image": self._passes_per_image(),
+            "preprocessing": (self._preprocessing(ctx, read_info(ctx.model), model.resolution)
+                              or "images as they are (the model's input size)"),
         }
         return model
 

@@ -59,7 +59,8 @@ class MembershipInferenceSettings(CheckSettings):
     secmi_k: int = Field(10, ge=1)
     """SecMI's step size."""
     resize_for_model: bool = False
-    """Resize the real images to the model's resolution for the model attacks."""
+    """Resize the real images to the model's resolution for the model attacks, for a model whose record does not say
+    its trainer did (a synthgate-trained model's ``synthgate.json`` does: then it is applied by default)."""
     batch_size: int = Field(64, ge=1)
     """Images per batch."""
     query_chunk_mb: int = Field(256, ge=1)
