@@ -29,7 +29,8 @@ from accelerate import Accelerator
 from generators.config import preset
 from generators.nets import build_denoiser, build_scheduler
 from generators.train import Trainer
-cfg = preset("tiny", steps={steps}, batch_size=32, resolution=32, seed=0, conditioning="none")
+cfg = preset("tiny", steps={steps}, batch_size=32, resolution=32, seed=0, conditioning="none",
+             block_out_channels={channels})
 x = torch.rand(256, 1, 32, 32) * 2 - 1
 torch.manual_seed(0)
 trainer = Trainer(cfg, build_denoiser(cfg, 1, 32, None), build_scheduler(cfg, False), len(x),
@@ -49,9 +50,9 @@ def _burn(stop):
             x += i * i
 
 
-def one(threads: int, wait: str, steps: int) -> float:
+def one(threads: int, wait: str, steps: int, channels: tuple[int, ...]) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": wait}
-    code = CHILD.format(root=str(ROOT), threads=threads, steps=steps)
+    code = CHILD.format(root=str(ROOT), threads=threads, steps=steps, channels=tuple(channels))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -60,12 +61,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--channels", default="32,64,64",
+                   help="UNet widths (32,64,64: the tiny preset; 16,32,32: the demo's network)")
+    p.add_argument("--loads", default="idle,loaded", help="idle (as found), loaded (plus a CPU-bound process)")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    channels = tuple(int(c) for c in args.channels.split(","))
     cores = os.cpu_count() or 1
     configs = [(1, "PASSIVE"), (cores, "PASSIVE"), (cores, "ACTIVE")]
     results = {}
-    for load in ("idle", "loaded"):
+    for load in args.loads.split(","):
         stop, burner = mp.Event(), None
         if load == "loaded":
             burner = mp.Process(target=_burn, args=(stop,), daemon=True)
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
         times = {c: [] for c in configs}
         for _ in range(args.reps):  # interleaved: drifting load hits every configuration alike
             for c in configs:
-                times[c].append(one(*c, args.steps))
+                times[c].append(one(*c, args.steps, channels))
         if burner is not None:
             stop.set()
             burner.join(5)
@@ -81,7 +86,8 @@ def main(argv=None) -> int:
         results[load] = {f"threads={t} wait={w}": {"median_step_s": round(statistics.median(v), 4),
                                                    "ratio_to_1_thread": round(statistics.median(v) / base, 2)}
                          for (t, w), v in times.items()}
-    text = json.dumps({"cores": cores, "steps": args.steps, "reps": args.reps, "results": results}, indent=2)
+    text = json.dumps({"cores": cores, "steps": args.steps, "reps": args.reps, "channels": channels,
+                       "load_average_after": os.getloadavg(), "results": results}, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
