@@ -339,10 +339,6 @@ def run_demo(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads} must be at least 1")
-    if args.attacker_patients and not attacker_data_supported():
-        _say("note: this audit takes no public attacker data yet (audit check --attacker-data): the "
-             "re-identification attacker trains on the hospital's patients only")
-        args.attacker_patients = 0
     jobs = args.jobs or (2 if (os.cpu_count() or 1) >= 2 else 1)
     threads = args.threads
     if threads is None and not os.environ.get("SYNTHGATE_THREADS", "").strip():
@@ -351,6 +347,10 @@ def run_demo(args) -> int:
     out.mkdir(parents=True)
     _say(f"synthgate demo: {jobs} process(es) x {threads or os.environ.get('SYNTHGATE_THREADS')} torch thread(s); "
          f"{_load()}, {os.cpu_count()} cores")
+    if args.attacker_patients and not attacker_data_supported():
+        _say("note: this audit takes no public attacker data yet (audit check --attacker-data): the "
+             "re-identification attacker trains on the hospital's patients only")
+        args.attacker_patients = 0
 
     clock = Clock()
     _say(f"[1/4] phantom hospital: {args.patients} training + {args.holdout_patients} unseen patients x "
