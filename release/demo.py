@@ -4,9 +4,9 @@ One phantom hospital (invented patients; a patient-disjoint holdout of
 unseen patients) and one public phantom set of other patients (another seed:
 the data a re-identification attacker would bring).  Two generators are
 trained on it and each goes through the same release gate
-(``release/demo_policy.yaml``: the ``default`` policy with re-identification
-optional, because at this size its attacker cannot validate itself -- the
-file says what was measured -- unless ``--policy`` says otherwise):
+(``release/demo_policy.yaml``: the ``default`` policy without
+re-identification, because at this size its attacker cannot validate itself
+-- the file says what was measured -- unless ``--policy`` says otherwise):
 
 memorising
     a tiny DDPM trained long on a few patients' images: it memorises them,
@@ -112,8 +112,8 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
                    help="patients in the public phantom set the re-identification attacker trains on (another "
                         "seed; 0: none)")
     p.add_argument("--policy", default=str(POLICY),
-                   help="release policy (default: release/demo_policy.yaml, the default policy with re-identification "
-                        "optional: at this size its attacker cannot validate itself; see the file)")
+                   help="release policy (default: release/demo_policy.yaml, the default policy without "
+                        "re-identification: at this size its attacker cannot validate itself; see the file)")
     p.add_argument("--checks", help="run only these checks of the policy (comma-separated; each then required)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
@@ -299,6 +299,9 @@ def _evidence(o: Outcome, examples: int = 3) -> list[str]:
     lines = [f"verdict {o.audit['verdict'].upper()}: " + "; ".join(o.audit["verdict_reasons"])
              if o.audit["verdict_reasons"] else f"verdict {o.audit['verdict'].upper()}"]
     for c in o.audit["checks"]:
+        for control in c.get("controls") or []:
+            if control.get("kind") == "positive" and not control.get("passed"):
+                lines.append(f"{c['name']}: positive control failed: {control['name']}: {control.get('detail', '')}")
         flagged = c.get("flagged") or []
         if flagged:
             lines.append(f"{c['name']} flagged {len(flagged)} image(s), e.g.")
@@ -347,6 +350,10 @@ def run_demo(args) -> int:
     out.mkdir(parents=True)
     _say(f"synthgate demo: {jobs} process(es) x {threads or os.environ.get('SYNTHGATE_THREADS')} torch thread(s); "
          f"{_load()}, {os.cpu_count()} cores")
+    from audit.core.policy import load_policy
+
+    if "reidentification" not in load_policy(args.policy).checks:
+        args.attacker_patients = 0  # no attacker to give them to
     if args.attacker_patients and not attacker_data_supported():
         _say("note: this audit takes no public attacker data yet (audit check --attacker-data): the "
              "re-identification attacker trains on the hospital's patients only")
