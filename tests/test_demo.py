@@ -75,7 +75,11 @@ def _outcome(key: str, verdict: str, tmp_path: Path, flagged=(), verification=No
              "inputs": {"synthetic": {"n_images": 4}},
              "checks": [{"name": "copy_detection", "status": "pass" if not flagged else "fail",
                          "reason": "r", "flagged": [{"synthetic": f, "reason": f"{f} copies t.png"} for f in flagged]},
-                        {"name": "dicom_phi", "status": "pass", "reason": "r", "flagged": []}]}
+                        {"name": "dicom_phi", "status": "pass", "reason": "r", "flagged": []},
+                        {"name": "reidentification", "status": "inconclusive", "reason": "r", "flagged": [],
+                         "controls": [{"name": "probes", "kind": "positive", "passed": verdict == "pass",
+                                       "detail": "1 of 40"}, {"name": "unseen", "kind": "negative",
+                                                              "passed": False, "detail": "n"}]}]}
     arm = demo.Arm(key, key, tmp_path, 4, 2, 10)
     return demo.Outcome(arm, 0.1, audit, tmp_path / key / "audit", bundle=tmp_path / key / "bundle"
                         if verification else None, verification=verification)
@@ -103,6 +107,10 @@ def test_conclusion_follows_the_audits(tmp_path, capsys, memorising, careful, ve
     assert ("bundle: " in text) == (careful == "pass")
     if memorising == "fail":
         assert "s1.png: s1.png copies t.png" in text
+    # a failed positive control is named (only positive ones invalidate an audit)
+    failed = "reidentification: positive control failed: probes: 1 of 40"
+    assert text.count(failed) == (memorising != "pass") + (careful != "pass")
+    assert "control failed: unseen" not in text
     table = demo.side_by_side(outcomes)
     assert "fail (2 flagged)" in table if memorising == "fail" else "fail" not in table.split("verdict")[0]
     assert ("verified intact" in table) == verified
