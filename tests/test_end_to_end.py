@@ -69,13 +69,3 @@ def test_story_through_the_cli(tmp_path, capsys, fmt):
     assert release_cli.main(["bundle", str(syn), "--audit", str(out / "audit.json"), "--out", str(tmp_path / "b2"),
                              "--policy", str(tmp_path / "policy.yaml")]) == 2
     assert "model changed after the audit" in capsys.readouterr().err
-
-
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    """The README's first command, at a size that fits the test budget."""
-    code = cli.main(["demo", "--out", str(tmp_path / "demo"), "--patients", "6", "--images-per-patient", "2",
-                     "--size", "16", "--steps", "20", "--samples", "8", "--checks", "copy_detection,dicom_phi"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert (tmp_path / "demo" / "audit" / "report.html").exists()
-    assert "open " in out and "report.html" in out
