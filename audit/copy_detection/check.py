@@ -241,6 +241,8 @@ class CopyDetection(Check):
                                                          for n, sr in side.rule.searches_.items()}
             thresholds.update(side.thresholds(s))
             holdout["false_alarms_ratio_rule"] = side.far
+            if side.note:
+                warnings.append(side.note)
             for name, t in side.rule.thresholds_.items():
                 if t.tau < s.min_ratio_threshold:
                     warnings.append(f"the ratio rule's {name} threshold is {t.tau:.3g} (< {s.min_ratio_threshold:g}): "

@@ -71,6 +71,7 @@ class RatioSide:
     far: Estimate
     radius: ConformalThreshold
     stats: dict
+    note: str | None = None  # why the training set could not be grouped
 
     @property
     def main(self) -> str:
@@ -80,6 +81,8 @@ class RatioSide:
     def groups(self) -> dict:
         """How the training set was grouped for the second distance (counts only: nothing that names an image)."""
         labels = self.rule.labels_
+        if labels is None:
+            return {"groups": None, "near_duplicate_pairs": len(self.rule.pairs_), "note": self.note}
         sizes = np.bincount(labels)
         return {"groups": int(len(sizes)), "images_in_groups_of_2_or_more": int((sizes[labels] >= 2).sum()),
                 "largest_group": int(sizes.max()), "near_duplicate_pairs": len(self.rule.pairs_),
@@ -109,26 +112,28 @@ class RatioSide:
         rule.index(real)
         patients = [r.patient_id or "" for r in ctx.real.records] if ctx.real.has_patients else None
         rule.group(real, hold, patients)
+        note = None
         if int(rule.labels_.max()) == 0:
-            raise UsageError(f"copy_detection: the {len(ctx.real)} training images form one group (one patient, or "
-                             "near-duplicates of each other), so the ratio rule has no second group to compare a "
-                             "copy's nearest training image with; give more patients, or set "
-                             "copy_detection.rule=absolute")
+            rule.labels_ = None
+            note = (f"the {len(ctx.real)} training images form one group (one patient, or near-duplicates of each "
+                    "other), so there is no other group to compare with: the ratio rule fell back to the plain "
+                    "second-nearest training image, and a copy of an image that has a near-duplicate can be missed")
         n = len(ctx.holdout)
         perm = ctx.rng("copy_detection.far").permutation(n)
         halves = (perm[: n // 2], perm[n // 2:]) if n >= 4 else None
         rule.calibrate(hold, subsets=None if halves is None else [np.arange(n), *halves])
         stats = {name: search.stats.to_dict() for name, search in rule.searches_.items()}
-        return cls(rule, shape, pooled, _cross_fitted(rule, halves, n), rule.radius_, stats)
+        return cls(rule, shape, pooled, _cross_fitted(rule, halves, n), rule.radius_, stats, note)
 
     def state(self) -> dict:
         return {"rule": self.rule.state(), "shape": self.shape, "pooled": self.pooled, "far": self.far,
-                "radius": self.radius, "stats": self.stats}
+                "radius": self.radius, "stats": self.stats, "note": self.note}
 
     @classmethod
     def from_state(cls, ctx, s: CopyDetectionSettings, state: dict) -> RatioSide:
         rule = cls._rule(ctx, s, tuple(state["shape"]), state["pooled"]).restore(state["rule"])
-        return cls(rule, tuple(state["shape"]), state["pooled"], state["far"], state["radius"], state["stats"])
+        return cls(rule, tuple(state["shape"]), state["pooled"], state["far"], state["radius"], state["stats"],
+                   state["note"])
 
     # ------------------------------------------------------------------ deciding
 
