@@ -367,8 +367,8 @@ def test_rule_catches_shifted_and_rescaled_copies_and_passes_novel_crops():
 
 
 def _with_siblings(seed=8, noise=0.01, shift=1):
-    """Real crops plus, for a third of them, a near-identical sibling (noise ``noise``, shifted ``shift`` px): the grouped
-    definition's case.  Labels: every crop and its sibling share a group; some unrelated crops are joined too."""
+    """Real crops plus, for a third of them, a near-identical sibling (noise ``noise``, shifted ``shift`` px): the
+    grouped definition's case.  Labels: every crop and its sibling share a group; some unrelated crops are joined too."""
     crops = real_crops()
     rng = np.random.default_rng(seed)
     src = rng.choice(len(crops), len(crops) // 3, replace=False)
@@ -452,8 +452,8 @@ def test_training_groups_join_patients_and_duplicate_pairs():
 def test_rule_groups_near_duplicates_within_the_holdout_radius_and_patients():
     """``group`` joins a crop and its exact duplicate (nearer than unseen crops come to the training set) and,
     given patient IDs, a crop and its noisy sibling (noise 0.006: farther than unseen flat crops come, so not a
-    near-duplicate by distance alone, yet nearer than a noise-0.02 copy's own noise can tell); either way the grouped rule catches noisy copies of crops with a sibling that
-    the plain rule misses."""
+    near-duplicate by distance alone, yet nearer than a noise-0.02 copy's own noise can tell); either way the
+    grouped rule catches noisy copies of crops with a sibling that the plain rule misses."""
     hold = real_crops(half=1)
     rng = np.random.default_rng(13)
     for noise, patients, copy_noise in ((0.0, False, 0.01), (0.006, True, 0.02)):

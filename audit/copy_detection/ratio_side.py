@@ -169,8 +169,9 @@ class RatioSide:
         return SetDecision(flagged, tests, evidence)
 
     def evidence(self, x: np.ndarray) -> list[dict]:
-        """For flagged images: every test's exact nearest, nearest outside its group, and ratio, the test that flags most clearly
-        (smallest ratio over its threshold), and the shift and zoom that matched its nearest training image."""
+        """For flagged images: every test's exact nearest, nearest outside its group, and ratio, the test that
+        flags most clearly (smallest ratio over its threshold), and the shift and zoom that matched its nearest
+        training image."""
         per_test = {name: self.rule.nearest_two(x, name) for name in self.rule.searches_}
         out = []
         for i in range(len(x)):

@@ -25,6 +25,9 @@ radius (exact distances; every other reference has a bound above the radius,
 so it is proven).  :meth:`ExactCopySearch.search` (k nearest) first
 evaluates a few candidates ranked by the distance to the orbit's centre,
 takes the k-th exact distance as the radius and calls ``within``.
+:meth:`ExactCopySearch.search_grouped` (the nearest, and the nearest outside
+its group) takes as the radius the nearest evaluated candidate outside the
+best candidate's group, which bounds both, and calls ``within``.
 """
 from __future__ import annotations
 
