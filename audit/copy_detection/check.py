@@ -3,7 +3,8 @@
 Decision rules (setting ``rule``):
 
 ``ratio`` (the default with a holdout)
-    nearest / second-nearest training image under a pooled, mean-removed
+    nearest training image / nearest training image outside the nearest's
+    group (its patient and near-duplicates) under a pooled, mean-removed
     distance, in two tests -- the image as it is, and the image shifted by up
     to ``max_shift`` pixels and zoomed by ``zooms`` -- each with a threshold
     calibrated on the holdout at ``false_alarm_rate / 2``
