@@ -114,3 +114,30 @@ def test_copies_of_images_with_siblings_are_caught_now_and_were_missed_before(ph
         train, hold, patients=None if real == "train_no_ids" else _ids(phantoms / real))
     assert grouped.decide(syn[:8]).flagged.all()  # the rule alone agrees with the check
     assert all(len(set(grouped.labels_[3 * p:3 * p + 3])) == 1 for p in range(8))
+
+
+def test_one_group_falls_back_to_the_plain_second_nearest_and_says_so(phantoms, tmp_path):
+    """Every training image filed under one patient: no second group exists, so the rule uses the plain
+    second-nearest and warns that copies of images with a near-duplicate can be missed."""
+    images = _read(phantoms / "train")[:, 0]
+    _write(tmp_path / "one", list(images[24:40]), ["P"] * 16)  # 16 single-scan patients, one ID for all
+    policy = only_policy("copy_detection", action="warn", required=False, on_inconclusive="warn")
+    r = audit.check(phantoms / "syn", real=tmp_path / "one", holdout=phantoms / "hold", policy=policy,
+                    progress=False).result("copy_detection")
+    assert r.metrics["ratio"]["training_groups"]["groups"] is None
+    assert "form one group" in r.reason and "plain second-nearest" in r.reason, r.reason
+
+
+def test_a_stored_state_of_the_old_definition_is_refitted(phantoms, monkeypatch):
+    """A fitted state stored before the grouped second distance (no ``definition``) is not reused."""
+    import audit.copy_detection.check as cd
+
+    _audit(phantoms, "train")  # stores the fitted state (the tests' isolated cache)
+    fits = []
+    real_fit = cd.CopyDetection.fit
+    monkeypatch.setattr(cd.CopyDetection, "fit", lambda self, ctx: fits.append(1) or real_fit(self, ctx))
+    _audit(phantoms, "train")
+    assert fits == []  # same definition: restored
+    monkeypatch.setattr(cd, "STATE_DEFINITION", cd.STATE_DEFINITION + 1)
+    r = _audit(phantoms, "train")
+    assert fits == [1] and {f"i{i:03d}.png" for i in range(8)} <= {f.synthetic for f in r.flagged}
