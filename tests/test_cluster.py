@@ -98,3 +98,110 @@ def test_without_ray_or_cluster_the_error_is_one_line(model, tmp_path, capsys, m
     err = capsys.readouterr().err
     assert code == 2 and 'pip install "synthgate[cluster]"' in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# ------------------------------------------------------------------------- audit check: the copy search
+
+
+@pytest.fixture(scope="module")
+def copy_sets(tmp_path_factory):
+    """32 px phantoms: a training set and a holdout (patient-disjoint), and a synthetic set of four shifted and
+    noisy copies of training images among eight images of other patients."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import save_unit_png
+    from synthgate.phantoms import write_phantoms
+
+    root = tmp_path_factory.mktemp("clustercopy")
+    write_phantoms(root / "p", patients=24, images_per_patient=3, size=32, seed=4, holdout_fraction=0.5)
+    write_phantoms(root / "q", patients=4, images_per_patient=2, size=32, seed=11, holdout_fraction=0.0)
+    rng = np.random.default_rng(0)
+    for i, f in enumerate(sorted((root / "q" / "train").glob("*.png"))):
+        save_unit_png(root / "syn" / f"novel_{i}.png", np.asarray(Image.open(f), np.float32) / 255)
+    train = sorted((root / "p" / "train").glob("*.png"))
+    for j, f in enumerate(train[::9][:4]):
+        x = np.roll(np.asarray(Image.open(f), np.float32) / 255, (j % 2 + 1, -1), axis=(0, 1))
+        save_unit_png(root / "syn" / f"copy_{j}.png", x + rng.normal(0, 0.01, x.shape))
+    return root
+
+
+def _copy_audit(sets, monkeypatch, cluster=None):
+    import audit
+    from conftest import only_policy
+
+    monkeypatch.setenv("SYNTHGATE_CACHE_DIR", "off")  # the cluster run must not restore the other run's fit
+    policy = only_policy("copy_detection", action="warn", required=False, on_inconclusive="warn")
+    r = audit.check(sets / "syn", real=sets / "p" / "train", holdout=sets / "p" / "holdout", policy=policy,
+                    progress=False, device="cpu", cluster=cluster).result("copy_detection")
+    doc = r.to_dict()
+    # what the search cost (pairs evaluated, seconds, tasks) is not part of the result
+    search = {k: doc["metrics"]["ratio"].pop(k) for k in list(doc["metrics"]["ratio"]) if k.startswith("search")}
+    doc.pop("seconds", None)
+    return doc, search
+
+
+def test_the_audit_copy_search_on_the_cluster_is_identical(cluster, copy_sets, monkeypatch):
+    one, one_cost = _copy_audit(copy_sets, monkeypatch)
+    many, many_cost = _copy_audit(copy_sets, monkeypatch, cluster["address"])
+    assert many_cost["search_fit_shift_zoom"]["shards"] == 2 and many_cost["search_shift_zoom"]["tasks"] > 0
+    assert "shards" not in one_cost["search_fit_shift_zoom"]
+    flagged = {f["synthetic"] for f in one["flagged"]}
+    assert {f"copy_{j}.png" for j in range(4)} <= flagged  # the planted copies are found (a run that can fail)
+    assert one["thresholds"] == many["thresholds"] and one["flagged"] == many["flagged"]
+    assert one == many  # every metric, ratio, distance, control and finding
+
+
+def test_a_worker_killed_mid_search_is_retried_and_the_audit_is_identical(cluster, copy_sets, monkeypatch):
+    one, _ = _copy_audit(copy_sets, monkeypatch)
+    cluster["fault"].unlink()  # arm: the next task (the first training chunk's features) kills its worker once
+    many, cost = _copy_audit(copy_sets, monkeypatch, cluster["address"])
+    assert cluster["fault"].exists() and cost["search_fit_identity"]["shards"] == 2
+    assert one == many
+
+
+def test_audit_cluster_without_ray_is_one_line(copy_sets, tmp_path, capsys, monkeypatch):
+    from audit.cli import main as audit_main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code = audit_main(["check", str(copy_sets / "syn"), "--real", str(copy_sets / "p" / "train"), "--holdout",
+                       str(copy_sets / "p" / "holdout"), "--out", str(tmp_path / "a"), "--cluster", "local"])
+    err = capsys.readouterr().err
+    assert code == 2 and 'pip install "synthgate[cluster]"' in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists()
+
+
+def test_sharded_search_equals_one_process_search(cluster, monkeypatch):
+    """The primitives themselves: decisions with their radii and brackets, two nearest, self-excluding radius search."""
+    import numpy as np
+    import torch
+
+    from audit.copy_detection.ratio_rule import COMPONENTS, decide_ratio
+    from audit.core.shiftzoom import CopyLayout, CopyMetric
+    from audit.core.shiftzoom_search import ExactCopySearch
+    from audit.core.shiftzoom_shards import ShardedCopySearch
+    from synthgate.cluster import connect
+
+    ray_mod = connect(cluster["address"])
+    rng = np.random.default_rng(1)
+    smooth = torch.nn.functional.avg_pool2d(torch.as_tensor(rng.random((90, 1, 40, 40)), dtype=torch.float32), 9, 1)
+    refs = smooth.numpy()[:70]
+    queries = np.concatenate([smooth.numpy()[70:], np.roll(refs[:6], 1, axis=-1) + 0.002])
+    metric = CopyMetric(CopyLayout(32, 32, 1, pooled=8, transforms=COMPONENTS["shift_zoom"]))
+    feats = metric.features(refs)
+    one = ExactCopySearch(metric, feats)
+    many = ShardedCopySearch(ray_mod, metric, feats, shards=3, device="cpu")
+    assert len(many.spans) == 3
+    for tau in (0.3, 0.8):
+        a, b = decide_ratio(one, queries, tau, 0.0), decide_ratio(many, queries, tau, 0.0)
+        for name in ("flagged", "nearest", "d1", "d1_exact", "ratio_low", "ratio_high", "radius"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.flagged[-6:].all() and not a.flagged[:20].all()  # the shifted copies, not every query (tau 0.8)
+    na, nb = one.search(refs[:12], k=2, exclude=range(12)), many.search(refs[:12], k=2, exclude=range(12))
+    np.testing.assert_array_equal(na.indices, nb.indices)
+    np.testing.assert_array_equal(na.distances, nb.distances)
+    assert (na.indices != np.arange(12)[:, None]).all()
+    wa = one.within(refs[:12], radius=na.distances[:, 1], exclude=list(range(12)))
+    wb = many.within(refs[:12], radius=na.distances[:, 1], exclude=list(range(12)))
+    assert [w.as_dict() for w in wa] == [w.as_dict() for w in wb]
+    assert many.stats.tasks > 0 and many.stats.bound_pairs == one.stats.bound_pairs

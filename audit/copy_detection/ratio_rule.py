@@ -291,6 +291,12 @@ class CopyRatioRule:
                           for name, metric in self.metrics.items()}
         return self
 
+    def index_features(self, features: dict) -> CopyRatioRule:
+        """:meth:`index` from features computed elsewhere (a cluster's workers): ``{test: (n, D)}``."""
+        self.searches_ = {name: ExactCopySearch(self.metrics[name], f, shift_group=self.shift_group)
+                          for name, f in features.items()}
+        return self
+
     def calibrate(self, holdout, screen: float = 0.7, groups=None) -> CopyRatioRule:
         """Each test's threshold from the holdout's ratios (:meth:`index` first).
 

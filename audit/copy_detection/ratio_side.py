@@ -95,7 +95,12 @@ class RatioSide:
         geo = ctx.geometry
         shape, pooled = ratio_geometry(geo.height, geo.width, s)
         rule = cls._rule(ctx, s, shape, pooled)
-        rule.index(set_loader(ctx, ctx.real, shape, s.batch_size))
+        if ctx.cluster is not None:  # decoding, features and the search on the cluster's workers
+            from .cluster import index_on_cluster, shard_searches
+
+            shard_searches(ctx, index_on_cluster(ctx, rule, ctx.real, shape, s.batch_size))
+        else:
+            rule.index(set_loader(ctx, ctx.real, shape, s.batch_size))
         hold = set_loader(ctx, ctx.holdout, shape, s.batch_size)
         n = len(ctx.holdout)
         perm = ctx.rng("copy_detection.far").permutation(n)
@@ -113,6 +118,10 @@ class RatioSide:
     @classmethod
     def from_state(cls, ctx, s: CopyDetectionSettings, state: dict) -> RatioSide:
         rule = cls._rule(ctx, s, tuple(state["shape"]), state["pooled"]).restore(state["rule"])
+        if ctx.cluster is not None:
+            from .cluster import shard_searches
+
+            shard_searches(ctx, rule)
         return cls(rule, tuple(state["shape"]), state["pooled"], state["far"], state["radius"], state["stats"])
 
     # ------------------------------------------------------------------ deciding

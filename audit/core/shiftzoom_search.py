@@ -136,6 +136,10 @@ class ExactCopySearch:
 
         A ranking, not a bound: it only sets the first radius.
         """
+        return self._proxy_ranked(orbits, exclude, at_least)[0]
+
+    def _proxy_ranked(self, orbits, exclude, at_least: int = 1):
+        """:meth:`_proxy`'s ``(indices, squared distances to the centre)`` (a shard's answer, merged by distance)."""
         torch = self._torch
         t0 = time.perf_counter()
         q = orbits.shape[0]
@@ -157,7 +161,7 @@ class ExactCopySearch:
             idx = torch.gather(cat_i, 1, order)
         self.stats.proxy_pairs += q * self.n_refs
         self.stats.tick("proxy", t0)
-        return idx
+        return idx, best
 
     def _survivors(self, centres, radii, radius, exclude) -> list[np.ndarray]:
         """Per query, the references whose bound is <= ``radius`` (all others are proven farther)."""

@@ -1,0 +1,228 @@
+"""The exact shift/zoom search with the references split into shards, each searched by a Ray task.
+
+:class:`ShardedCopySearch` is an :class:`~audit.core.shiftzoom_search.ExactCopySearch`
+whose two reference-wide steps run shard by shard on a Ray cluster:
+
+``_initial`` (the first candidates)
+    each shard returns, per query, its ``initial`` references nearest to the
+    orbit's centre with that proxy distance and their exact distances; the
+    driver keeps the globally nearest ``initial`` by proxy distance (ties by
+    index), which are the candidates one process would have chosen, and
+    their exact distances.
+``within`` (everything within a per-query radius)
+    each shard returns every one of its references whose bound is within the
+    radius, with its exact distance (the references the driver already knows
+    are passed along and not evaluated twice).  The union over shards is the
+    set one process evaluates: the bound and the exact distance of a
+    (query, reference) pair depend on that pair alone, never on the other
+    references.
+
+So every exact distance the driver sees, and so every decision, ratio and
+threshold built on them, is the one-process result; in particular the merge
+is exact for any definition of "second nearest" computed from the evaluated
+references (the second reference, or the nearest of another patient), since
+the driver holds each query's evaluated references with their global
+indices.  Orbits (cheap, per query) are computed on the driver and shipped
+once per call; the driver also keeps every reference's features (64 floats
+per test and image), for :meth:`matched`, the fitted state and the reports.
+
+Each task builds its shard's search once per worker process (cached by the
+shard's token) on the device the worker resolves (``--device auto``: its GPU
+when it has one).  A task whose worker dies is re-run by Ray
+(:func:`synthgate.cluster.imap_ordered`); the shard's answer does not depend
+on which worker computes it.
+"""
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .shiftzoom import CopyMetric
+from .shiftzoom_search import CopySearchStats, Evaluated, ExactCopySearch
+
+@dataclass
+class ShardedSearchStats(CopySearchStats):
+    """:class:`CopySearchStats` plus the shards and the Ray tasks that did the work (pairs summed over shards)."""
+
+    shards: int = 0
+    tasks: int = 0
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"shards": self.shards, "tasks": self.tasks}
+
+
+#: Searches built by this worker process, by shard token (a worker serves a few audits' shards at most).
+_BUILT: OrderedDict = OrderedDict()
+_BUILT_MAX = 8
+
+
+class ShardedCopySearch(ExactCopySearch):
+    """:class:`ExactCopySearch` with the references in ``shards`` contiguous parts, searched as Ray tasks.
+
+    Parameters
+    ----------
+    ray
+        A connected ``ray`` module (:func:`synthgate.cluster.connect`).
+    metric, ref_features, shift_group, split_zoom, refine, initial, query_block, ref_block
+        As :class:`ExactCopySearch` (every shard uses the same settings).
+    shards
+        Number of parts (at most one per reference).
+    device
+        The device setting each worker resolves for itself (``auto``, ``cpu``, ``cuda``).
+    num_gpus
+        GPUs each task asks Ray for (0: Ray hides the GPUs from the task, which then runs on its CPU).
+    """
+
+    def __init__(self, ray, metric: CopyMetric, ref_features, shards: int, device: str = "auto", num_gpus: float = 0,
+                 shift_group: int = 3, split_zoom: bool = False, refine: bool = True, initial: int = 8,
+                 query_block: int = 64, ref_block: int = 4096):
+        super().__init__(metric, ref_features, shift_group=shift_group, split_zoom=split_zoom, refine=refine,
+                         initial=initial, query_block=query_block, ref_block=ref_block)
+        self.ray = ray
+        n = self.n_refs
+        cuts = np.linspace(0, n, max(1, min(int(shards), n)) + 1).round().astype(np.int64)
+        self.spans = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        feats = self.rf.cpu().numpy()
+        self._shards = [ray.put({"token": uuid.uuid4().hex, "start": a, "features": feats[a:b]})
+                        for a, b in self.spans]
+        self.num_gpus = num_gpus
+        self.stats = ShardedSearchStats(references=n, groups=len(self.groups))
+        self._settings = {"layout": metric.layout, "device": device, "shift_group": shift_group,
+                          "split_zoom": split_zoom, "refine": refine, "initial": initial,
+                          "query_block": query_block, "ref_block": ref_block}
+
+    def _map(self, fn, *shared):
+        from synthgate.cluster import imap_ordered
+
+        return list(imap_ordered(self.ray, fn, self._shards, num_gpus=self.num_gpus,
+                                 shared=(self._settings, *shared)))
+
+    def _count(self, stats: dict) -> None:
+        """Add a shard's work to this search's counters (seconds are worker seconds, summed)."""
+        self.stats.shards = len(self.spans)
+        self.stats.tasks += 1
+        for key in ("bound_pairs", "exact_pairs", "proxy_pairs", "refine_pairs"):
+            setattr(self.stats, key, getattr(self.stats, key) + stats[key])
+        for stage, sec in stats["seconds"].items():
+            self.stats.seconds[stage] = self.stats.seconds.get(stage, 0.0) + sec
+
+    def _initial(self, orbits, exclude, k: int) -> list[Evaluated]:
+        q = orbits.shape[0]
+        m = min(max(self.initial, k), self.n_refs - (1 if exclude is not None else 0))
+        pieces = self._map(_shard_initial, orbits.cpu().numpy(), exclude, k)
+        known = [Evaluated() for _ in range(q)]
+        for i in range(q):
+            idx = np.concatenate([p[0][i] for p in pieces])
+            proxy = np.concatenate([p[1][i] for p in pieces])
+            dist = np.concatenate([p[2][i] for p in pieces])
+            keep = np.lexsort((idx, proxy))[:m]
+            known[i].add(idx[keep], dist[keep])
+        for p in pieces:
+            self._count(p[3])
+        return known
+
+    def within(self, queries=None, radius=None, exclude=None, orbits=None,
+               known: list[Evaluated] | None = None) -> list[Evaluated]:
+        orbits = self.orbits(queries) if orbits is None else orbits
+        q = orbits.shape[0]
+        radius = np.array(np.broadcast_to(np.asarray(radius, np.float64), (q,)))
+        known = [Evaluated() for _ in range(q)] if known is None else known
+        self.stats.rounds += 1
+        seen = [kn.ranked() for kn in known]
+        for idx, dist, stats in self._map(_shard_within, orbits.cpu().numpy(), radius, exclude, seen):
+            for i in range(q):
+                new = known[i].unseen(idx[i])
+                if len(new):
+                    known[i].add(new, dist[i][np.isin(idx[i], new)])
+            self._count(stats)
+        return known
+
+
+# ------------------------------------------------------------------------------------------ worker side
+
+
+def _search(settings: dict, shard: dict) -> ExactCopySearch:
+    """The shard's search on this worker's device (built once per worker process)."""
+    token = shard["token"]
+    if token in _BUILT:
+        _BUILT.move_to_end(token)
+        search = _BUILT[token]
+    else:
+        from synthgate.device import resolve_device
+
+        metric = CopyMetric(settings["layout"], resolve_device(settings["device"]))
+        search = ExactCopySearch(metric, np.array(shard["features"]), shift_group=settings["shift_group"],
+                                 split_zoom=settings["split_zoom"], refine=settings["refine"],
+                                 initial=settings["initial"], query_block=settings["query_block"],
+                                 ref_block=settings["ref_block"])
+        _BUILT[token] = search
+        while len(_BUILT) > _BUILT_MAX:
+            _BUILT.popitem(last=False)
+    search.stats = CopySearchStats(references=search.n_refs, groups=len(search.groups))
+    return search
+
+
+def _local(exclude, start: int, stop: int):
+    """Global reference indices to leave out -> this shard's (``None`` where it holds none)."""
+    if exclude is None:
+        return None
+    return [None if r is None or not start <= int(r) < stop else int(r) - start for r in exclude]
+
+
+def _stats(search: ExactCopySearch) -> dict:
+    st = search.stats
+    return {"bound_pairs": st.bound_pairs, "exact_pairs": st.exact_pairs, "proxy_pairs": st.proxy_pairs,
+            "refine_pairs": st.refine_pairs, "seconds": dict(st.seconds)}
+
+
+def _shard_initial(settings: dict, orbits, exclude, k: int, shard: dict):
+    """Per query: this shard's ``initial`` proxy-nearest references (global indices), proxy and exact distances.
+
+    The proxy ranking runs without exclusions and asks for one more than
+    needed, so that leaving out a query's own reference afterwards still
+    leaves the shard's best ``initial`` of the others.
+    """
+    search = _search(settings, shard)
+    torch = search._torch
+    start = shard["start"]
+    m = max(search.initial, k)
+    ex = _local(exclude, start, start + search.n_refs)
+    orbits = torch.as_tensor(orbits, device=search.rf.device)
+    idx, proxy, dist = [], [], []
+    for s in range(0, orbits.shape[0], search.query_block):
+        block = slice(s, min(s + search.query_block, orbits.shape[0]))
+        cand, near = search._proxy_ranked(orbits[block], None, m + 1)
+        cand, near = cand.cpu().numpy(), near.cpu().numpy()
+        for i in range(len(cand)):
+            own = None if ex is None else ex[s + i]
+            ok = np.ones(len(cand[i]), bool) if own is None else cand[i] != own
+            row, row_near = cand[i][ok][:m], near[i][ok][:m]
+            idx.append(row + start)
+            proxy.append(row_near)
+            dist.append(search._exact(orbits[s + i], row))
+    return idx, proxy, dist, _stats(search)
+
+
+def _shard_within(settings: dict, orbits, radius, exclude, seen, shard: dict):
+    """Per query: every reference of this shard within ``radius`` (global indices) and its exact distance."""
+    search = _search(settings, shard)
+    torch = search._torch
+    start = shard["start"]
+    stop = start + search.n_refs
+    known = []
+    for idx, dist in seen:
+        mine = (idx >= start) & (idx < stop)
+        kn = Evaluated()
+        kn.add(idx[mine] - start, dist[mine])
+        known.append(kn)
+    orbits = torch.as_tensor(orbits, device=search.rf.device)
+    done = search.within(radius=radius, exclude=_local(exclude, start, stop), orbits=orbits, known=known)
+    out_idx, out_dist = [], []
+    for kn in done:
+        idx, dist = kn.ranked()
+        out_idx.append(idx + start)
+        out_dist.append(dist)
+    return out_idx, out_dist, _stats(search)
