@@ -171,8 +171,9 @@ def test_audit_cluster_without_ray_is_one_line(copy_sets, tmp_path, capsys, monk
     assert not (tmp_path / "a").exists()
 
 
-def test_sharded_search_equals_one_process_search(cluster, monkeypatch):
-    """The primitives themselves: decisions with their radii and brackets, two nearest, self-excluding radius search."""
+def test_sharded_search_equals_one_process_search(cluster):
+    """The primitives themselves: decisions with their radii and brackets (one of them with a search task's worker
+    killed and retried), two nearest, self-excluding radius search."""
     import numpy as np
     import torch
 
@@ -193,9 +194,12 @@ def test_sharded_search_equals_one_process_search(cluster, monkeypatch):
     many = ShardedCopySearch(ray_mod, metric, feats, shards=3, device="cpu")
     assert len(many.spans) == 3
     for tau in (0.3, 0.8):
+        if tau == 0.8:
+            cluster["fault"].unlink()  # arm: the first search task of this decision kills its worker once
         a, b = decide_ratio(one, queries, tau, 0.0), decide_ratio(many, queries, tau, 0.0)
         for name in ("flagged", "nearest", "d1", "d1_exact", "ratio_low", "ratio_high", "radius"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert cluster["fault"].exists()  # the worker did die, and the retried task gave the same answer
     assert a.flagged[-6:].all() and not a.flagged[:20].all()  # the shifted copies, not every query (tau 0.8)
     na, nb = one.search(refs[:12], k=2, exclude=range(12)), many.search(refs[:12], k=2, exclude=range(12))
     np.testing.assert_array_equal(na.indices, nb.indices)
