@@ -113,13 +113,14 @@ class ShardedCopySearch(ExactCopySearch):
         q = orbits.shape[0]
         m = min(max(self.initial, k), self.n_refs - (1 if exclude is not None else 0))
         pieces = self._map(_shard_initial, orbits.cpu().numpy(), exclude, k)
+        idx = np.concatenate([p[0] for p in pieces], 1)  # (Q, shards * initial), padded with -1 / inf
+        proxy = np.concatenate([p[1] for p in pieces], 1)
+        dist = np.concatenate([p[2] for p in pieces], 1)
+        keep = np.lexsort((idx, proxy), axis=-1)[:, :m]  # globally nearest to the centre, ties by index
+        idx, dist = np.take_along_axis(idx, keep, 1), np.take_along_axis(dist, keep, 1)
         known = [Evaluated() for _ in range(q)]
         for i in range(q):
-            idx = np.concatenate([p[0][i] for p in pieces])
-            proxy = np.concatenate([p[1][i] for p in pieces])
-            dist = np.concatenate([p[2][i] for p in pieces])
-            keep = np.lexsort((idx, proxy))[:m]
-            known[i].add(idx[keep], dist[keep])
+            known[i].add(idx[i], dist[i])
         for p in pieces:
             self._count(p[3])
         return known
@@ -131,12 +132,14 @@ class ShardedCopySearch(ExactCopySearch):
         radius = np.array(np.broadcast_to(np.asarray(radius, np.float64), (q,)))
         known = [Evaluated() for _ in range(q)] if known is None else known
         self.stats.rounds += 1
-        seen = [kn.ranked() for kn in known]
-        for idx, dist, stats in self._map(_shard_within, orbits.cpu().numpy(), radius, exclude, seen):
-            for i in range(q):
-                new = known[i].unseen(idx[i])
-                if len(new):
-                    known[i].add(new, dist[i][np.isin(idx[i], new)])
+        seen = [kn.ranked()[0] for kn in known]
+        seen_dist = [kn.ranked()[1] for kn in known]
+        # shards hold disjoint references and return only ones not yet known: adding is a union
+        for rows, idx, dist, stats in self._map(_shard_within, orbits.cpu().numpy(), radius, exclude, seen,
+                                                seen_dist):
+            cuts = np.searchsorted(rows, np.arange(q + 1))
+            for i in np.nonzero(np.diff(cuts))[0]:
+                known[i].add(idx[cuts[i]:cuts[i + 1]], dist[cuts[i]:cuts[i + 1]])
             self._count(stats)
         return known
 
@@ -181,9 +184,10 @@ def _stats(search: ExactCopySearch) -> dict:
 def _shard_initial(settings: dict, orbits, exclude, k: int, shard: dict):
     """Per query: this shard's ``initial`` proxy-nearest references (global indices), proxy and exact distances.
 
-    The proxy ranking runs without exclusions and asks for one more than
-    needed, so that leaving out a query's own reference afterwards still
-    leaves the shard's best ``initial`` of the others.
+    ``(Q, initial)`` arrays, padded with index -1, proxy ``inf`` where the
+    shard has fewer.  The proxy ranking runs without exclusions and asks for
+    one more than needed, so that leaving out a query's own reference
+    afterwards still leaves the shard's best ``initial`` of the others.
     """
     search = _search(settings, shard)
     torch = search._torch
@@ -191,38 +195,46 @@ def _shard_initial(settings: dict, orbits, exclude, k: int, shard: dict):
     m = max(search.initial, k)
     ex = _local(exclude, start, start + search.n_refs)
     orbits = torch.as_tensor(orbits, device=search.rf.device)
-    idx, proxy, dist = [], [], []
-    for s in range(0, orbits.shape[0], search.query_block):
-        block = slice(s, min(s + search.query_block, orbits.shape[0]))
+    q = orbits.shape[0]
+    idx, proxy, dist = np.full((q, m), -1, np.int64), np.full((q, m), np.inf, np.float32), np.full((q, m), np.nan)
+    for s in range(0, q, search.query_block):
+        block = slice(s, min(s + search.query_block, q))
         cand, near = search._proxy_ranked(orbits[block], None, m + 1)
         cand, near = cand.cpu().numpy(), near.cpu().numpy()
         for i in range(len(cand)):
             own = None if ex is None else ex[s + i]
             ok = np.ones(len(cand[i]), bool) if own is None else cand[i] != own
-            row, row_near = cand[i][ok][:m], near[i][ok][:m]
-            idx.append(row + start)
-            proxy.append(row_near)
-            dist.append(search._exact(orbits[s + i], row))
+            row = cand[i][ok][:m]
+            idx[s + i, :len(row)] = row + start
+            proxy[s + i, :len(row)] = near[i][ok][:m]
+            dist[s + i, :len(row)] = search._exact(orbits[s + i], row)
     return idx, proxy, dist, _stats(search)
 
 
-def _shard_within(settings: dict, orbits, radius, exclude, seen, shard: dict):
-    """Per query: every reference of this shard within ``radius`` (global indices) and its exact distance."""
+def _shard_within(settings: dict, orbits, radius, exclude, seen, seen_dist, shard: dict):
+    """Every reference of this shard within ``radius`` of each query that the driver did not know yet, with its
+    exact distance: ``(query rows, global indices, distances)``, by query."""
     search = _search(settings, shard)
     torch = search._torch
     start = shard["start"]
     stop = start + search.n_refs
     known = []
-    for idx, dist in seen:
+    for idx, dist in zip(seen, seen_dist):
         mine = (idx >= start) & (idx < stop)
         kn = Evaluated()
         kn.add(idx[mine] - start, dist[mine])
         known.append(kn)
+    before = [len(kn) for kn in known]
     orbits = torch.as_tensor(orbits, device=search.rf.device)
     done = search.within(radius=radius, exclude=_local(exclude, start, stop), orbits=orbits, known=known)
-    out_idx, out_dist = [], []
-    for kn in done:
-        idx, dist = kn.ranked()
-        out_idx.append(idx + start)
-        out_dist.append(dist)
-    return out_idx, out_dist, _stats(search)
+    rows, out_idx, out_dist = [], [], []
+    for i, (kn, n0) in enumerate(zip(done, before)):
+        if len(kn) > n0:
+            idx, dist = kn.ranked()
+            new = ~np.isin(idx, seen[i] - start)
+            rows.append(np.full(int(new.sum()), i))
+            out_idx.append(idx[new] + start)
+            out_dist.append(dist[new])
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), _stats(search)
+    return np.concatenate(rows), np.concatenate(out_idx), np.concatenate(out_dist), _stats(search)
