@@ -126,11 +126,12 @@ def copy_sets(tmp_path_factory):
     return root
 
 
-def _copy_audit(sets, monkeypatch, cluster=None):
+def _copy_audit(sets, monkeypatch, cluster=None, cache=False):
     import audit
     from conftest import only_policy
 
-    monkeypatch.setenv("SYNTHGATE_CACHE_DIR", "off")  # the cluster run must not restore the other run's fit
+    if not cache:  # else the second run restores the first run's fitted real side (features, calibration)
+        monkeypatch.setenv("SYNTHGATE_CACHE_DIR", "off")
     policy = only_policy("copy_detection", action="warn", required=False, on_inconclusive="warn")
     r = audit.check(sets / "syn", real=sets / "p" / "train", holdout=sets / "p" / "holdout", policy=policy,
                     progress=False, device="cpu", cluster=cluster).result("copy_detection")
@@ -152,11 +153,16 @@ def test_the_audit_copy_search_on_the_cluster_is_identical(cluster, copy_sets, m
     assert one == many  # every metric, ratio, distance, control and finding
 
 
-def test_a_worker_killed_mid_search_is_retried_and_the_audit_is_identical(cluster, copy_sets, monkeypatch):
-    one, _ = _copy_audit(copy_sets, monkeypatch)
-    cluster["fault"].unlink()  # arm: the next task (the first training chunk's features) kills its worker once
-    many, cost = _copy_audit(copy_sets, monkeypatch, cluster["address"])
-    assert cluster["fault"].exists() and cost["search_fit_identity"]["shards"] == 2
+@pytest.mark.parametrize("cache", [False, True], ids=["killed-decoding", "killed-searching"])
+def test_a_worker_killed_mid_run_is_retried_and_the_audit_is_identical(cluster, copy_sets, monkeypatch, cache):
+    """Without the fit cache the first task is a training chunk's decoding; with it (the real side restored from
+    the one-process run) the first task is a shard's search of the synthetic images."""
+    one, _ = _copy_audit(copy_sets, monkeypatch, cache=cache)
+    cluster["fault"].unlink()  # arm: the next task kills its worker once
+    many, cost = _copy_audit(copy_sets, monkeypatch, cluster["address"], cache=cache)
+    assert cluster["fault"].exists()
+    assert ("shards" in cost["search_fit_identity"]) is not cache  # restored: the fit was not recomputed
+    assert cost["search_shift_zoom"]["shards"] == 2
     assert one == many
 
 
