@@ -1,7 +1,7 @@
 """The exact shift/zoom search with the references split into shards, each searched by a Ray task.
 
 :class:`ShardedCopySearch` is an :class:`~audit.core.shiftzoom_search.ExactCopySearch`
-whose two reference-wide steps run shard by shard on a Ray cluster:
+whose three reference-wide steps run shard by shard on a Ray cluster:
 
 ``_initial`` (the first candidates)
     each shard returns, per query, its ``initial`` references nearest to the
@@ -16,13 +16,24 @@ whose two reference-wide steps run shard by shard on a Ray cluster:
     set one process evaluates: the bound and the exact distance of a
     (query, reference) pair depend on that pair alone, never on the other
     references.
+``_add_outside`` (the grouped second distance's first bound)
+    where a query's evaluated references all lie in one training group, one
+    reference outside it is added: each shard gets the group labels (its
+    slice of them) and the group to leave out, which only the driver knows
+    (the group of the best reference evaluated so far, over all shards), and
+    returns its reference nearest to the orbit's centre outside that group;
+    the driver keeps the nearest of those (ties to the lower index), the one
+    one process picks from the whole set.
 
 So every exact distance the driver sees, and so every decision, ratio and
-threshold built on them, is the one-process result; in particular the merge
-is exact for any definition of "second nearest" computed from the evaluated
-references (the second reference, or the nearest of another patient), since
-the driver holds each query's evaluated references with their global
-indices.  Orbits (cheap, per query) are computed on the driver and shipped
+threshold built on them, is the one-process result.  The driver holds each
+query's evaluated references with their global indices and the training
+groups, so everything the search derives from them -- the k-th distance, the
+grouped bound ``U2g`` (nearest evaluated outside the best one's group), the
+radius of the next round, the fallback radius -- is computed on the driver
+from the same numbers one process has; the only step that needed the whole
+reference set besides ``_initial`` and ``within`` is ``_add_outside``, whose
+shards get the labels.  Orbits (cheap, per query) are computed on the driver and shipped
 once per call; the driver also keeps every reference's features (64 floats
 per test and image), for :meth:`matched`, the fitted state and the reports.
 
@@ -124,6 +135,30 @@ class ShardedCopySearch(ExactCopySearch):
         for p in pieces:
             self._count(p[3])
         return known
+
+    def _add_outside(self, orbits, known: list[Evaluated], labels: np.ndarray, exclude, rows: list[int]) -> None:
+        """:meth:`ExactCopySearch._add_outside` over the shards: each shard gets the group labels of its
+        references, and per row the group to leave out (the best evaluated reference's, which only the driver
+        knows) and returns its reference nearest to the orbit's centre outside that group, with that ranking
+        distance and its exact distance; the driver keeps the smallest ranking distance (ties to the lower
+        index), which is the reference one process picks from the whole set."""
+        lab = np.asarray(labels)
+        groups, excluded = [], []
+        for i in rows:
+            best = known[i].ranked(1)[0]
+            groups.append(int(lab[best[0]]) if len(best) else None)
+            excluded.append(None if exclude is None else exclude[i])
+        sub = orbits[self._torch.as_tensor(np.asarray(rows, np.int64), device=orbits.device)].cpu().numpy()
+        best_j = np.full(len(rows), -1, np.int64)
+        best_v = np.full(len(rows), np.inf)
+        best_d = np.full(len(rows), np.nan)
+        for j, v, d, stats in self._map(_shard_outside, sub, groups, excluded, lab):  # shards in index order
+            better = v < best_v  # strictly: on a tie the earlier shard's (lower) index stays
+            best_j[better], best_v[better], best_d[better] = j[better], v[better], d[better]
+            self._count(stats)
+        for r, i in enumerate(rows):
+            if best_j[r] >= 0:
+                known[i].add([int(best_j[r])], np.array([best_d[r]]))
 
     def within(self, queries=None, radius=None, exclude=None, orbits=None,
                known: list[Evaluated] | None = None) -> list[Evaluated]:
@@ -238,3 +273,25 @@ def _shard_within(settings: dict, orbits, radius, exclude, seen, seen_dist, shar
     if not rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), _stats(search)
     return np.concatenate(rows), np.concatenate(out_idx), np.concatenate(out_dist), _stats(search)
+
+
+def _shard_outside(settings: dict, orbits, groups, excluded, labels, shard: dict):
+    """Per row: this shard's reference nearest to the orbit's centre outside group ``groups[r]`` (global labels,
+    ``labels``) and other than ``excluded[r]`` -- ``(global indices, ranking distances, exact distances)``, index
+    -1 and ``inf`` where the shard has none."""
+    search = _search(settings, shard)
+    torch = search._torch
+    start = shard["start"]
+    stop = start + search.n_refs
+    lab = torch.as_tensor(np.asarray(labels)[start:stop], device=search.rf.device)
+    orbits = torch.as_tensor(orbits, device=search.rf.device)
+    ex = _local(excluded, start, stop)
+    q = orbits.shape[0]
+    idx, rank, dist = np.full(q, -1, np.int64), np.full(q, np.inf), np.full(q, np.nan)
+    for r in range(q):
+        j, v = search._outside_candidate(orbits[r], lab, groups[r], ex[r])
+        if j >= 0:
+            idx[r], rank[r] = j + start, v
+            dist[r] = search._exact(orbits[r], np.array([j]))[0]
+    search.stats.proxy_pairs += q * search.n_refs
+    return idx, rank, dist, _stats(search)
