@@ -6,9 +6,11 @@ results identical -- also when a worker dies mid-run and Ray re-runs its task.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """``ray start --head`` on loopback with 2 CPUs; the fault marker lets one test kill a worker once."""
+    """``ray start --head --block`` on loopback with 2 CPUs, in a session of its own; the fault marker lets one
+    test kill a worker once.
+
+    Only this cluster is stopped afterwards (never ``ray stop``, which stops every Ray instance on the machine):
+    SIGTERM to the blocking ``ray start``, which kills the processes it started, then SIGKILL to whatever is left
+    of its process group (the group the test created)."""
     root = tmp_path_factory.mktemp("ray")
     port = _free_port()
     # a throwaway cluster on this machine: Ray's token authentication off for it (and for this driver)
@@ -40,16 +47,33 @@ def cluster(tmp_path_factory):
     env = {**os.environ, "SYNTHGATE_FAULT_ONCE": str(root / "fault-armed"), "RAY_USAGE_STATS_ENABLED": "0",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
     ray_bin = Path(sys.executable).parent / "ray"
-    start = [str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={root / 'tmp'}"]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
-    (root / "fault-armed").write_text("")  # disarmed until a test removes it
+    temp = root / "tmp"
+    start = [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
+    log = open(root / "ray-start.log", "wb")
+    head = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.monotonic() + 180
+        while not (temp / "ray_current_cluster").exists():  # written once the head's processes are up
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed: {(root / 'ray-start.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        (root / "fault-armed").write_text("")  # disarmed until a test removes it
         yield {"address": f"127.0.0.1:{port}", "fault": root / "fault-armed"}
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # the group of the head this fixture started, nothing else
+        except (ProcessLookupError, PermissionError):
+            pass
+        head.wait(timeout=30)
+        log.close()
         if auth is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
@@ -215,3 +239,146 @@ def test_sharded_search_equals_one_process_search(cluster):
     wb = many.within(refs[:12], radius=na.distances[:, 1], exclude=list(range(12)))
     assert [w.as_dict() for w in wa] == [w.as_dict() for w in wb]
     assert many.stats.tasks > 0 and many.stats.bound_pairs == one.stats.bound_pairs
+
+
+# --------------------------------------------------------- the grouped second distance on the cluster
+
+
+def _driver_never_searches(monkeypatch):
+    """Make the driver's own reference-wide steps fail on a sharded search: proxy ranking, bound, the candidate
+    outside a group, exact distances (the workers are other processes and keep the real ones).  Returns the rows
+    the sharded ``_add_outside`` was asked for, per call."""
+    from audit.core.shiftzoom_search import ExactCopySearch
+    from audit.core.shiftzoom_shards import ShardedCopySearch
+
+    for name in ("_proxy_ranked", "_survivors", "_outside_candidate", "_exact", "_refine"):
+        real = getattr(ExactCopySearch, name)
+
+        def guard(self, *a, _real=real, _name=name, **k):
+            assert not isinstance(self, ShardedCopySearch), f"the driver ran {_name} over every reference"
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(ExactCopySearch, name, guard)
+    calls = []
+    sharded = ShardedCopySearch._add_outside
+
+    def count(self, orbits, known, labels, exclude, rows):
+        calls.append(len(rows))
+        return sharded(self, orbits, known, labels, exclude, rows)
+
+    monkeypatch.setattr(ShardedCopySearch, "_add_outside", count)
+    return calls
+
+
+def test_sharded_grouped_search_equals_one_process_and_brute_force(cluster, monkeypatch):
+    """Groups larger than the initial candidates (so the bound needs a reference from outside the best one's
+    group, found by the shards with the labels), near-duplicate pairs and singles, split over 3 shards: grouped
+    decisions (radii, brackets, fallbacks) and the grouped two nearest equal one process and brute force."""
+    import numpy as np
+    import torch
+
+    from audit.copy_detection.ratio_rule import COMPONENTS, decide_ratio, training_groups
+    from audit.core.shiftzoom import CopyLayout, CopyMetric, brute_force, grouped_two
+    from audit.core.shiftzoom_search import ExactCopySearch
+    from audit.core.shiftzoom_shards import ShardedCopySearch
+    from synthgate.cluster import connect
+
+    ray_mod = connect(cluster["address"])
+    rng = np.random.default_rng(2)
+    smooth = torch.nn.functional.avg_pool2d(torch.as_tensor(rng.random((60, 1, 40, 40)), dtype=torch.float32), 9,
+                                            1).numpy()
+    # references: 2 "patients" of 12 near-identical scans, 6 pairs, 20 singles (56); a group straddles a shard cut
+    base = [smooth[0]] * 12 + [smooth[1]] * 12 + [smooth[2 + p // 2] for p in range(12)] + list(smooth[8:28])
+    refs = np.stack([b + rng.normal(0, 0.002, b.shape) for b in base]).astype(np.float32)
+    labels = training_groups(len(refs), [(24 + 2 * p, 25 + 2 * p) for p in range(6)],
+                             ["A"] * 12 + ["B"] * 12 + [""] * 32)
+    assert labels.max() + 1 == 28
+    copies = np.stack([np.roll(refs[i], 1, axis=-1) + rng.normal(0, 0.01, refs[i].shape) for i in (3, 15, 20, 26, 31)])
+    queries = np.concatenate([smooth[40:52], copies.astype(np.float32)])
+    metric = CopyMetric(CopyLayout(32, 32, 1, pooled=8, transforms=COMPONENTS["shift_zoom"]))
+    feats = metric.features(refs)
+    one = ExactCopySearch(metric, feats)
+    many = ShardedCopySearch(ray_mod, metric, feats, shards=3, device="cpu")
+    outside = _driver_never_searches(monkeypatch)
+    full = brute_force(metric, queries, refs)
+    idx, dist = grouped_two(full, labels)
+    for tau in (0.3, 0.8):
+        a = decide_ratio(one, queries, tau, 0.0, labels=labels)
+        b = decide_ratio(many, queries, tau, 0.0, labels=labels)
+        for name in ("flagged", "nearest", "d1", "d1_exact", "ratio_low", "ratio_high", "radius"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=f"{name} at {tau}")
+    assert a.flagged[-5:].all()  # the copies, each with siblings in its group (plain second-nearest: ratio ~1)
+    plain = decide_ratio(one, queries, 0.8, 0.0)
+    assert not plain.flagged[-5:-1].any()  # ... which the plain second-nearest misses
+    ga, gb = one.search_grouped(queries, labels), many.search_grouped(queries, labels)
+    np.testing.assert_array_equal(ga.indices, gb.indices)
+    np.testing.assert_array_equal(ga.distances, gb.distances)
+    np.testing.assert_array_equal(gb.indices, idx)
+    np.testing.assert_allclose(gb.distances, dist, rtol=1e-5, atol=1e-6)
+    assert sum(outside) > 0  # some query's first candidates all lay in one group: the shards found one outside
+    # a training set searched against itself (the duplicate pairs), each image leaving itself out
+    own = one.within(refs, radius=0.02, exclude=list(range(len(refs))))
+    shard = many.within(refs, radius=0.02, exclude=list(range(len(refs))))
+    assert [w.as_dict() for w in own] == [w.as_dict() for w in shard]
+
+
+@pytest.fixture(scope="module")
+def sibling_sets(tmp_path_factory):
+    """Phantom patients with near-identical repeat scans (tests/test_copy_groups.py): one patient with 10 scans
+    (more than the search's 8 first candidates), 7 with 3, 20 with one; a holdout of 80 unseen patients; a
+    synthetic set of 6 noisy copies of repeat-scanned images among 8 images of unseen patients.  No patient IDs:
+    the groups come from the training duplicate search, on the cluster."""
+    import numpy as np
+
+    from test_copy_groups import _phantoms, _write
+
+    root = tmp_path_factory.mktemp("clustersiblings")
+    rng = np.random.default_rng(5)
+    big, _ = _phantoms(1, 7, rng, per=10)
+    triples, _ = _phantoms(7, 1, rng)
+    singles, _ = _phantoms(20, 4, rng, per=1)
+    train = big + triples + singles
+    hold, _ = _phantoms(80, 2, rng, per=1)
+    novel, _ = _phantoms(8, 3, rng, per=1)
+    copies = [np.clip(train[s] + rng.normal(0, 0.03, train[s].shape), 0, 1) for s in (2, 7, 11, 15, 20, 28)]
+    _write(root / "train", train)
+    _write(root / "hold", hold)
+    _write(root / "syn", copies + novel)  # i000-i005 are the copies
+    return root
+
+
+def _sibling_audit(sets, monkeypatch, cluster=None):
+    import audit
+    from conftest import only_policy
+
+    monkeypatch.setenv("SYNTHGATE_CACHE_DIR", "off")
+    policy = only_policy("copy_detection", action="warn", required=False, on_inconclusive="warn")
+    r = audit.check(sets / "syn", real=sets / "train", holdout=sets / "hold", policy=policy, progress=False,
+                    device="cpu", cluster=cluster).result("copy_detection")
+    doc = r.to_dict()
+    search = {k: doc["metrics"]["ratio"].pop(k) for k in list(doc["metrics"]["ratio"]) if k.startswith("search")}
+    doc.pop("seconds", None)
+    return doc, search
+
+
+def test_the_grouped_audit_on_the_cluster_is_identical(cluster, sibling_sets, monkeypatch):
+    """Where grouping decides: the duplicate radius, the training pairs and groups, the grouped calibration, the
+    synthetic decisions, the control's sibling plants and the evidence all come from the shards (the driver's
+    own reference-wide steps are made to fail) and equal the one-process audit."""
+    one, _ = _sibling_audit(sibling_sets, monkeypatch)
+    outside = _driver_never_searches(monkeypatch)
+    many, cost = _sibling_audit(sibling_sets, monkeypatch, cluster["address"])
+    assert cost["search_fit_shift_zoom"]["shards"] == 2 and cost["search_shift_zoom"]["tasks"] > 0
+    groups = one["metrics"]["ratio"]["training_groups"]
+    assert groups["groups"] is not None and groups["images_in_groups_of_2_or_more"] >= 31, groups
+    assert groups["largest_group"] >= 10, groups
+    flagged = {f["synthetic"] for f in one["flagged"]}
+    copies = {f"i{i:03d}.png" for i in range(6)}
+    assert copies <= flagged, sorted(flagged)  # caught only through the grouped second distance
+    sib = one["controls"][0]["metrics"]["with_training_duplicate"]
+    assert sib["planted"] > 0 and sib["caught"] == sib["planted"], sib
+    assert sum(outside) > 0  # the shards were asked for a reference outside a group
+    assert one["metrics"]["ratio"]["training_groups"] == many["metrics"]["ratio"]["training_groups"]
+    assert one["metrics"]["ratio"]["duplicate_radius"] == many["metrics"]["ratio"]["duplicate_radius"]
+    assert one["thresholds"] == many["thresholds"] and one["flagged"] == many["flagged"]
+    assert one == many  # every metric, ratio, distance, control and finding
