@@ -365,8 +365,15 @@ def test_the_grouped_audit_on_the_cluster_is_identical(cluster, sibling_sets, mo
     """Where grouping decides: the duplicate radius, the training pairs and groups, the grouped calibration, the
     synthetic decisions, the control's sibling plants and the evidence all come from the shards (the driver's
     own reference-wide steps are made to fail) and equal the one-process audit."""
+    from audit.copy_detection.ratio_rule import CopyRatioRule
+
     one, _ = _sibling_audit(sibling_sets, monkeypatch)
     outside = _driver_never_searches(monkeypatch)
+
+    def on_driver(*a, **k):
+        raise AssertionError("the driver decoded and searched the training set for its duplicate pairs")
+
+    monkeypatch.setattr(CopyRatioRule, "duplicate_pairs", on_driver)
     many, cost = _sibling_audit(sibling_sets, monkeypatch, cluster["address"])
     assert cost["search_fit_shift_zoom"]["shards"] == 2 and cost["search_shift_zoom"]["tasks"] > 0
     groups = one["metrics"]["ratio"]["training_groups"]

@@ -1,7 +1,7 @@
 """The ratio rule's real side on a Ray cluster: training images decoded and featurised by tasks, searched in shards.
 
 Used when the audit runs with ``--cluster`` (``ctx.cluster`` is a connected
-``ray`` module).  Two things move to the workers:
+``ray`` module).  Three things move to the workers:
 
 * decoding the training set and computing its features: one task per
   chunk of the rule's own chunk size (the chunks a single process reads, so
@@ -10,12 +10,22 @@ Used when the audit runs with ``--cluster`` (``ctx.cluster`` is a connected
   index ranges whose results must come back in order, and
   :func:`synthgate.cluster.imap_ordered` already retries them;
 * the exact copy search over the training set, split into one shard per
-  worker slot (:class:`~audit.core.shiftzoom_shards.ShardedCopySearch`).
+  worker slot (:class:`~audit.core.shiftzoom_shards.ShardedCopySearch`);
+* the training set's near-duplicate pairs (the groups of the grouped second
+  distance), where the training images are the queries too: one task per
+  chunk of the rule's chunk size decodes its images, as for the features,
+  and runs :meth:`~audit.core.shiftzoom_search.ExactCopySearch.within` at
+  the duplicate radius against the whole training set's features (put in
+  the object store once, a search built once per worker), each image
+  leaving itself out -- the very call one process makes on the same chunk,
+  so the pairs are the same; the driver takes their union.
 
 The holdout and the synthetic images are read on the driver (they are the
 small sets); their orbits are computed there and sent to the shards.
 """
 from __future__ import annotations
+
+import uuid
 
 import numpy as np
 
@@ -59,6 +69,47 @@ def shard_searches(ctx, rule: CopyRatioRule) -> CopyRatioRule:
                                               num_gpus=num_gpus, shift_group=rule.shift_group)
                       for name, s in rule.searches_.items()}
     return rule
+
+
+def duplicate_pairs_on_cluster(ctx, rule: CopyRatioRule, imageset, shape: tuple[int, int], batch_size: int):
+    """``radius -> pairs``: :meth:`CopyRatioRule.duplicate_pairs` of the training set with its images decoded and
+    searched by Ray tasks (``rule``'s searches indexed first)."""
+    from synthgate.cluster import imap_ordered
+
+    def pairs(radius: float) -> list[tuple[int, int]]:
+        search = rule.searches_[rule.main]
+        n = len(imageset)
+        chunks = [np.arange(s, min(s + rule.chunk, n)) for s in range(0, n, rule.chunk)]
+        _, num_gpus = worker_slots(ctx.cluster, ctx.device)
+        settings = {"layout": search.metric.layout, "device": ctx.device, "shift_group": rule.shift_group,
+                    "split_zoom": False, "refine": True, "initial": search.initial,
+                    "query_block": search.query_block, "ref_block": search.ref_block}
+        refs = {"token": uuid.uuid4().hex, "start": 0, "features": search.rf.cpu().numpy()}
+        found: set = set()
+        for part in imap_ordered(ctx.cluster, _pairs, chunks, num_gpus=num_gpus,
+                                 shared=(imageset, ctx.geometry, shape, batch_size, settings, refs, float(radius))):
+            found.update((int(a), int(b)) for a, b in part[0])
+            if isinstance(search, ShardedCopySearch):  # the work, in the search's counters
+                search._count(part[1])
+        return sorted(found)
+
+    return pairs
+
+
+def _pairs(imageset, geometry, shape, batch_size: int, settings: dict, refs: dict, radius: float, idx):
+    """One chunk of training images against the whole training set: every pair within ``radius`` (and the
+    search's work)."""
+    from audit.core.shiftzoom_shards import _search, _stats
+
+    x = np.concatenate([b for _, b in imageset.iter_batches(batch_size=batch_size, geometry=geometry,
+                                                            indices=[int(i) for i in idx])])
+    x = to_analysis(x, shape)
+    part = [int(i) for i in idx]
+    search = _search(settings, refs)
+    out = set()
+    for qi, kn in zip(part, search.within(x, radius=radius, exclude=part)):
+        out.update(tuple(sorted((qi, j))) for j, d in kn.as_dict().items() if d <= radius)
+    return sorted(out), _stats(search)
 
 
 def _featurise(imageset, geometry, shape, batch_size: int, layouts: dict, device: str, idx) -> dict:
