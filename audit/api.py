@@ -39,7 +39,7 @@ def check(synthetic: str | Path, *, real: str | Path | None = None, holdout: str
           checks: Sequence[str] | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
           out: str | Path | None = None, seed: int = 0, device: str = "auto", skip_unreadable: bool = False,
           max_pixels: int | None = None, progress: bool | None = None, command: Sequence[str] | None = None,
-          report: Callable[[dict, Path, ImageSet, dict], None] | None = None) -> Audit:
+          report: Callable[[dict, Path, ImageSet, dict], None] | None = None, cluster: str | None = None) -> Audit:
     """Audit ``synthetic`` and return the typed :class:`~audit.core.result.Audit`.
 
     Parameters
@@ -65,10 +65,19 @@ def check(synthetic: str | Path, *, real: str | Path | None = None, holdout: str
         report into the output folder (``reports.cli.write_report`` does);
         ``real_sets`` (``{"real": ..., "holdout": ...}``) tell the shareable
         edition which names to hide.
+    cluster
+        A Ray cluster's address (``ray://HOST:PORT``, ``HOST:PORT``, ``auto``
+        or ``local``; default: ``SYNTHGATE_RAY_ADDRESS``, else none): copy
+        detection's ratio rule then decodes, featurises and searches the
+        training set on its workers, with results identical to one process.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy, only=list(checks) if checks else None, overrides=params)
     inputs = resolve_inputs(synthetic, real, holdout, model)
+    from synthgate.cluster import address, connect
+
+    where = address(cluster)
+    ray = connect(where) if where else None  # a missing Ray or an unreachable cluster: an error before any work
     if out is not None:  # before any work: an output never equals, contains or lies inside an input
         refuse_overlap(out, {"synthetic": inputs.synthetic, "real": inputs.real, "holdout": inputs.holdout,
                              "model": inputs.model, "policy": policy.path})
@@ -89,7 +98,7 @@ def check(synthetic: str | Path, *, real: str | Path | None = None, holdout: str
         workdir = Path(work) / "files"
         ctx = AuditContext(synthetic=synth, real=real_set, holdout=hold_set, model=inputs.model, device=device,
                            seed=seed, workdir=workdir if out is not None else None, progress=progress,
-                           fit_store=FitStore.default())
+                           fit_store=FitStore.default(), cluster=ray)
         check_overlap(ctx)
         results, decision, _ = run_policy(ctx, policy)
         result = Audit(synthetic=synth, real=real_set, holdout=hold_set, model=inputs.model,

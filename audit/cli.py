@@ -46,6 +46,9 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print audit.json to stdout; no progress display")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run copy detection's training-set decoding and search on a Ray cluster (ray://HOST:PORT, "
+                        "HOST:PORT, auto or local; default: SYNTHGATE_RAY_ADDRESS); results identical to one process")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="continue past unreadable files; every skipped file is listed in audit.json")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (image bombs)")
@@ -106,7 +109,8 @@ def cmd_check(args) -> int:
 
     result = check(args.synthetic, real=args.real, holdout=args.holdout, model=args.model, policy=policy,
                    out=out, seed=args.seed, device=args.device or "auto", skip_unreadable=args.skip_unreadable,
-                   max_pixels=args.max_pixels, command=args.argv, report=report)
+                   max_pixels=args.max_pixels, command=args.argv, report=report,
+                   cluster=args.cluster)
     document = result.written or result.to_dict()  # the signed audit.json, as written
     if args.json:
         clikit.emit_json(document)

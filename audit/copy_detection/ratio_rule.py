@@ -337,6 +337,15 @@ class CopyRatioRule:
         self.radius_: ConformalThreshold | None = None
         return self
 
+    def index_features(self, features: dict) -> CopyRatioRule:
+        """:meth:`index` from features computed elsewhere (a cluster's workers): ``{test: (n, D)}``."""
+        self.searches_ = {name: ExactCopySearch(self.metrics[name], f, shift_group=self.shift_group)
+                          for name, f in features.items()}
+        self.labels_ = None
+        self.pairs_ = []
+        self.radius_ = None
+        return self
+
     @property
     def main(self) -> str:
         """The test whose distance defines near-duplicates (shift/zoom when there is one)."""
@@ -361,7 +370,7 @@ class CopyRatioRule:
                 pairs.update(tuple(sorted((qi, j))) for j, d in kn.as_dict().items() if d <= radius)
         return sorted(pairs)
 
-    def group(self, references, holdout, patients=None) -> CopyRatioRule:
+    def group(self, references, holdout, patients=None, pairs=None) -> CopyRatioRule:
         """The training groups the second distance looks past (:meth:`index` first, then :meth:`calibrate`).
 
         Two training images are near-duplicates when one is within the
@@ -373,9 +382,12 @@ class CopyRatioRule:
         each patient's images.  A copy of a training image that has a
         near-duplicate (a follow-up scan, a second view) would otherwise be as
         near that sibling as its source, and its ratio would be about 1.
+        ``pairs`` (``radius -> pairs``) replaces :meth:`duplicate_pairs` of
+        ``references`` (a cluster's workers reading the training set themselves).
         """
         self.radius_ = ratio_threshold(self.nearest_distances(holdout), self.alpha)
-        self.pairs_ = self.duplicate_pairs(references, self.radius_.tau)
+        self.pairs_ = (self.duplicate_pairs(references, self.radius_.tau) if pairs is None
+                       else list(pairs(self.radius_.tau)))
         self.labels_ = training_groups(self.searches_[self.main].n_refs, self.pairs_, patients)
         return self
 

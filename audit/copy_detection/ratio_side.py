@@ -109,9 +109,16 @@ class RatioSide:
         rule = cls._rule(ctx, s, shape, pooled)
         real = set_loader(ctx, ctx.real, shape, s.batch_size)
         hold = set_loader(ctx, ctx.holdout, shape, s.batch_size)
-        rule.index(real)
+        pairs = None
+        if ctx.cluster is not None:  # decoding, features and every training-set search on the cluster's workers
+            from .cluster import duplicate_pairs_on_cluster, index_on_cluster, shard_searches
+
+            shard_searches(ctx, index_on_cluster(ctx, rule, ctx.real, shape, s.batch_size))
+            pairs = duplicate_pairs_on_cluster(ctx, rule, ctx.real, shape, s.batch_size)
+        else:
+            rule.index(real)
         patients = [r.patient_id or "" for r in ctx.real.records] if ctx.real.has_patients else None
-        rule.group(real, hold, patients)
+        rule.group(real, hold, patients, pairs=pairs)
         note = None
         if int(rule.labels_.max()) == 0:
             rule.labels_ = None
@@ -132,6 +139,10 @@ class RatioSide:
     @classmethod
     def from_state(cls, ctx, s: CopyDetectionSettings, state: dict) -> RatioSide:
         rule = cls._rule(ctx, s, tuple(state["shape"]), state["pooled"]).restore(state["rule"])
+        if ctx.cluster is not None:
+            from .cluster import shard_searches
+
+            shard_searches(ctx, rule)
         return cls(rule, tuple(state["shape"]), state["pooled"], state["far"], state["radius"], state["stats"],
                    state["note"])
 

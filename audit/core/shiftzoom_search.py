@@ -139,6 +139,10 @@ class ExactCopySearch:
 
         A ranking, not a bound: it only sets the first radius.
         """
+        return self._proxy_ranked(orbits, exclude, at_least)[0]
+
+    def _proxy_ranked(self, orbits, exclude, at_least: int = 1):
+        """:meth:`_proxy`'s ``(indices, squared distances to the centre)`` (a shard's answer, merged by distance)."""
         torch = self._torch
         t0 = time.perf_counter()
         q = orbits.shape[0]
@@ -160,7 +164,7 @@ class ExactCopySearch:
             idx = torch.gather(cat_i, 1, order)
         self.stats.proxy_pairs += q * self.n_refs
         self.stats.tick("proxy", t0)
-        return idx
+        return idx, best
 
     def _survivors(self, centres, radii, radius, exclude) -> list[np.ndarray]:
         """Per query, the references whose bound is <= ``radius`` (all others are proven farther)."""
@@ -334,17 +338,27 @@ class ExactCopySearch:
         lab = torch.as_tensor(labels, device=self.rf.device)
         for i in rows:
             best = known[i].ranked(1)[0]
-            centre = orbits[i].mean(0)
-            d = self.rn - 2.0 * (self.rf @ centre)  # ranking by the distance to the centre
-            mask = lab == int(labels[best[0]]) if len(best) else torch.zeros_like(lab, dtype=torch.bool)
-            if exclude is not None and exclude[i] is not None:
-                mask[int(exclude[i])] = True
-            d = d.masked_fill(mask, float("inf"))
-            j = int(d.argmin())
-            if np.isfinite(float(d[j])):
+            j, _ = self._outside_candidate(orbits[i], lab, int(labels[best[0]]) if len(best) else None,
+                                           None if exclude is None else exclude[i])
+            if j >= 0:
                 known[i].add([j], self._exact(orbits[i], np.array([j])))
         self.stats.proxy_pairs += len(rows) * self.n_refs
         self.stats.tick("proxy", t0)
+
+    def _outside_candidate(self, orbit, lab, group: int | None, excluded) -> tuple[int, float]:
+        """The reference nearest to ``orbit``'s centre outside group ``group`` (``lab``: a label per reference,
+        a tensor) and other than ``excluded``: ``(index, |f|^2 - 2 c . f)`` (a ranking, ties to the lower index),
+        ``(-1, inf)`` when there is none."""
+        torch = self._torch
+        centre = orbit.mean(0)
+        d = self.rn - 2.0 * (self.rf @ centre)  # ranking by the distance to the centre
+        mask = lab == group if group is not None else torch.zeros_like(lab, dtype=torch.bool)
+        if excluded is not None:
+            mask[int(excluded)] = True
+        d = d.masked_fill(mask, float("inf"))
+        j = int(d.argmin())
+        v = float(d[j])
+        return (j, v) if np.isfinite(v) else (-1, float("inf"))
 
     def search_grouped(self, queries, labels, exclude=None) -> Neighbours:
         """The exact nearest reference and the exact nearest outside its group, per query (both proven).
