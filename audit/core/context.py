@@ -37,6 +37,9 @@ class AuditContext:
     fit_store
         Where checks' fitted real-side state is kept between audits
         (:class:`~audit.core.fitstore.FitStore`), or ``None``.
+    attacker
+        Public image sets with patient IDs that an attacker would train on
+        (``--attacker-data``); only the re-identification network uses them.
     """
 
     synthetic: ImageSet
@@ -51,6 +54,7 @@ class AuditContext:
     geometry_override: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)
     fit_store: "FitStore | None" = None
+    attacker: tuple[ImageSet, ...] = ()
 
     @cached_property
     def geometry(self) -> Geometry:
