@@ -205,3 +205,15 @@ def test_early_stopping_and_time_budget():
                          np.random.default_rng(0), progress=False, validation=val)
     assert h["epochs_run"] == 3 and h["steps"] == 9 and "validation_auc_per_epoch" not in h
     assert h["early_stopping"] == "off (patience 0)"
+
+
+def test_shareable_edition_hides_the_attacker_data_path(tmp_path):
+    from audit.shareable import shareable
+
+    path = str(tmp_path / "hospital-public-copy")
+    doc = {"inputs": {"synthetic": {"path": str(tmp_path / "syn"), "n_images": 1, "sha256": "s"},
+                      "attacker_data": [{"path": path, "n_images": 4, "sha256": "a", "n_patients": 2}]},
+           "checks": [{"name": "reidentification", "reason": f"trained with {path}"}], "released": []}
+    out = shareable(doc)
+    assert path not in json.dumps(out) and out["inputs"]["attacker_data"][0]["path"] == "the attacker data"
+    assert out["inputs"]["attacker_data"][0]["n_patients"] == 2

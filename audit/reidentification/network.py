@@ -57,6 +57,8 @@ MIN_EPOCH_STEPS = 10
 #: with early stopping, a plateau first lowers the learning rate (from the best weights) this many times, by
 #: this factor each, before it ends training: the annealing that a schedule with a known end would give
 LR_DROPS = 2
+#: the rise of d' (genuine vs impostor separation) that counts as an improvement when the AUC held
+DPRIME_DELTA = 0.05
 LR_DROP_FACTOR = 0.1
 
 
@@ -354,12 +356,16 @@ class IdentityBatches:
         return np.concatenate(idx), np.concatenate(labels)
 
 
-def validation_auc(model, images_u8, ids: np.ndarray, device, seed: int, batch_size: int = 256) -> float:
-    """Verification AUC on validation identities: all genuine vs all impostor pairs (cosine similarity).
+def validation_scores(model, images_u8, ids: np.ndarray, device, seed: int,
+                      batch_size: int = 256) -> tuple[float, float]:
+    """``(AUC, d')`` of verification on validation identities: all genuine vs all impostor pairs (cosine).
 
     Two images of one identity form a genuine pair; when no identity has two
     images, each image is paired with an augmented view of itself (drawn with
     the same ``seed`` every epoch, so epochs are compared on the same pairs).
+    ``d'`` (difference of the genuine and impostor mean similarities over
+    their pooled standard deviation) still ranks epochs once a few
+    validation identities are separated perfectly (AUC 1).
     """
     import torch
 
@@ -369,9 +375,14 @@ def validation_auc(model, images_u8, ids: np.ndarray, device, seed: int, batch_s
     a = embed(model, images_u8, device, batch_size)
     if (np.unique(ids, return_counts=True)[1] >= 2).any():
         iu, ju = np.triu_indices(len(ids), 1)
-        return roc_auc(np.einsum("nd,nd->n", a[iu], a[ju]), ids[iu] == ids[ju])
-    b = embed(model, images_u8, device, batch_size, torch.Generator().manual_seed(seed), augmented=True)
-    return roc_auc((b @ a.T).ravel(), (ids[:, None] == ids[None, :]).ravel())
+        scores, genuine = np.einsum("nd,nd->n", a[iu], a[ju]), ids[iu] == ids[ju]
+    else:
+        b = embed(model, images_u8, device, batch_size, torch.Generator().manual_seed(seed), augmented=True)
+        scores, genuine = (b @ a.T).ravel(), (ids[:, None] == ids[None, :]).ravel()
+    g, i = scores[genuine].astype(np.float64), scores[~genuine].astype(np.float64)
+    spread = math.sqrt((g.var() + i.var()) / 2)
+    dprime = float((g.mean() - i.mean()) / spread) if spread > 0 else 0.0
+    return roc_auc(scores, genuine), dprime
 
 
 def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device, generator, rng,
@@ -380,7 +391,8 @@ def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device,
 
     ``validation`` is ``(images, identities)`` of identities the network does
     not train on.  With it and ``cfg.patience > 0``, training stops once the
-    verification AUC on them has not risen by more than ``cfg.min_delta`` for
+    verification AUC on them has not risen by more than ``cfg.min_delta``
+    (nor, the AUC held, their ``d'`` by more than ``DPRIME_DELTA``) for
     ``cfg.patience`` epochs at the lowest learning rate (see Notes), and the
     weights of the best epoch are kept;
     otherwise it runs ``cfg.epochs`` epochs.  Either way it stops at the
@@ -424,7 +436,8 @@ def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device,
     val_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if early else 0
     history: list[float] = []
     curve: list[float] = []
-    best, best_epoch, best_state, since = -math.inf, 0, None, 0
+    separation: list[float] = []
+    best, best_sep, best_epoch, best_state, since = -math.inf, -math.inf, 0, None, 0
     stopped = f"reached the most epochs ({cfg.epochs})"
     epoch_loss = 0.0
     start = time.perf_counter()
@@ -450,11 +463,13 @@ def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device,
         epoch_loss = 0.0
         epoch = len(history)
         if early:
-            auc = validation_auc(model, validation[0], validation[1], device, val_seed)
+            auc, sep = validation_scores(model, validation[0], validation[1], device, val_seed)
             model.train()
             curve.append(round(auc, 5))
-            if auc > best + cfg.min_delta:
-                best, best_epoch, since = auc, epoch, 0
+            separation.append(round(sep, 4))
+            # a higher AUC, or -- the AUC held -- a clearly wider separation (at AUC 1 only d' still moves)
+            if auc > best + cfg.min_delta or (auc >= best and sep > best_sep + DPRIME_DELTA):
+                best, best_sep, best_epoch, since = max(auc, best), sep, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 since += 1
@@ -477,7 +492,7 @@ def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device,
            "train_seconds": round(time.perf_counter() - start, 2),
            "images": int(len(identities)), "identities": int(len(np.unique(identities))), "device": str(device)}
     if early:
-        out.update({"validation_auc_per_epoch": curve, "lr_drops": drops, "best_epoch": best_epoch,
+        out.update({"validation_auc_per_epoch": curve, "validation_dprime_per_epoch": separation, "lr_drops": drops, "best_epoch": best_epoch,
                     "best_validation_auc": round(best, 5),
                     "validation_images": int(len(validation[1])),
                     "validation_identities": int(len(np.unique(validation[1])))})
