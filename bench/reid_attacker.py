@@ -74,7 +74,9 @@ def run(root: Path, n: int, attacker: bool, params: dict, device: str) -> dict:
     return {"patients": n, "attacker": attacker, "auc": auc["value"], "ci": auc["ci"], "epochs": t["epochs_run"],
             "best": t.get("best_epoch"), "stopped": t["stopped"], "train_s": t["train_seconds"], "wall_s": wall,
             "images": t["images"], "identities": t["identities"], "status": r["status"],
-            "controls": {c["name"]: c["passed"] for c in r["controls"]}}
+            "controls": {c["name"]: c["passed"] for c in r["controls"]},
+            "reid": {c["name"]: c["metrics"]["reidentified"]["value"] for c in r["controls"] if c["kind"] == "positive"},
+            "guaranteed": r["thresholds"]["guaranteed_false_match_rate"]}
 
 
 def table(rows: list[dict], args) -> str:
@@ -82,17 +84,22 @@ def table(rows: list[dict], args) -> str:
            f"(holdout) patients judge every verifier; attacker data: {args.public} public phantom patients "
            f"(another seed); `cpu` preset at {args.size} px, batch 32, lr 3e-3, patience {args.patience}, time "
            f"budget {args.time_budget_per_image} s per training image (at least {args.min_time_budget:g} s); "
-           f"torch threads {args.threads}; synthetic set: 20 new patients.", "",
+           f"torch threads {args.threads}; synthetic set: 20 new patients. The threshold's guaranteed false-match "
+           f"rate is {100 * rows[0]['guaranteed']:.1f}% (30 unseen patients cannot certify 1%); each positive control "
+           "must re-identify at least 50% of its images.", "",
            "| training patients | attacker data | verification AUC on unseen patients [95% CI] | trained on "
-           "(images / identities) | epochs (best) | stopped | training s | check |",
-           "|---|---|---|---|---|---|---|---|"]
+           "(images / identities) | epochs (best) | stopped | training s | augmented / new images of training "
+           "patients re-identified | check |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r["ci"] else ""
         failed = [k for k, ok in r["controls"].items() if not ok]
+        rates = [r["reid"].get(k) for k in ("augmented training images", "new images of training patients")]
+        reid = " / ".join("-" if v is None else f"{100 * v:.0f}%" for v in rates)
         status = r["status"] + (f" ({', '.join(failed)} failed)" if failed else "")
         out.append(f"| {r['patients']} | {'yes' if r['attacker'] else 'no'} | {r['auc']:.3f} {ci} | "
                    f"{r['images']} / {r['identities']} | {r['epochs']} ({r['best']}) | {r['stopped']} | "
-                   f"{r['train_s']:.0f} | {status} |")
+                   f"{r['train_s']:.0f} | {reid} | {status} |")
     return "\n".join(out) + "\n"
 
 
