@@ -306,7 +306,9 @@ def test_clean_synthetic_set_passes_with_every_control(case, tmp_path):
     assert "scenario 2 (model released) was not run: no model was given" in r.reason
     kinds = {c.name: c for c in r.controls}
     assert kinds["planted near-copies (synthetic-set attacks)"].passed
-    assert kinds["null: unseen vs unseen"].passed and kinds["holdout exchangeability"].passed
+    assert kinds["null: patients relabelled at random"].passed and kinds["holdout exchangeability"].passed
+    null = kinds["null: patients relabelled at random"].metrics
+    assert null["resolved"] and null["chance_auc_quantile"] < 0.6 and null["patients"] == 100  # 50 + 50, 4 images each
     attacks = r.metrics["attacks"]
     assert set(attacks) == {"dcr_pixel", "dcr_embedding", "domias"}
     for a in attacks.values():  # near chance, each with its interval
@@ -355,19 +357,49 @@ def test_limits_too_lax_to_catch_the_planted_leak_make_the_audit_invalid(case):
     assert r.status == "error" and "positive control failed" in r.reason
 
 
-def test_too_few_non_members_for_the_policy_metric_is_inconclusive(case):
-    r = create_check("membership_inference", n_samples=60, n_boot=200).run(_ctx(case))
+def test_too_few_non_members_for_the_low_fpr_limit_decide_on_the_auc(case):
+    """60 non-members cannot resolve TPR at 1% FPR: with an AUC limit the AUC decides, and the result says what
+    the low-FPR figure would need; without one the check is inconclusive."""
+    r = create_check("membership_inference", n_samples=60, n_boot=200, max_auc=0.7).run(_ctx(case))
+    assert r.status == "pass", r.reason  # 60 + 60 images resolve an AUC limit of 0.7 (not 0.6: see below)
+    assert "decided on the AUC" in r.reason and "at least 100" in r.reason
+    r = create_check("membership_inference", n_samples=60, n_boot=200, max_auc=None).run(_ctx(case))
     assert r.status == "inconclusive" and "at least 100" in r.reason
 
 
-def test_holdout_from_another_population_is_caught_by_exchangeability(case, tmp_path):
+def test_null_control_by_patient_relabelling_says_cannot_resolve_on_a_small_sample(case):
+    """8 members and 8 non-members from few patients: chance alone reaches the AUC limit, so no pass -- and
+    the result names the patients needed; the same statistic computed by hand over every relabelling."""
+    from itertools import combinations
+
+    from audit.core.stats import roc_auc
+    from audit.membership_inference.statistics import relabelled_max_auc
+
+    r = create_check("membership_inference", n_samples=8, n_boot=200, max_tpr_at_1pct_fpr=None).run(_ctx(case))
+    null = next(c for c in r.controls if c.kind == "null")
+    assert not null.passed and "cannot resolve" in null.detail and null.metrics["patients_needed"] > 16
+    assert r.status == "inconclusive" and "cannot resolve" in r.reason
+    # the relabelling null by brute force: 3 patients of 6 are members in every relabelling
+    rng = np.random.default_rng(0)
+    scores = {"a": rng.normal(size=12), "b": rng.normal(size=12)}
+    groups = np.repeat(np.arange(6), 2)
+    draws, distinct, exact = relabelled_max_auc(scores, np.r_[np.ones(6), np.zeros(6)], groups, 100, rng)
+    brute = [max(roc_auc(v, np.isin(groups, c)) for v in scores.values()) for c in combinations(range(6), 3)]
+    assert exact and distinct == 20 and np.allclose(np.sort(draws), np.sort(brute))
+
+
+def test_holdout_from_another_population_fails_and_names_the_failed_control(case, tmp_path):
+    """A holdout from another scanner makes every attack separate "members" from "non-members": the check
+    cannot tell that from a leak, and controls are asymmetric -- they may block a pass, never excuse a leak --
+    so it fails, naming the exchangeability control that explains why the steward must look at the holdout."""
     shifted = tmp_path / "shifted"
     for f in sorted((case / "p" / "holdout").glob("*.png")):
         x = np.asarray(Image.open(f), np.float64) / 255
         save_unit_png(shifted / f.name, np.clip(x, 0, 1) ** 0.6)  # another scanner's tone curve
     r = create_check("membership_inference", n_boot=200).run(_ctx(case, holdout=shifted))
     ctl = next(c for c in r.controls if c.name == "holdout exchangeability")
-    assert not ctl.passed and r.status == "inconclusive" and "negative control failed" in r.reason
+    assert not ctl.passed and r.status == "fail", r.reason
+    assert "cannot excuse the leak" in r.reason and "holdout exchangeability" in r.reason
 
 
 # ------------------------------------------------------- scenario 2 (the model)
@@ -432,6 +464,48 @@ def test_overfit_model_is_caught_by_the_model_attacks(case, model_case, tmp_path
     assert tpr_at_fpr(np.r_[s[0], s[1]], y, 0.01) > 0.5
 
 
+def test_a_memorising_model_fails_the_default_policy(case, model_case):
+    """The default policy's settings (not the fast ones) on the overfit model: its members are recognised, so the
+    check fails -- not inconclusive on a control, not a pass -- and so does the audit's verdict."""
+    from audit.api import check
+
+    result = check(case / "syn", real=model_case / "seen", holdout=case / "p" / "holdout",
+                   model=model_case / "model", policy="default", checks=["membership_inference"], progress=False,
+                   device="cpu")
+    r = result.result("membership_inference")
+    assert r.status == "fail", r.reason
+    assert result.verdict == "fail" and not result.passed
+    assert max(a["auc"].value for a in r.metrics["attacks"].values() if a["scenario"] == 2) > 0.9
+
+
+def test_the_model_records_resize_is_applied_and_reported(case, model_case, tmp_path):
+    """32 x 32 copies of the 16 x 16 sets: refused for a model whose record does not say its trainer resized, run
+    (and said so) when synthgate.json records it, as synthgate's trainer does."""
+    from synthgate.errors import InputError
+
+    def upscaled(src, dst):
+        dst.mkdir()
+        for f in sorted(src.glob("*.png")):
+            Image.open(f).resize((32, 32), Image.Resampling.BILINEAR).save(dst / f.name)
+        shutil.copy(src / "metadata.csv", dst / "metadata.csv")
+        return dst
+
+    seen, hold = upscaled(model_case / "seen", tmp_path / "seen"), upscaled(case / "p" / "holdout", tmp_path / "h")
+    model = tmp_path / "model"
+    shutil.copytree(model_case / "model", model)
+    ctx = _ctx(case, real=seen, holdout=hold, model=model)
+    check = create_check("membership_inference", control_model=False, **FAST)
+    with pytest.raises(InputError, match="does not say its trainer resized"):
+        check.preflight(ctx)
+    info = json.loads((model / "synthgate.json").read_text())
+    info["training_set"] = {**(info.get("training_set") or {}), "resized": ["sizes 32x32 resized to 16x16"]}
+    (model / "synthgate.json").write_text(json.dumps(info))
+    r = check.run(ctx)
+    assert r.metrics["scenario_2"]["preprocessing"].startswith("images resized to 16x16 (antialiased bilinear) as "
+                                                               "the model's trainer recorded")
+    assert r.metrics["attacks"]["loss_t50"]["auc"].value > 0.9  # the members are still recognised
+
+
 def test_model_that_never_saw_the_members_is_not_flagged(case, model_case):
     # 16 non-members cannot resolve TPR at 1% FPR: judge the AUC only here
     r = create_check("membership_inference", control_model=False, max_tpr_at_1pct_fpr=None, **FAST).run(
@@ -440,7 +514,8 @@ def test_model_that_never_saw_the_members_is_not_flagged(case, model_case):
     assert r.status == "inconclusive", r.reason
     assert r.metrics["decision"]["significant_after_bonferroni"] == []
     assert all(a["auc"].ci[0] < 0.75 for n, a in r.metrics["attacks"].items() if a["scenario"] == 2)
-    assert next(c for c in r.controls if c.kind == "null").passed
+    null = next(c for c in r.controls if c.kind == "null")  # 16 + 16 images of 30 patients: chance reaches 0.6
+    assert not null.passed and "cannot resolve" in null.detail
 
 
 # ------------------------------------------------------------------ CLI

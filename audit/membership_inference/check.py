@@ -34,19 +34,30 @@ the same data is optimistic.  The check therefore
 - *fails* only on evidence that survives the selection: the attack chosen on
   a random half of the data (by how far it goes beyond the limits) exceeds a
   limit on the other half, or some attack's simultaneous (Bonferroni,
-  ``alpha / k``) lower bound exceeds a limit on the whole sample;
+  ``alpha / k``) lower bound exceeds a limit on the whole sample.  Such
+  evidence fails the check whatever the controls say: controls are
+  asymmetric, they may block a pass but never excuse a leak;
 - *passes* only when every attack's point estimate is within the limits on
   the whole sample (the optimistic maximum, so the pass is conservative),
-  or, with ``judge: interval``, every simultaneous upper bound is;
+  or, with ``judge: interval``, every simultaneous upper bound is -- and
+  only when the positive controls caught their planted leaks, the negative
+  control holds and the null control shows the sample can resolve a leak at
+  the AUC limit;
 - is *inconclusive* in between (an attack beyond a limit that the held-out
-  half does not confirm), when the policy's metric cannot be resolved with
-  this many non-members, or when a negative control fails.
+  half does not confirm), when the sample cannot resolve the limits (the
+  null control; or a TPR limit at an FPR the non-members cannot resolve
+  with no AUC limit to decide on -- with one, the AUC decides and the
+  result says what the low-FPR figure would need), or when a negative
+  control fails.
 
 Controls: planted near-copies of half the members in an in-memory copy of
 the synthetic set must make the pixel DCR attack fail the policy (scenario 1);
-a tiny model overfit on a handful of real images must be caught by every
-model-attack family (scenario 2); two halves of the unseen images must look
-alike to every attack (null control); and an attack with no access to the
+a tiny model overfit on a handful of real images must be caught by the model
+attacks (scenario 2; at least one family -- a family that cannot is reported
+as not validated); chance, measured by relabelling whole patients member /
+non-member at random, must stay below the AUC limit (null control: valid for
+patient-grouped data, and "cannot resolve" when the sample is too small);
+and an attack with no access to the
 synthetic data or the model must not separate members from non-members
 (holdout exchangeability: otherwise the holdout is not from the training
 population and every attack's AUC mixes leakage with that shift).
@@ -286,16 +297,36 @@ class MembershipInference(Check):
                         raise InputError(f"the model is conditioned on {', '.join(names)} but {r.key} has no "
                                          f"{gap!r} in metadata.csv; the model attacks need each image's attributes",
                                          set_.root)
-        if self.settings.resize_for_model:
+        if self._preprocessing(ctx, info, res) is not None:
             return geo
         for set_ in (ctx.real, ctx.holdout):
             bad = next((r for r in set_.records if (r.height, r.width, r.channels) != (res, res, chans)), None)
             if bad is not None:
                 raise InputError(
                     f"the model was trained on {chans}x{res}x{res} images but {set_.root.name}/{bad.key} is "
-                    f"{bad.channels}x{bad.height}x{bad.width}; the model attacks need the images as the model saw them "
-                    "(set membership_inference.resize_for_model=true if its trainer resized them this way)", ctx.model)
+                    f"{bad.channels}x{bad.height}x{bad.width}, and the model's record (synthgate.json training_set."
+                    "resized) does not say its trainer resized images; the model attacks need the images as the "
+                    "model saw them (set membership_inference.resize_for_model=true if its trainer resized them "
+                    "with an antialiased bilinear resize)", ctx.model)
         return geo
+
+    def _preprocessing(self, ctx, info: dict, res: int) -> str | None:
+        """How the audited images are brought to the model's input, when that differs from "as they are".
+
+        synthgate's trainer records in ``synthgate.json`` (``training_set.resized``) that it resized the training
+        images, with the antialiased bilinear resize the audit uses too: then the attacks apply the same by
+        default.  ``resize_for_model`` asserts it for a model without that record.
+        """
+        sizes = {(r.height, r.width) for set_ in (ctx.real, ctx.holdout) for r in set_.records}
+        if sizes <= {(res, res)}:
+            return None
+        recorded = (info.get("training_set") or {}).get("resized")
+        if recorded:
+            return (f"images resized to {res}x{res} (antialiased bilinear) as the model's trainer recorded "
+                    f"({'; '.join(recorded)})")
+        if self.settings.resize_for_model:
+            return f"images resized to {res}x{res} (antialiased bilinear): resize_for_model set by the policy"
+        return None
 
     def _model_attacks(self):
         from .registry import create_attacks
@@ -342,7 +373,7 @@ class MembershipInference(Check):
         return out
 
     def _scenario2(self, ctx, sample: Sample, run: AttackRun, geo: Geometry):
-        from generators.loading import load_model
+        from generators.loading import load_model, read_info
 
         model = load_model(ctx.model, ctx.torch_device)
         self._check_timesteps(model)
@@ -355,6 +386,8 @@ class MembershipInference(Check):
             "latent": model.latent, "num_train_timesteps": model.num_train_timesteps,
             "prediction_type": model.prediction_type, "conditional": model.labels is not None,
             "forward_passes_per_image": self._passes_per_image(),
+            "preprocessing": (self._preprocessing(ctx, read_info(ctx.model), model.resolution)
+                              or "images as they are (the model's input size)"),
         }
         return model
 
@@ -386,7 +419,7 @@ class MembershipInference(Check):
             model = self._scenario2(ctx, sample, run, model_geo)
             if s.control_model:
                 controls.append(model_control(ctx, self.settings, self.limits, model, self._model_scores))
-        controls.append(null_control(ctx, self.settings, sample, run.scores))
+        controls.append(null_control(ctx, self.settings, self.limits, sample, run.scores))
         controls.append(exchangeability_control(ctx, self.settings, sample, run.info.pop("exchangeability_scores")))
         return self._decide(ctx, sample, run, controls)
 
@@ -423,21 +456,33 @@ class MembershipInference(Check):
         """The decision rules of the module docstring, in order of precedence."""
         k = len(ev.full)
         failed_pos = [c for c in controls if c.kind == "positive" and not c.passed]
-        failed_neg = [c for c in controls if c.kind in ("null", "negative") and not c.passed]
-        if failed_pos:
-            return "error", "positive control failed: " + "; ".join(c.detail for c in failed_pos) + "; the audit is invalid"
-        if failed_neg:
-            return "inconclusive", "a negative control failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed_neg)
+        failed_neg = [c for c in controls if c.kind == "negative" and not c.passed]
+        unresolved_null = [c for c in controls if c.kind == "null" and not c.passed]
         if ev.confirmed or ev.significant:
+            # a control may block a pass but never excuse a leak: replicated, significant evidence fails
             why = [f"{ev.chosen} (chosen on one half) on the held-out half: {', '.join(ev.confirmed)}"] if ev.confirmed else []
             sig = list(ev.significant.items())
             why += [f"{n}: simultaneous lower bound {', '.join(w)}" for n, w in sig[:3]]
             why += [f"and {len(sig) - 3} more attack(s)"] if len(sig) > 3 else []
-            return "fail", "an attacker can tell training images from unseen ones: " + "; ".join(why)
-        if ev.unresolved:
+            reason = "an attacker can tell training images from unseen ones: " + "; ".join(why)
+            also = [f"{c.name}: {c.detail}" for c in failed_neg + failed_pos]
+            if also:
+                reason += ("; a control also failed, which cannot excuse the leak (" + "; ".join(also) + ")")
+            return "fail", reason
+        # too small a sample first: a positive control then fails for the same reason, and more data is the fix
+        also = "".join(f"; {c.name}: {c.detail}" for c in failed_pos)
+        if ev.unresolved and self.limits.get("auc") is None:
             f = ev.unresolved[0]
             return "inconclusive", (f"{sample.n} non-members cannot resolve TPR at {pct(f)} FPR, which the policy "
-                                    f"limits; give a holdout of at least {math.ceil(1 / f):,} images")
+                                    f"limits, and no AUC limit is set; give a holdout of at least "
+                                    f"{math.ceil(1 / f):,} images" + also)
+        if unresolved_null:
+            return "inconclusive", ("no attack beats the limits, but this sample cannot resolve a leak at the "
+                                    f"limit ({unresolved_null[0].name}): {unresolved_null[0].detail}" + also)
+        if failed_pos:
+            return "error", "positive control failed: " + "; ".join(c.detail for c in failed_pos) + "; the audit is invalid"
+        if failed_neg:
+            return "inconclusive", "a negative control failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed_neg)
         if ev.beyond:
             n, w = next(iter(ev.beyond.items()))
             return "inconclusive", (f"{n} reaches {', '.join(w)} on the whole sample, but as the best of {k} attacks "
@@ -452,6 +497,10 @@ class MembershipInference(Check):
         best = max(ev.full, key=lambda n: ev.full[n].auc)
         reason = (f"no attack beats the limits: strongest AUC {ev.full[best].auc:.3f} ({best}) over {k} attack(s) "
                   f"on {sample.n} members vs {sample.n} non-members")
+        if ev.unresolved:
+            f = ev.unresolved[0]
+            reason += (f"; decided on the AUC: {sample.n} non-members cannot resolve TPR at {pct(f)} FPR (that needs "
+                       f"at least {math.ceil(1 / f):,}, about {math.ceil(10 / f):,} for a stable figure)")
         if shared:
             return "warn", (reason + f"; but {shared} patient(s) have images in both the training set and the "
                             "holdout, which makes non-members look like members and understates the risk")

@@ -4,7 +4,7 @@ Members are training images (the real set), non-members holdout images
 (real, never trained on).  Images of one patient are alike, so everything
 that splits the sample splits it by patient: the DOMIAS cross-fitting folds,
 the selection / evaluation halves of the attack choice, the null control's
-halves and the bootstrap's resampling units.
+relabellings and the bootstrap's resampling units.
 """
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ class Sample:
     nonmembers: np.ndarray  # indices into the holdout
     fold: np.ndarray  # (2n,) DOMIAS cross-fitting fold of each evaluated image
     select: np.ndarray  # (2n,) True: in the half that chooses the deciding attack
-    null_a: np.ndarray  # (2n,) non-members playing "members" in the null control
-    null_b: np.ndarray  # (2n,) the other non-members
     holdout_fold: np.ndarray  # fold of every holdout image (its patient's)
     groups: np.ndarray  # (2n,) patient (or image) of each evaluated image: the bootstrap resamples these
 
@@ -77,13 +75,7 @@ def make_sample(real: ImageSet, hold: ImageSet, n_samples: int, rng: np.random.G
     real_groups = groups_of(real)
     m_select = group_split([real_groups[i] for i in members], rng)
     nm_select = group_split([hold_groups[i] for i in nonmembers], rng)
-    null_a = np.zeros(2 * n, bool)
-    for f in (0, 1):  # each null half takes half of each fold, so fold effects cancel
-        where = np.nonzero(nm_fold == f)[0]
-        half = group_split([hold_groups[nonmembers[i]] for i in where], rng)
-        null_a[n + where[half]] = True
-    null_b = np.r_[np.zeros(n, bool), np.ones(n, bool)] & ~null_a
     groups = np.array([f"m:{real_groups[i]}" for i in members] + [f"h:{hold_groups[i]}" for i in nonmembers],
                       object)
-    return Sample(members, nonmembers, np.r_[m_fold, nm_fold], np.r_[m_select, nm_select], null_a, null_b,
+    return Sample(members, nonmembers, np.r_[m_fold, nm_fold], np.r_[m_select, nm_select],
                   holdout_fold, groups)

@@ -28,6 +28,8 @@ class MembershipInferenceSettings(CheckSettings):
     """Members and non-members drawn (each at most the set's size)."""
     n_boot: int = Field(1000, ge=100)
     """Bootstrap resamples for the intervals."""
+    n_permutations: int = Field(2000, ge=100)
+    """Null control: random relabellings of patients (all of them when there are fewer)."""
     alpha: float = Field(0.05, gt=0, lt=0.5)
     """Level of the intervals; the simultaneous ones use alpha / k over k attacks (Bonferroni)."""
     control_alpha: float = Field(0.01, gt=0, lt=0.5)
@@ -57,7 +59,8 @@ class MembershipInferenceSettings(CheckSettings):
     secmi_k: int = Field(10, ge=1)
     """SecMI's step size."""
     resize_for_model: bool = False
-    """Resize the real images to the model's resolution for the model attacks."""
+    """Resize the real images to the model's resolution for the model attacks, for a model whose record does not say
+    its trainer did (a synthgate-trained model's ``synthgate.json`` does: then it is applied by default)."""
     batch_size: int = Field(64, ge=1)
     """Images per batch."""
     query_chunk_mb: int = Field(256, ge=1)

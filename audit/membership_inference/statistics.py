@@ -148,3 +148,45 @@ def score_histogram(scores: np.ndarray, labels: np.ndarray) -> dict:
 
 def pct(fpr: float) -> str:
     return f"{fpr * 100:g}%"
+
+
+def relabelled_max_auc(scores: dict[str, np.ndarray], labels: np.ndarray, groups, n_perm: int,
+                       rng: np.random.Generator) -> tuple[np.ndarray, int, bool]:
+    """The strongest attack's AUC when whole patients are relabelled member / non-member at random.
+
+    Under "no membership signal" the patients (``groups``; an image is its
+    own group without patient IDs) are exchangeable between the two roles, so
+    every relabelling that keeps the number of member patients is equally
+    likely; the maximum over the k attacks makes it the null of the *best*
+    attack, selection included.  Images of one patient move together, which
+    is what makes it valid for patient-grouped data (a bootstrap over a
+    handful of patients is not).  Returns the null draws, the number of
+    distinct relabellings and whether all of them were enumerated (exact)
+    rather than sampled (``n_perm`` draws).
+    """
+    from itertools import combinations
+
+    from scipy.stats import rankdata
+
+    y = np.asarray(labels).astype(bool)
+    _, inv = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_groups = int(inv.max()) + 1
+    k_member = len(np.unique(inv[y]))
+    size = np.bincount(inv, minlength=n_groups).astype(np.float64)
+    rank_sums = np.stack([np.bincount(inv, weights=rankdata(np.asarray(s, np.float64)), minlength=n_groups)
+                          for s in scores.values()])  # (attacks, groups)
+    n_all = len(y)
+    distinct = math.comb(n_groups, k_member)
+    if distinct <= n_perm:
+        picks = np.zeros((distinct, n_groups))
+        for row, chosen in enumerate(combinations(range(n_groups), k_member)):
+            picks[row, list(chosen)] = 1.0
+    else:
+        order = np.argsort(rng.random((n_perm, n_groups)), axis=1)[:, :k_member]
+        picks = np.zeros((n_perm, n_groups))
+        np.put_along_axis(picks, order, 1.0, axis=1)
+    n1 = picks @ size
+    n0 = n_all - n1
+    ok = (n1 > 0) & (n0 > 0)
+    auc = (picks @ rank_sums.T - (n1 * (n1 + 1) / 2)[:, None]) / np.where(ok, n1 * n0, 1.0)[:, None]
+    return auc.max(axis=1)[ok], distinct, distinct <= n_perm
