@@ -36,6 +36,9 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     p.add_argument("--real", help="the real training set (default: from manifest.json)")
     p.add_argument("--holdout", help="real images never trained on (calibration, false-alarm rates)")
     p.add_argument("--model", help="the model directory (default: from manifest.json)")
+    p.add_argument("--attacker-data", action="append", default=[], metavar="SET",
+                   help="public image set with patient IDs (same modality) that the re-identification attacker "
+                        "trains on too, as a real attacker would (repeatable)")
     p.add_argument("--policy", default="default",
                    help="built-in policy (default, strict, research) or a policy YAML file (default: default)")
     p.add_argument("--checks", help="comma-separated checks to run instead of all the policy's (each then "
@@ -110,7 +113,7 @@ def cmd_check(args) -> int:
     result = check(args.synthetic, real=args.real, holdout=args.holdout, model=args.model, policy=policy,
                    out=out, seed=args.seed, device=args.device or "auto", skip_unreadable=args.skip_unreadable,
                    max_pixels=args.max_pixels, command=args.argv, report=report,
-                   cluster=args.cluster)
+                   cluster=args.cluster, attacker_data=args.attacker_data)
     document = result.written or result.to_dict()  # the signed audit.json, as written
     if args.json:
         clikit.emit_json(document)

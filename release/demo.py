@@ -35,6 +35,9 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     p.add_argument("--size", type=int, default=32, help="image side (the tiny preset trains at 32)")
     p.add_argument("--steps", type=int, default=600, help="training steps (more steps, more memorisation)")
     p.add_argument("--samples", type=int, default=40, help="synthetic images to generate")
+    p.add_argument("--public-patients", type=int, default=60,
+                   help="phantom patients of another seed standing in for a public data set that the "
+                        "re-identification attacker also trains on (--attacker-data); 0: none (default: 60)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     p.add_argument("--checks", help="run only these checks of the demo policy (comma-separated)")
@@ -63,6 +66,8 @@ def run_demo(args) -> int:
     from synthgate.device import resolve_device
     from synthgate.phantoms import write_phantoms
 
+    if args.public_patients < 0:
+        raise UsageError(f"--public-patients {args.public_patients} must be 0 or more")
     out = Path(args.out)
     if out.exists():
         raise UsageError("already exists; choose a new --out folder for the demo", out)
@@ -74,6 +79,14 @@ def run_demo(args) -> int:
                              size=args.size, seed=args.seed, holdout_fraction=0.3)
     _done(t, f"train/ {summary['train_images']} images ({summary['train_patients']} patients), holdout/ "
              f"{summary['holdout_images']} images ({summary['holdout_patients']} unseen patients)")
+    attacker = []
+    if args.public_patients > 0:  # other people (another seed): what a public chest X-ray set is to an attacker
+        public = write_phantoms(out / "public", patients=args.public_patients,
+                                images_per_patient=args.images_per_patient, size=args.size, seed=args.seed + 1000,
+                                holdout_fraction=0)
+        attacker = [out / "public" / "train"]
+        print(f"     public data for the attacker: {public['train_images']} images of {args.public_patients} "
+              "other invented patients")
 
     t = _step(2, f"train a tiny DDPM for {args.steps} steps on only {summary['train_images']} images "
                  "(small on purpose: such a model memorises)")
@@ -93,7 +106,7 @@ def run_demo(args) -> int:
     t = _step(4, "audit the synthetic set against the real training data and the unseen holdout")
     only = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else None
     result = check(synthetic, holdout=data / "holdout", policy=POLICY, checks=only, out=audit_dir, seed=args.seed,
-                   device=args.device or "auto",
+                   device=args.device or "auto", attacker_data=attacker,
                    report=lambda document, path, synth, sets: write_report(document, path, synthetic=synth,
                                                                            sets=sets))
     print(format_summary(result.to_dict(), audit_dir))

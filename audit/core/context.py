@@ -41,6 +41,9 @@ class AuditContext:
         A connected ``ray`` module (:func:`synthgate.cluster.connect`) when
         the audit runs with ``--cluster``, else ``None``; checks that can
         spread their work use it (copy detection's ratio rule).
+    attacker
+        Public image sets with patient IDs that an attacker would train on
+        (``--attacker-data``); only the re-identification network uses them.
     """
 
     synthetic: ImageSet
@@ -56,6 +59,7 @@ class AuditContext:
     notes: list[str] = field(default_factory=list)
     fit_store: "FitStore | None" = None
     cluster: Any = None
+    attacker: tuple[ImageSet, ...] = ()
 
     @cached_property
     def geometry(self) -> Geometry:
