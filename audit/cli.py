@@ -36,6 +36,9 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     p.add_argument("--real", help="the real training set (default: from manifest.json)")
     p.add_argument("--holdout", help="real images never trained on (calibration, false-alarm rates)")
     p.add_argument("--model", help="the model directory (default: from manifest.json)")
+    p.add_argument("--attacker-data", action="append", default=[], metavar="SET",
+                   help="public image set with patient IDs (same modality) that the re-identification attacker "
+                        "trains on too, as a real attacker would (repeatable)")
     p.add_argument("--policy", default="default",
                    help="built-in policy (default, strict, research) or a policy YAML file (default: default)")
     p.add_argument("--checks", help="comma-separated checks to run instead of all the policy's (each then "
@@ -49,6 +52,9 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
                    help="torch CPU threads (default: SYNTHGATE_THREADS, else the cores not already busy; 1 is "
                         "often fastest for the audit's small networks on a few busy cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run copy detection's training-set decoding and search on a Ray cluster (ray://HOST:PORT, "
+                        "HOST:PORT, auto or local; default: SYNTHGATE_RAY_ADDRESS); results identical to one process")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="continue past unreadable files; every skipped file is listed in audit.json")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (image bombs)")
@@ -112,7 +118,8 @@ def cmd_check(args) -> int:
 
     result = check(args.synthetic, real=args.real, holdout=args.holdout, model=args.model, policy=policy,
                    out=out, seed=args.seed, device=args.device or "auto", skip_unreadable=args.skip_unreadable,
-                   max_pixels=args.max_pixels, command=args.argv, report=report)
+                   max_pixels=args.max_pixels, command=args.argv, report=report,
+                   cluster=args.cluster, attacker_data=args.attacker_data)
     document = result.written or result.to_dict()  # the signed audit.json, as written
     if args.json:
         clikit.emit_json(document)

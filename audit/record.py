@@ -48,6 +48,7 @@ class InputsRecord(_Record):
     real: SetRecord | None = None
     holdout: SetRecord | None = None
     model: ModelRecord | None = None
+    attacker_data: list[SetRecord] = []
     geometry: GeometryRecord | None = None
     notes: list[str] = []
 

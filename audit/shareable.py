@@ -152,6 +152,10 @@ def redactor_for(document: dict, sets: dict[str, Any] | None = None,
             p = str(entry["path"])
             paths[p] = label
             paths[str(Path(p).resolve())] = label
+    for entry in inputs.get("attacker_data") or []:  # public data, but its path is a local one
+        if isinstance(entry, dict) and entry.get("path"):
+            p = str(entry["path"])
+            paths[p] = paths[str(Path(p).resolve())] = "the attacker data"
     return Redactor(names, patients, paths)
 
 

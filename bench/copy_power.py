@@ -199,7 +199,7 @@ def perturb(kind: str, pic: np.ndarray, crop: Crop, rng: np.random.Generator) ->
 
 def build(seed: int, n_copies: int = 150, train_stride: int = 48, novel_stride: int = 32, strip: int = 128,
           margin: int = 6, max_train_per_picture: int = 150, max_novel_per_picture: int = 120,
-          pictures=PICTURES) -> Benchmark:
+          pictures=PICTURES, duplicates: float = 0.0) -> Benchmark:
     rng = np.random.default_rng(seed)
     pics = [load_picture(n) for n in pictures]
     train, novel, holdout = [], [], []
@@ -212,6 +212,9 @@ def build(seed: int, n_copies: int = 150, train_stride: int = 48, novel_stride: 
         train += [Crop(i, a, b) for a, b in t]
         novel += [Crop(i, a, b) for a, b in v]
         holdout += [Crop(i, a, b) for a, b in h]
+    if duplicates > 0:  # a share of the training crops stored twice (the same image filed twice), drawn first
+        dup = sorted(rng.choice(len(train), round(duplicates * len(train)), replace=False).tolist())
+        train += [train[j] for j in dup]
     copies = []
     for kind in COUNTED + NOT_COUNTED:
         for j in rng.choice(len(train), n_copies, replace=False):
@@ -287,6 +290,7 @@ def baseline_flags(q: np.ndarray, h: np.ndarray, r: np.ndarray) -> dict[str, tup
 
 
 NEW_DEFAULT = "new default: ratio rule (audit.copy_detection, default settings)"
+PLAIN_RATIO = "ratio rule, plain second-nearest (the default before the grouped second distance)"
 
 
 def our_flags(q: np.ndarray, h: np.ndarray, r: np.ndarray, stats: dict, ablations: bool = False
@@ -296,7 +300,10 @@ def our_flags(q: np.ndarray, h: np.ndarray, r: np.ndarray, stats: dict, ablation
     The rule is built exactly as :class:`audit.copy_detection.ratio_side.RatioSide`
     builds it from :class:`~audit.copy_detection.settings.CopyDetectionSettings`:
     same tests, shifts, zooms, blocks and false-alarm rate (the crops are
-    already at the 64 x 64 analysis size).
+    already at the 64 x 64 analysis size), and the second distance grouped as
+    the check groups a training set without patient IDs (near-duplicates
+    within the duplicate radius).  ``PLAIN_RATIO`` is the same rule with the
+    plain second-nearest, the definition before the grouping.
     """
     from audit.copy_detection.ratio_rule import CopyRatioRule, components
     from audit.copy_detection.ratio_side import ratio_geometry
@@ -305,7 +312,7 @@ def our_flags(q: np.ndarray, h: np.ndarray, r: np.ndarray, stats: dict, ablation
     s = CopyDetectionSettings()
     shape, pooled = ratio_geometry(SIZE, SIZE, s)
     base = {"alpha": s.false_alarm_rate, "components": components(s.max_shift, s.zooms), "pooled": pooled}
-    specs = {NEW_DEFAULT: {}}
+    specs = {NEW_DEFAULT: {}, PLAIN_RATIO: {"grouped": False}}
     if ablations:
         specs |= {
             "ratio rule, alpha 0.01": {"alpha": 0.01},
@@ -317,11 +324,16 @@ def our_flags(q: np.ndarray, h: np.ndarray, r: np.ndarray, stats: dict, ablation
     out = {}
     for name, kw in specs.items():
         t0 = time.perf_counter()
-        rule = CopyRatioRule(*shape, 1, **(base | kw)).fit(r, h)
+        kw = dict(kw)
+        grouped = kw.pop("grouped", True)
+        rule = CopyRatioRule(*shape, 1, **(base | kw)).fit(r, h, grouped=grouped)
         dec = rule.decide(q)
         taus = ", ".join(f"{k}: tau={v.tau:.3g} (k={v.k}/{v.n})" for k, v in rule.thresholds_.items())
         out[name] = (dec.flagged, taus)
-        stats[name] = {"seconds": round(time.perf_counter() - t0, 2),
+        groups = None if rule.labels_ is None else {
+            "pairs": len(rule.pairs_), "groups": int(rule.labels_.max()) + 1,
+            "largest": int(np.bincount(rule.labels_).max()), "radius": rule.radius_.tau}
+        stats[name] = {"seconds": round(time.perf_counter() - t0, 2), "training_groups": groups,
                        "search": {k: sr.stats.to_dict() for k, sr in rule.searches_.items()},
                        "thresholds": {k: vars(v) for k, v in rule.thresholds_.items()}}
     return out
@@ -351,9 +363,9 @@ def content(images: np.ndarray) -> np.ndarray:
     return np.sqrt(((p - p.mean((1, 2), keepdims=True)) ** 2).mean((1, 2)))
 
 
-def run_seed(seed: int, n_copies: int, informative: float, ablations: bool = False) -> dict:
+def run_seed(seed: int, n_copies: int, informative: float, ablations: bool = False, duplicates: float = 0.0) -> dict:
     t0 = time.perf_counter()
-    b = build(seed, n_copies=n_copies)
+    b = build(seed, n_copies=n_copies, duplicates=duplicates)
     r = b.images(b.train)
     h = b.images(b.holdout)
     novel = b.images(b.novel)
@@ -373,6 +385,11 @@ def run_seed(seed: int, n_copies: int, informative: float, ablations: bool = Fal
     flags = baseline_flags(q, h, r) | our_flags(q, h, r, stats, ablations)
     src_content = content(r[:, 0])[src]
     counted = np.isin(kinds, COUNTED)
+    # sources stored twice in the training set: the case the grouped second distance is for
+    seen: dict[tuple, int] = {}
+    for c in b.train:
+        seen[(c.picture, c.y, c.x)] = seen.get((c.picture, c.y, c.x), 0) + 1
+    twice = np.array([seen[(b.train[j].picture, b.train[j].y, b.train[j].x)] > 1 for j in src])
     rows = {}
     for name, (f, how) in flags.items():
         fc = f[:nc]
@@ -380,6 +397,7 @@ def run_seed(seed: int, n_copies: int, informative: float, ablations: bool = Fal
             "threshold": how,
             "caught_counted": rate(fc[counted]),
             "caught_counted_informative": rate(fc[counted & (src_content >= informative)]),
+            "caught_counted_source_twice": rate(fc[counted & twice & (src_content >= informative)]),
             "caught_by_source_content": {f"[{lo:g}, {hi:g})": rate(fc[counted & (src_content >= lo) & (src_content < hi)])
                                          for lo, hi in itertools.pairwise(CONTENT_BINS)},
             "per_perturbation": {k: rate(fc[kinds == k]) for k in COUNTED + NOT_COUNTED},
@@ -388,12 +406,14 @@ def run_seed(seed: int, n_copies: int, informative: float, ablations: bool = Fal
             "false_alarms_novel_blur_0.8": rate(f[nc + 2 * nn:]),
         }
     return {"seed": seed, "train": len(r), "novel": nn, "holdout": len(h), "copies_per_perturbation": n_copies,
-            "informative_threshold": informative,
+            "informative_threshold": informative, "training_duplicates": duplicates,
             "uninformative_sources": round(float((src_content[counted] < informative).mean()), 4),
             "build_s": round(built, 1), "rules": rows, "our_rule_stats": stats}
 
 
 def fmt(r: dict) -> str:
+    if r["rate"] is None:
+        return "-"
     return f"{r['rate']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
 
 
@@ -402,11 +422,13 @@ def markdown(res: dict) -> str:
              f"{res['copies_per_perturbation']} copies per perturbation "
              f"({100 * res['uninformative_sources']:.1f}% of counted copies have a near-constant source, "
              f"content < {res['informative_threshold']})"), "",
-             ("| rule | threshold | caught (counted) | caught (informative sources) | false alarms, novel | "
-             "FA novel + noise 0.05 | FA novel + blur 0.8 |"), "|---|---|---|---|---|---|---|"]
+             ("| rule | threshold | caught (counted) | caught (informative sources) | caught (informative, source "
+              "stored twice) | false alarms, novel | FA novel + noise 0.05 | FA novel + blur 0.8 |"),
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in res["rules"].items():
         lines.append(f"| {name} | {r['threshold']} | {fmt(r['caught_counted'])} | "
-                     f"{fmt(r['caught_counted_informative'])} | {fmt(r['false_alarms_novel'])} | "
+                     f"{fmt(r['caught_counted_informative'])} | {fmt(r['caught_counted_source_twice'])} | "
+                     f"{fmt(r['false_alarms_novel'])} | "
                      f"{fmt(r['false_alarms_novel_noise_0.05'])} | {fmt(r['false_alarms_novel_blur_0.8'])} |")
     bins = list(next(iter(res["rules"].values()))["caught_by_source_content"])
     first = next(iter(res["rules"].values()))["caught_by_source_content"]
@@ -433,7 +455,8 @@ def pooled(results: list[dict]) -> dict:
             return {"k": k, "n": n, "rate": round(k / n, 4) if n else None, "ci95": interval(k, n)}
 
         out[name] = {key: total(lambda r, key=key: r[key]) for key in
-                     ("caught_counted", "caught_counted_informative", "false_alarms_novel",
+                     ("caught_counted", "caught_counted_informative", "caught_counted_source_twice",
+                      "false_alarms_novel",
                       "false_alarms_novel_noise_0.05", "false_alarms_novel_blur_0.8")}
         out[name]["per_perturbation"] = {k: total(lambda r, k=k: r["per_perturbation"][k])
                                          for k in COUNTED + NOT_COUNTED}
@@ -442,10 +465,11 @@ def pooled(results: list[dict]) -> dict:
 
 def pooled_markdown(table: dict, seeds: list[int]) -> str:
     lines = [f"### pooled over seeds {', '.join(map(str, seeds))}", "",
-             "| rule | caught (counted) | caught (informative sources) | false alarms, novel | FA novel + noise 0.05 "
-             "| FA novel + blur 0.8 |", "|---|---|---|---|---|---|"]
+             "| rule | caught (counted) | caught (informative sources) | caught (informative, source stored twice) | "
+             "false alarms, novel | FA novel + noise 0.05 | FA novel + blur 0.8 |", "|---|---|---|---|---|---|---|"]
     for name, r in table.items():
         lines.append(f"| {name} | {fmt(r['caught_counted'])} | {fmt(r['caught_counted_informative'])} | "
+                     f"{fmt(r['caught_counted_source_twice'])} | "
                      f"{fmt(r['false_alarms_novel'])} | {fmt(r['false_alarms_novel_noise_0.05'])} | "
                      f"{fmt(r['false_alarms_novel_blur_0.8'])} |")
     kinds = COUNTED + NOT_COUNTED
@@ -462,6 +486,8 @@ def main() -> None:
     ap.add_argument("--informative", type=float, default=0.002,
                     help="content (RMS of the 8x8-pooled source, mean removed) below which a source is near-constant")
     ap.add_argument("--ablations", action="store_true", help="also score variants of the ratio rule")
+    ap.add_argument("--duplicates", type=float, default=0.0,
+                    help="share of training crops stored twice (copies of them test the grouped second distance)")
     ap.add_argument("--out", help="write the JSON results here")
     args = ap.parse_args()
     import torch
@@ -469,7 +495,7 @@ def main() -> None:
     torch.set_num_threads(1)
     results = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        res = run_seed(seed, args.copies, args.informative, args.ablations)
+        res = run_seed(seed, args.copies, args.informative, args.ablations, args.duplicates)
         results.append(res)
         print(markdown(res) + "\n", flush=True)
     table = pooled(results)

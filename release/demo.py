@@ -31,7 +31,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from synthgate import clikit
 from synthgate.errors import UsageError
@@ -108,9 +109,10 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     p.add_argument("--steps", type=int, default=300,
                    help="training steps of the careful generator, on every training patient (default 300)")
     p.add_argument("--samples", type=int, default=64, help="synthetic images each generator makes (default 64)")
-    p.add_argument("--attacker-patients", type=int, default=60,
-                   help="patients in the public phantom set the re-identification attacker trains on (another "
-                        "seed; 0: none)")
+    p.add_argument("--public-patients", type=int, default=60,
+                   help="phantom patients of another seed standing in for a public data set that the "
+                        "re-identification attacker also trains on (--attacker-data), when the policy runs "
+                        "re-identification; 0: none (default: 60)")
     p.add_argument("--policy", default=str(POLICY),
                    help="release policy (default: release/demo_policy.yaml, the default policy without "
                         "re-identification: at this size its attacker cannot validate itself; see the file)")
@@ -151,7 +153,7 @@ def write_data(out: Path, args) -> tuple[dict, Path, Path | None]:
     """The hospital (one write), the memorising arm's few patients (a subset of train/), the public set.
 
     Returns the hospital's summary, the few patients' folder and the public
-    attacker folder (None with ``--attacker-patients 0``).
+    attacker folder (None with ``--public-patients 0``).
     """
     from synthgate.phantoms import write_phantoms
 
@@ -160,20 +162,11 @@ def write_data(out: Path, args) -> tuple[dict, Path, Path | None]:
                              size=args.size, seed=args.seed, holdout_fraction=args.holdout_patients / total)
     few = subset_patients(out / "hospital" / "train", out / "few-patients", args.few_patients)
     public = None
-    if args.attacker_patients:
+    if args.public_patients:
         public = out / "public"
-        write_phantoms(public, patients=args.attacker_patients, images_per_patient=args.images_per_patient,
+        write_phantoms(public, patients=args.public_patients, images_per_patient=args.images_per_patient,
                        size=args.size, seed=args.seed + 1, holdout_fraction=0.0)
     return summary, few, public
-
-
-def attacker_data_supported() -> bool:
-    """Whether ``audit.check`` takes public attacker data (``--attacker-data``)."""
-    import inspect
-
-    from audit.api import check
-
-    return "attacker_data" in inspect.signature(check).parameters
 
 
 def subset_patients(source: Path, out: Path, patients: int) -> Path:
@@ -230,7 +223,7 @@ def run_arm(arm: Arm, out: Path, holdout: Path, public: Path | None, args, threa
 
     say("      " + format_summary(document, audit_dir).replace("\n", "\n      "))
     say(f"      (audit {seconds['audit']:.0f} s)")
-    done = dict(arm=arm, final_loss=final_loss, audit=document, audit_dir=audit_dir, threads=threads)
+    done = {"arm": arm, "final_loss": final_loss, "audit": document, "audit_dir": audit_dir, "threads": threads}
     if document["verdict"] != "pass":
         return Outcome(**done, seconds=seconds, cpu_seconds=cpu, log=tuple(lines))
 
@@ -298,6 +291,10 @@ def _evidence(o: Outcome, examples: int = 3) -> list[str]:
     """Why the gate decided as it did, from the signed audit: its reasons and a few flagged images."""
     lines = [f"verdict {o.audit['verdict'].upper()}: " + "; ".join(o.audit["verdict_reasons"])
              if o.audit["verdict_reasons"] else f"verdict {o.audit['verdict'].upper()}"]
+    dropped = o.audit.get("dropped_evidence") or {}
+    if dropped:
+        lines.append(f"dropped {len(dropped)} image(s) before the final audit, e.g.")
+        lines += [f"  {k}: {e['check']}: {e['reason']}" for k, e in list(dropped.items())[:examples]]
     for c in o.audit["checks"]:
         for control in c.get("controls") or []:
             if control.get("kind") == "positive" and not control.get("passed"):
@@ -337,6 +334,8 @@ def run_demo(args) -> int:
     out = Path(args.out)
     if out.exists() or out.is_symlink():
         raise UsageError("already exists; choose a new --out folder for the demo", out)
+    if args.public_patients < 0:
+        raise UsageError(f"--public-patients {args.public_patients} must be 0 or more")
     for name in ("patients", "holdout_patients", "images_per_patient", "few_steps", "steps", "samples"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
@@ -353,17 +352,13 @@ def run_demo(args) -> int:
     from audit.core.policy import load_policy
 
     if "reidentification" not in load_policy(args.policy).checks:
-        args.attacker_patients = 0  # no attacker to give them to
-    if args.attacker_patients and not attacker_data_supported():
-        _say("note: this audit takes no public attacker data yet (audit check --attacker-data): the "
-             "re-identification attacker trains on the hospital's patients only")
-        args.attacker_patients = 0
+        args.public_patients = 0  # no attacker to give them to
 
     clock = Clock()
     _say(f"[1/4] phantom hospital: {args.patients} training + {args.holdout_patients} unseen patients x "
          f"{args.images_per_patient} chest-like images"
-         + (f"; public phantoms of {args.attacker_patients} other patients (another seed) for the "
-            "re-identification attacker" if args.attacker_patients else ""))
+         + (f"; public phantoms of {args.public_patients} other patients (another seed) for the "
+            "re-identification attacker" if args.public_patients else ""))
     summary, few, public = write_data(out, args)
     hospital = out / "hospital"
     _say(f"      {hospital}/train: {summary['train_images']} images of {summary['train_patients']} patients; "

@@ -187,6 +187,13 @@ def _set_line(entry, missing: str) -> str:
     return f"digest `{entry.sha256}`, {entry.n_images} images"
 
 
+def _attacker_lines(audit) -> str:
+    """Public data the re-identification attacker also trained on (``--attacker-data``), or nothing."""
+    return "".join(f"- Attacker data (public images the re-identification attacker also trained on): "
+                   f"{_set_line(e, '')}, {(e.model_extra or {}).get('n_patients', '?')} patients.\n"
+                   for e in audit.inputs.attacker_data)
+
+
 def _value(d: Mapping | None, key: str, missing: str = "not recorded") -> str:
     v = (d or {}).get(key)
     if v is None or v == "" or v == []:
@@ -507,7 +514,7 @@ def model_card(audit: "AuditRecord", model: Mapping | None, generator: Mapping |
 - Synthetic set audited: digest `{audit.inputs.synthetic.sha256}`, {audit.inputs.synthetic.n_images} images.
 - Real set (the data the images were compared with): {_set_line(audit.inputs.real, 'no comparison with real images')}.
 - Holdout set (unseen real images): {_set_line(audit.inputs.holdout, 'no comparison with unseen real images')}.
-
+{_attacker_lines(audit)}
 ### Results: the release audit
 {_results(audit)}
 

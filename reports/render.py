@@ -226,6 +226,12 @@ def build_context(audit: "AuditRecord | dict", internal: bool = False, synthetic
             inputs.append({"name": name, "path": e.path if internal else f"the {name} set", "n": e.n_images,
                            "sha256": e.sha256, "skipped": e.skipped if internal else
                            [{"path": "(file name withheld)", "reason": s.get("reason", "")} for s in e.skipped]})
+    for n, e in enumerate(audit.inputs.attacker_data, 1):  # public sets; counts and digest, never patient IDs
+        extra = e.model_extra or {}
+        inputs.append({"name": f"attacker data {n} ({extra.get('n_patients', '?')} patients)",
+                       "path": e.path if internal else "the attacker data", "n": e.n_images, "sha256": e.sha256,
+                       "skipped": e.skipped if internal else
+                       [{"path": "(file name withheld)", "reason": s.get("reason", "")} for s in e.skipped]})
     model = audit.inputs.model
     if model is not None and not internal:
         model = {"path": "the audited model", "sha256": model.sha256}

@@ -60,7 +60,7 @@ def default_threads(cores: int | None = None, load: float | None = None) -> int:
             load = os.getloadavg()[0]
         except (AttributeError, OSError):  # Windows: no load average; use every core
             load = 0.0
-    return max(1, cores - int(round(load)))
+    return max(1, cores - round(load))
 
 
 def set_threads(n: int | None) -> int:

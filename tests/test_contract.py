@@ -235,12 +235,13 @@ CHECK_CASES: dict[str, CheckCase] = {
         data="phantoms", pass_set="novel_copy", fail_set="two_copies", holdout="large_holdout",
         settings={},  # the defaults: rule auto = ratio (a holdout of 420 resolves its 0.5 % false alarms)
         golden={("thresholds", "tau_identity"): 0.5972721206159753,
-                ("thresholds", "tau_shift_zoom"): 0.7570908514473949,
+                ("thresholds", "tau_shift_zoom"): 0.6417985601484355,
                 ("thresholds", "duplicate_radius"): 0.045376144980534806,
                 ("metrics", "n_flagged"): 0},
-        # the two planted copies, and seed 12's novel image at ratio 0.747 (a false alarm at the stated rate)
-        fail_golden={("metrics", "n_flagged"): 3, ("flagged", 1, "ratio"): 0.025416,
-                     ("flagged", 2, "ratio"): 0.030748, ("flagged", 1, "distance"): 0.003457},
+        # the two planted copies (under the plain second-nearest, seed 12's novel image at ratio 0.747 was a third
+        # flag; with the second distance looking past the nearest's patient the shift/zoom threshold is 0.642)
+        fail_golden={("metrics", "n_flagged"): 2, ("flagged", 0, "ratio"): 0.02323,
+                     ("flagged", 1, "ratio"): 0.029474, ("flagged", 0, "distance"): 0.003457},
         rel=FLOAT32,
         why="the pooled distances are float32 torch arithmetic; identical with 1 and 2 threads"),
     "dicom_phi": CheckCase(
@@ -287,23 +288,26 @@ CHECK_CASES: dict[str, CheckCase] = {
         why="AUCs of float32 distances and random-CNN features; identical with 1 and 2 threads"),
     "reidentification": CheckCase(
         data="patients", pass_set="novel", fail_set="leak",
-        # 12 patients x 10 images, 20 epochs: 80 optimizer steps of the compact network at 32 x 32 (~40 s)
+        # 12 patients x 10 images, at most 20 epochs of 10 steps of the compact network at 32 x 32 (~50 s); 2 of
+        # the 12 patients validate (early stopping); no time budget, so machine load cannot change the network
         settings={"preset": "cpu", "image_size": SIZE, "epochs": 20, "batch_size": 32, "lr": 5e-3, "n_boot": 100,
-                  "false_match_rate": 0.05, "min_reid_rate": 0.3},
+                  "false_match_rate": 0.05, "min_reid_rate": 0.3, "time_budget_per_image": 0},
         golden={("thresholds", "k"): 3,
                 ("thresholds", "n_calibration_identities"): 60,
                 ("metrics", "calibration", "images"): 120,
-                ("metrics", "verification", "auc", "value"): pytest.approx(0.933, abs=0.05),
-                ("thresholds", "tau"): pytest.approx(0.935, abs=0.04)},
-        fail_golden={("metrics", "n_flagged"): pytest.approx(20, abs=6)},
+                ("metrics", "verification", "auc", "value"): pytest.approx(0.91, abs=0.05),
+                ("thresholds", "tau"): pytest.approx(0.971, abs=0.04)},
+        fail_golden={("metrics", "n_flagged"): pytest.approx(14, abs=6)},
         run_may_differ=(("metrics", "network", "cached"),),
         pass_status=("pass", "warn"),
         extra=lambda passed, failed: (passed.metrics["excess_p_value"] >= passed.thresholds["significance"]
                                       and failed.metrics["excess_p_value"] < 1e-6),
         why=("Training the attacker's network is not bit-reproducible across thread counts (convolution "
-             "gradients are summed in another order): with 1 and 2 threads verification AUC 0.938 / 0.928, tau "
-             "0.9287 / 0.9424, leak images flagged 23 / 17 of 24, augmented training images re-identified 70% / "
-             "58%. So the network's numbers are pinned loosely (the calibration plan's exactly), and the controls' "
+             "gradients are summed in another order): with a fixed 20 epochs, 1 and 2 threads gave verification "
+             "AUC 0.938 / 0.928, tau 0.9287 / 0.9424, leak images flagged 23 / 17 of 24, augmented training images "
+             "re-identified 70% / 58%. Since early stopping 2 of the 12 training patients validate instead of "
+             "training (1 thread: AUC 0.910, tau 0.9714, 14 of 24 flagged, p = 5.6e-8): a little weaker, pinned "
+             "around the new values with the same margins. So the network's numbers are pinned loosely (the calibration plan's exactly), and the controls' "
              "bar min_reid_rate is 0.3 rather than 0.5, which those 58-70% would pass only narrowly -- still six "
              "times the 5% false-match rate. The pass case may be 'warn': each novel image exceeds the conformal "
              "threshold (the 3rd largest of 60 unseen patients' scores) with probability up to 3/61 by "

@@ -239,8 +239,8 @@ def test_ratio_settings_are_validated():
 
 
 def test_training_duplicates_under_the_shift_zoom_distance(small, tmp_path):
-    """A training image filed twice under two patients: a pair across patients within the stated radius, and
-    neither image is used as a control source (a copy of it has no ratio evidence)."""
+    """A training image filed twice under two patients: a pair across patients within the stated radius; the two
+    patients form one group for the second distance, and the control plants copies of the pair and catches them."""
     import csv
     import shutil
 
@@ -258,7 +258,9 @@ def test_training_duplicates_under_the_shift_zoom_distance(small, tmp_path):
     dup = r.metrics["duplicates"]["training"]
     assert dup["distance"].startswith("shift/zoom") and dup["threshold"] == r.thresholds["duplicate_radius"] > 0
     assert dup["pairs_across_patients"] >= 1 and "different patients" in r.reason
-    assert r.controls[0].metrics["skipped_sources"]["near_duplicate_in_training"] >= 2
+    sib = r.controls[0].metrics["with_training_duplicate"]  # copies of the pair: caught (grouped second distance)
+    assert r.controls[0].passed and sib["eligible_sources"] >= 2 and sib["caught"] == sib["planted"] >= 12
+    assert r.metrics["ratio"]["training_groups"]["near_duplicate_pairs"] == dup["pairs"] >= 1
 
 
 def test_large_rgb_images_are_compared_at_the_analysis_size(tmp_path):

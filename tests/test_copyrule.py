@@ -23,6 +23,7 @@ from audit.core.shiftzoom import (
     CopyMetric,
     Transforms,
     brute_force,
+    grouped_two,
     interpolation_matrix,
 )
 from audit.core.shiftzoom_search import ExactCopySearch
@@ -360,3 +361,114 @@ def test_rule_catches_shifted_and_rescaled_copies_and_passes_novel_crops():
     novel = np.stack(novel)[:, None].astype(np.float32)
     # the threshold is the smallest of ~300 holdout ratios per test: about 1 / 300 of unseen crops each
     assert len(novel) >= 200 and rule.decide(novel).flagged.mean() <= 0.01
+
+
+# ------------------------------------------------------------ grouped second distance
+
+
+def _with_siblings(seed=8, noise=0.01, shift=1):
+    """Real crops plus, for a third of them, a near-identical sibling (noise ``noise``, shifted ``shift`` px): the
+    grouped definition's case.  Labels: every crop and its sibling share a group; some unrelated crops are joined too."""
+    crops = real_crops()
+    rng = np.random.default_rng(seed)
+    src = rng.choice(len(crops), len(crops) // 3, replace=False)
+    sib = np.clip(np.roll(crops[src], shift, axis=-1) + rng.normal(0, noise, crops[src].shape), 0, 1)
+    refs = np.concatenate([crops, sib]).astype(np.float32)
+    labels = np.arange(len(crops))
+    labels[rng.choice(len(crops), 20, replace=False)] = 0  # one big group: a patient with many images
+    labels = np.concatenate([labels, labels[src]])
+    return refs, labels, src
+
+
+@pytest.mark.parametrize("transforms", [SHIFT_ZOOM, Transforms(0, (1.0,))], ids=["shift_zoom", "identity"])
+def test_grouped_search_equals_brute_force(transforms):
+    refs, labels, src = _with_siblings()
+    rng = np.random.default_rng(9)
+    q = np.concatenate([np.clip(refs[src[:15]] + rng.normal(0, 0.02, refs[src[:15]].shape), 0, 1),
+                        refs[labels == labels[0]][:5], real_crops(half=1)[::6]]).astype(np.float32)
+    m = metric(transforms=transforms)
+    full = brute_force(m, q, refs)
+    want_idx, want_dist = grouped_two(full, labels)
+    search = ExactCopySearch(m, m.features(refs), initial=2)
+    nb = search.search_grouped(q, labels)
+    np.testing.assert_allclose(nb.distances, want_dist, atol=1e-7)  # exact copies: sqrt of rounding
+    assert np.all((nb.indices == want_idx) | np.isclose(nb.distances, np.take_along_axis(full, nb.indices, 1)))
+    assert np.all(labels[nb.indices[:, 0]] != labels[nb.indices[:, 1]])
+    # the plain second-nearest of a copy of a crop with a sibling is that sibling: the grouped one is not
+    plain = np.sort(full, 1)
+    assert np.all(want_dist[:15, 1] >= plain[:15, 1]) and np.mean(want_dist[:15, 1] > plain[:15, 1]) >= 0.5
+    assert search.stats.exact_pairs < len(q) * len(refs)
+    # singleton groups are the plain two nearest
+    nb1 = search.search_grouped(q, np.arange(len(refs)))
+    np.testing.assert_allclose(nb1.distances, plain[:, :2], atol=1e-7)
+
+
+def test_grouped_search_when_every_candidate_shares_a_group():
+    """All of a query's first candidates in one group: a reference outside it is fetched; one group: ``inf``."""
+    crops = real_crops(("camera", "coins"))
+    m = metric()
+    labels = np.zeros(len(crops), np.int64)
+    labels[-3:] = [1, 2, 3]
+    q = crops[:6]
+    search = ExactCopySearch(m, m.features(crops), initial=2)
+    nb = search.search_grouped(q, labels)
+    _, want = grouped_two(brute_force(m, q, crops), labels)
+    np.testing.assert_allclose(nb.distances, want, atol=1e-9)
+    one = search.search_grouped(q, np.zeros(len(crops), np.int64))
+    assert np.all(np.isinf(one.distances[:, 1])) and np.all(one.indices[:, 1] == -1)
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.5, 0.7])
+def test_grouped_decision_agrees_with_brute_force(tau):
+    refs, labels, src = _with_siblings(10)
+    rng = np.random.default_rng(11)
+    q = np.concatenate([np.clip(refs[src[:20]] + rng.normal(0, 0.03, refs[src[:20]].shape), 0, 1),
+                        real_crops(half=1)[::4]]).astype(np.float32)
+    m = metric()
+    full = brute_force(m, q, refs)
+    _, two = grouped_two(full, labels)
+    bias = noise_bias(m.layout, noise_sigma(q))
+    want = ratio_statistic(two[:, 0], two[:, 1], bias, margin=0.25) < tau
+    plain = np.sort(full, 1)
+    before = ratio_statistic(plain[:, 0], plain[:, 1], bias, margin=0.25) < tau
+    search = ExactCopySearch(m, m.features(refs), initial=2)
+    dec = decide_ratio(search, q, tau, bias, margin=0.25, labels=labels)
+    assert np.array_equal(dec.flagged, want) and 5 <= want.sum() < len(want)
+    assert want[:20].sum() > before[:20].sum()  # copies of crops with a sibling: caught now, missed before
+    np.testing.assert_allclose(dec.d1[dec.flagged], two[dec.flagged, 0], atol=1e-9)
+    exact = dec.ratio_low == dec.ratio_high
+    np.testing.assert_allclose(dec.ratio_low[exact], ratio_statistic(two[:, 0], two[:, 1], bias, margin=0.25)[exact],
+                               atol=1e-9)
+
+
+def test_training_groups_join_patients_and_duplicate_pairs():
+    from audit.copy_detection.ratio_rule import training_groups
+
+    labels = training_groups(7, [(5, 6), (1, 5)], ["a", "b", "a", "", "", "c", ""])
+    assert labels.tolist() == [0, 1, 0, 2, 3, 1, 1]
+    assert training_groups(3).tolist() == [0, 1, 2]
+
+
+def test_rule_groups_near_duplicates_within_the_holdout_radius_and_patients():
+    """``group`` joins a crop and its exact duplicate (nearer than unseen crops come to the training set) and,
+    given patient IDs, a crop and its noisy sibling (noise 0.006: farther than unseen flat crops come, so not a
+    near-duplicate by distance alone, yet nearer than a noise-0.02 copy's own noise can tell); either way the
+    grouped rule catches noisy copies of crops with a sibling that the plain rule misses."""
+    hold = real_crops(half=1)
+    rng = np.random.default_rng(13)
+    for noise, patients, copy_noise in ((0.0, False, 0.01), (0.006, True, 0.02)):
+        refs, _, src = _with_siblings(12, noise, shift=0)
+        n = len(refs) - len(src)
+        ids = [f"p{i}" for i in range(n)] + [f"p{s}" for s in src] if patients else None
+        rule = CopyRatioRule(32, 32, 1, alpha=0.02).fit(refs, hold, patients=ids)
+        assert all(rule.labels_[s] == rule.labels_[n + j] for j, s in enumerate(src))
+        if patients:  # the IDs joined them, not the distance
+            assert not {(s, n + j) for j, s in enumerate(src)} & set(rule.pairs_)
+        assert rule.radius_.tau == np.sort(rule.nearest_distances(hold))[rule.radius_.k - 1]
+        assert all(rule.labels_[a] == rule.labels_[b] for a, b in rule.pairs_)
+        plain = CopyRatioRule(32, 32, 1, alpha=0.02).fit(refs, hold, grouped=False)
+        assert plain.labels_ is None
+        keep = src[rule.reference_content()[src] >= 0.02][:30]  # sources with content (see the control)
+        copies = np.clip(refs[keep] + rng.normal(0, copy_noise, refs[keep].shape), 0, 1).astype(np.float32)
+        now, before = rule.decide(copies).flagged, plain.decide(copies).flagged
+        assert now.mean() >= 0.9 and before.mean() <= 0.2, (noise, now.mean(), before.mean())

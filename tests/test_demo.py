@@ -27,7 +27,7 @@ checks:
 """
 
 SMALL = ["--patients", "12", "--holdout-patients", "10", "--images-per-patient", "2", "--size", "16",
-         "--few-patients", "1", "--few-steps", "1000", "--steps", "20", "--samples", "12", "--attacker-patients",
+         "--few-patients", "1", "--few-steps", "1000", "--steps", "20", "--samples", "12", "--public-patients",
          "0", "--threads", "1"]
 
 

@@ -19,8 +19,10 @@ from synthgate.imageset import ImageSet
 from synthgate.phantoms import generate, render, write_phantoms
 from synthgate.privacy import hash_id
 
-#: small enough for CI (about 200 steps of a compact CNN on 32 x 32 images), strong enough to re-identify phantoms
-NET = {"preset": "cpu", "image_size": 32, "epochs": 24, "batch_size": 32, "lr": 3e-3, "n_boot": 200}
+#: small enough for CI (a few hundred steps of a compact CNN on 32 x 32 images, stopped early), strong enough to
+#: re-identify phantoms
+NET = {"preset": "cpu", "image_size": 32, "epochs": 40, "patience": 3, "batch_size": 32, "lr": 3e-3, "n_boot": 200,
+       "time_budget_per_image": 0}  # no time budget: a loaded machine must not change what is learned
 SIZE = 32
 
 
@@ -230,7 +232,7 @@ def test_learns_phantoms_and_flags_training_patients(leak_audit, case):
     assert code == 1 and check["status"] == "fail", check["reason"]
     ver = m["verification"]
     assert ver["auc"]["value"] >= 0.9 and ver["auc"]["ci"][0] > 0.75, ver
-    assert ver["precision_at_1"]["value"] >= 0.8 and ver["map_at_r"]["ci"] is not None
+    assert ver["precision_at_1"]["value"] >= 0.8 and ver["map_at_r"]["ci"] is not None, m["network"]["training"]
     assert all(c["passed"] for c in check["controls"]), check["controls"]
     assert {c["name"] for c in check["controls"]} == {"unseen patients (cross-fitted)", "augmented training images",
                                                       "new images of training patients"}
@@ -298,14 +300,16 @@ def test_deterministic_leak_audit_from_cache(leak_audit, case, capsys, monkeypat
     for key in ("flagged", "controls", "thresholds"):
         assert again[key] == first[key], key
     # golden numbers (seed 0).  Training the network is not bit-reproducible across thread counts (convolution
-    # gradients are summed in another order): 1 / 2 threads gave verification AUC 0.9649 / 0.9552, P@1 0.9875 /
-    # 0.95, tau 0.9267 / 0.9248, 50 / 50 of 60 flagged; so these are pinned with margins around both
+    # gradients are summed in another order): with a fixed 24 epochs 1 / 2 threads gave verification AUC 0.9649 /
+    # 0.9552, P@1 0.9875 / 0.95, tau 0.9267 / 0.9248, 50 / 50 of 60 flagged.  Since early stopping (6 of the 30
+    # training patients validate, so 24 train; 22 epochs) 1 thread gives AUC 0.9483, P@1 0.8625, tau 0.9020, 48
+    # flagged: a little weaker, the price of patients set aside to decide when to stop; pinned with margins
     m = first["metrics"]
     assert_golden({"verification auc": m["verification"]["auc"]["value"],
                    "precision_at_1": m["verification"]["precision_at_1"]["value"], "tau": first["thresholds"]["tau"],
                    "n_flagged": m["n_flagged"], "calibration": m["calibration"]},
-                  {"verification auc": pytest.approx(0.96, abs=0.04), "precision_at_1": pytest.approx(0.97, abs=0.08),
-                   "tau": pytest.approx(0.926, abs=0.03), "n_flagged": pytest.approx(50, abs=6),
+                  {"verification auc": pytest.approx(0.948, abs=0.04), "precision_at_1": pytest.approx(0.86, abs=0.1),
+                   "tau": pytest.approx(0.902, abs=0.035), "n_flagged": pytest.approx(48, abs=6),
                    "calibration": {"source": "holdout", "images": 80, "identities": 10}}, rel=0)
 
 
@@ -324,8 +328,11 @@ def test_without_holdout_calibrates_on_a_patient_split(case, capsys, tmp_path):
     m = check["metrics"]
     assert m["calibration"] == {"source": "split", "images": 16, "identities": 2}  # 2 of 12 patients, 8 images each
     assert any("no usable holdout" in n for n in m["notes"])
-    # the network never saw the calibration patients, nor one withheld image of each other patient
-    assert m["network"]["training"]["identities"] == 10 and m["network"]["training"]["images"] == 96 - 16 - 10
+    # the network never saw the calibration patients, nor one withheld image of each other patient, nor the 2
+    # (20%) training patients set aside to decide when to stop (7 images each once their probe is withheld)
+    training = m["network"]["training"]
+    assert training["identities"] == 8 and training["images"] == 96 - 16 - 10 - 2 * 7
+    assert training["validation_identities"] == 2 and training["validation_source"] == "real training set"
     # calibration patients stay in the gallery but never match themselves (else every best match would be ~1)
     assert check["thresholds"]["tau"] < 0.99
     assert check["thresholds"]["n_calibration_identities"] == 2

@@ -3,7 +3,8 @@
 Decision rules (setting ``rule``):
 
 ``ratio`` (the default with a holdout)
-    nearest / second-nearest training image under a pooled, mean-removed
+    nearest training image / nearest training image outside the nearest's
+    group (its patient and near-duplicates) under a pooled, mean-removed
     distance, in two tests -- the image as it is, and the image shifted by up
     to ``max_shift`` pixels and zoomed by ``zooms`` -- each with a threshold
     calibrated on the holdout at ``false_alarm_rate / 2``
@@ -50,6 +51,9 @@ from .ratio_side import RatioSide, SetDecision, ratio_geometry
 from .settings import TILED_RULES, CopyDetectionSettings
 from .tiled_side import TiledSide
 
+#: Changes whenever a stored fitted state would decide differently (2: the grouped second distance).
+STATE_DEFINITION = 2
+
 NO_HOLDOUT = ("no holdout set was given, so the ratio rule's threshold cannot be calibrated: rule 'auto' fell back "
               "to 'absolute' (Carlini's fixed threshold), whose false-alarm rate on unseen images is unknown and which "
               "misses shifted or rescaled copies; give --holdout for the calibrated ratio rule")
@@ -76,7 +80,8 @@ class CopyDetection(Check):
     requires = ("real",)
     per_image = True
     method = ("With a holdout: the ratio of each synthetic image's distance to its nearest training image over its "
-              "distance to the second-nearest, under a pooled (8 x 8 blocks), mean-removed distance, both as the "
+              "distance to the nearest training image of another group (another patient, not a near-duplicate), "
+              "under a pooled (8 x 8 blocks), mean-removed distance, both as the "
               "image is and minimised over shifts of up to 3 px and zooms of +-5 %; thresholds calibrated on unseen "
               "holdout images at a stated false-alarm rate; every decision proven by an exact search. Without one: "
               "Carlini's tiled normalised L2 distance with its fixed threshold. Planted near-copies (shifted and "
@@ -95,9 +100,10 @@ class CopyDetection(Check):
         "size). It does not catch mirror images, large crops, rotations or anatomy copied in content but not in "
         "pixels (re-identification covers the latter).",
         "The ratio rule cannot tell a copy of a near-constant training image from a novel near-constant image (no "
-        "pixel rule can), and a copy of a training image that has its own near-duplicate in the training set is "
-        "as near that duplicate as its source, so it loses its evidence; the training duplicate search reports "
-        "such images.",
+        "pixel rule can). Its second distance looks past the nearest training image's group (its patient and its "
+        "near-duplicates within the duplicate radius), so a copy of a training image that has a sibling is still "
+        "caught; a sibling farther than the radius and not known to be the same patient still counts as another "
+        "image.",
         "Images are compared at the analysis size (shorter side 64 by default): detail finer than that does not "
         "count, and shifts are in analysis pixels.",
         "The false-alarm rate is known only when the holdout resolves it (at least 2 / false_alarm_rate - 1 "
@@ -152,7 +158,6 @@ class CopyDetection(Check):
             fit.tiled = TiledSide.fit(ctx, s, fit.real_loader)
         if use_ratio:
             fit.ratio = RatioSide.fit(ctx, s)
-        # before the control: the ratio rule's control leaves out sources that have a training near-duplicate
         if s.training_duplicates and len(ctx.real) > 1:
             fit.training_duplicates = self._duplicates(ctx, fit, ctx.real, "training")
         fit.control = self._control(ctx, fit)
@@ -162,13 +167,15 @@ class CopyDetection(Check):
 
     def fit_state(self, fit: CopyFit) -> dict:
         """What the real side cost to compute, without live objects: features, holdout calibration, controls."""
-        return {"rule": fit.rule, "rule_note": fit.rule_note, "control": fit.control,
+        return {"definition": STATE_DEFINITION, "rule": fit.rule, "rule_note": fit.rule_note, "control": fit.control,
                 "training_duplicates": fit.training_duplicates,
                 "tiled": None if fit.tiled is None else fit.tiled.state(),
                 "ratio": None if fit.ratio is None else fit.ratio.state()}
 
     def from_state(self, ctx, state: dict) -> CopyFit:
         s = self.settings
+        if state.get("definition") != STATE_DEFINITION:  # stored under an earlier definition of the rule: refit
+            return self.fit(ctx)
         fit = CopyFit(state["rule"], state["rule_note"], SetLoader(ctx.real, ctx.geometry), control=state["control"],
                       training_duplicates=state["training_duplicates"])
         if state["tiled"] is not None:
@@ -235,6 +242,8 @@ class CopyDetection(Check):
                                                          for n, sr in side.rule.searches_.items()}
             thresholds.update(side.thresholds(s))
             holdout["false_alarms_ratio_rule"] = side.far
+            if side.note:
+                warnings.append(side.note)
             for name, t in side.rule.thresholds_.items():
                 if t.tau < s.min_ratio_threshold:
                     warnings.append(f"the ratio rule's {name} threshold is {t.tau:.3g} (< {s.min_ratio_threshold:g}): "
@@ -303,8 +312,9 @@ class CopyDetection(Check):
         s = self.settings
         patients = what == "training" and imageset.has_patients
         if fit.ratio is not None:
-            own = fit.ratio.rule.searches_[fit.ratio.main] if what == "training" else None
-            return shiftzoom_duplicates(ctx, s, fit.ratio, imageset, what, patients, search=own)
+            if what == "training":  # every pair, found when the rule grouped the training set
+                return shiftzoom_duplicates(ctx, s, fit.ratio, imageset, what, patients, pairs=fit.ratio.rule.pairs_)
+            return shiftzoom_duplicates(ctx, s, fit.ratio, imageset, what, patients)
         tau = float(fit.tiled.thresholds(s, fit.rule).get("tau", s.threshold))
         return tiled_duplicates(ctx, s, fit.tiled.metric, imageset, tau, what, patients)
 
@@ -334,11 +344,10 @@ class CopyDetection(Check):
                                 for name, r in exact.items()) for i in range(len(x))]
             return caught, nearest, scores
 
-        dup = fit.training_duplicates or {}
-        duplicated = {i for p in dup.get("_pairs", []) for i in p}
+        duplicated = {i for p in side.rule.pairs_ for i in p}
         return planted_control(ctx, s.control_copies, fit.real_loader, catch, shift_tolerant=True,
                                content=side.rule.reference_content(), min_content=s.control_min_content,
-                               duplicated=duplicated, searched=dup.get("_queried"))
+                               duplicated=duplicated)
 
     def _findings(self, ctx, fit: CopyFit, tiled, ratio: SetDecision | None, flagged):
         synth, real = ctx.synthetic, ctx.real
@@ -401,8 +410,8 @@ class CopyDetection(Check):
             how = (f"matched after a shift of ({tr['dy']}, {tr['dx']}) px and zoom {tr['zoom']:g} at {h}x{w}"
                    if moved else f"matched as it is at {h}x{w}")
             why.append(f"{ev['test']} ratio {ev['ratio']:.3f} < threshold {ev['threshold']:.3f}: distance "
-                       f"{ev['distance']:.4f} to training image {r.key}, {ev['second_distance']:.4f} to the next "
-                       f"nearest; {how}")
+                       f"{ev['distance']:.4f} to training image {r.key}, {ev['second_distance']:.4f} to the nearest "
+                       f"training image outside its group (its patient and near-duplicates); {how}")
             evidence |= {"real": r.key, "distance": round(ev["distance"], 6),
                          "second_distance": round(ev["second_distance"], 6), "ratio": round(ev["ratio"], 6),
                          "threshold": round(ev["threshold"], 6), "test": ev["test"], "flagged_by": ev["flagged_by"],

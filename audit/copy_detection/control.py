@@ -9,11 +9,14 @@ caught.  Sources are drawn among training images the rule claims power on:
 * content at least ``control_min_content`` (the RMS of the pooled image,
   mean removed, at the analysis size): a copy of a near-constant image cannot
   be told from a novel near-constant image by any pixel rule;
-* no near-duplicate in the training set (when the training duplicate search
-  ran): a copy of such an image is as near the duplicate as the source, so
-  the ratio has no evidence (a stated limitation of the rule).
 
-How many training images each criterion excluded is reported.  The tiled
+and, when any of those has a near-duplicate in the training set (the same
+patient scanned twice, a follow-up), one copy of every kind is made from
+such *sibling* sources: a copy of one is as near its sibling as its source,
+so a rule whose second distance did not look past the source's group would
+miss it (the ratio rule's grouped second distance must catch it).  How many
+training images the content floor excluded, and how the sibling plants
+fared, is reported.  The tiled
 rules plant their historical pixel-aligned set
 (:data:`audit.core.controls.TRANSFORMS`) from any training image, as before.
 The plants live in memory only.
@@ -35,12 +38,12 @@ Catch = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, list[st
 
 def planted_control(ctx, n_copies: int, real_loader, catch: Catch, shift_tolerant: bool,
                     content: np.ndarray | None = None, min_content: float = 0.0,
-                    duplicated: set[int] | None = None, searched: list[int] | None = None) -> Control:
+                    duplicated: set[int] | None = None) -> Control:
     """Plant near-copies of training images, decide them with ``catch``, require every one caught.
 
-    ``duplicated`` holds the training images found in a near-duplicate pair;
-    ``searched``, when the duplicate search queried only a sample, the
-    images it queried (only those are known not to have a duplicate).
+    ``duplicated`` holds the training images found in a near-duplicate pair
+    (the whole training set searched): one copy of each kind is planted from
+    those among the eligible sources, when there are any.
     """
     if n_copies <= 0:
         return Control(NAME, "positive", False, "control disabled (control_copies = 0)")
@@ -49,6 +52,7 @@ def planted_control(ctx, n_copies: int, real_loader, catch: Catch, shift_toleran
     if not shift_tolerant:  # the tiled rules' historical control
         transforms = TRANSFORMS
         sources = rng.choice(n_real, size=min(n_copies, n_real), replace=False)
+        sibling = np.zeros(len(sources), bool)
         skipped: dict[str, int] = {}
         eligible = np.arange(n_real)
     else:
@@ -59,16 +63,6 @@ def planted_control(ctx, n_copies: int, real_loader, catch: Catch, shift_toleran
             low = content < min_content
             skipped["content_below_floor"] = int(low.sum())
             ok &= ~low
-        if duplicated:
-            dup = np.zeros(n_real, bool)
-            dup[list(duplicated)] = True
-            skipped["near_duplicate_in_training"] = int((dup & ok).sum())
-            ok &= ~dup
-        if searched is not None:
-            unknown = np.ones(n_real, bool)
-            unknown[list(searched)] = False
-            skipped["not_searched_for_duplicates"] = int((unknown & ok).sum())
-            ok &= ~unknown
         eligible = np.nonzero(ok)[0]
         if len(eligible) == 0:
             return Control(NAME, "positive", False,
@@ -76,29 +70,43 @@ def planted_control(ctx, n_copies: int, real_loader, catch: Catch, shift_toleran
                            "rule cannot show that it catches a copy of any of them",
                            {"planted": 0, "caught": 0, "skipped_sources": skipped, "source_rule": _rule(min_content)})
         n = max(n_copies, len(transforms))
-        sources = rng.choice(eligible, size=n, replace=len(eligible) < n)
+        siblings = np.array(sorted(set(eligible.tolist()) & (duplicated or set())), np.int64)
+        first = rng.choice(siblings, size=len(transforms), replace=len(siblings) < len(transforms)) \
+            if len(siblings) else np.zeros(0, np.int64)
+        rest = rng.choice(eligible, size=n - len(first), replace=len(eligible) < n - len(first))
+        sources = np.concatenate([first, rest])
+        sibling = np.isin(sources, siblings)
     kinds = [transforms[i % len(transforms)] for i in range(len(sources))]
     planted = np.stack([plant(real_loader.one(int(src)), t, rng) for src, t in zip(sources, kinds)])
     caught, nearest, scores = catch(planted, np.asarray(sources))
     found_source = nearest == sources
-    missed = [f"{t} ({sc})" for t, sc, c in zip(kinds, scores, caught) if not c]
+    missed = [f"{t}{' of an image with a training near-duplicate' if sib else ''} ({sc})"
+              for t, sc, c, sib in zip(kinds, scores, caught, sibling) if not c]
     by_transform = {t: {"caught": int(sum(c for tt, c in zip(kinds, caught) if tt == t)), "planted": kinds.count(t)}
                     for t in dict.fromkeys(kinds)}
     detail = (f"caught {int(caught.sum())} of {len(caught)} planted near-copies"
-              + (f"; missed {', '.join(missed)}" if missed else "")
-              + f"; nearest training image was the source for {int(found_source.sum())} of {len(caught)}")
+              + (f"; missed {', '.join(missed)}" if missed else ""))
     metrics = {"planted": len(caught), "caught": int(caught.sum()), "by_transform": by_transform,
                "scores": scores}
     if shift_tolerant:
+        n_sib = int(sibling.sum())
+        detail += (f" ({int(caught[sibling].sum())} of {n_sib} copies of images that have a near-duplicate in the "
+                   "training set)" if n_sib else " (no eligible training image has a near-duplicate in the training "
+                   "set, so none of the copies tests that case)")
+    detail += f"; nearest training image was the source for {int(found_source.sum())} of {len(caught)}"
+    if shift_tolerant:
         detail += f"; sources: {_rule(min_content)} ({_skips(skipped, min_content)})"
         metrics.update({"skipped_sources": skipped, "source_rule": _rule(min_content),
-                        "eligible_sources": len(eligible)})
+                        "eligible_sources": len(eligible),
+                        "with_training_duplicate": {"planted": int(sibling.sum()),
+                                                    "caught": int(caught[sibling].sum()),
+                                                    "eligible_sources": int(len(siblings))}})
     return Control(NAME, "positive", bool(caught.all()), detail, metrics)
 
 
 def _rule(min_content: float) -> str:
-    return (f"training images with content >= {min_content:g} (RMS of the pooled image, mean removed) and no "
-            "near-duplicate in the training set")
+    return (f"training images with content >= {min_content:g} (RMS of the pooled image, mean removed), one copy "
+            "of each kind from images that have a near-duplicate in the training set when there are any")
 
 
 def _skips(skipped: dict[str, int], min_content: float) -> str:
@@ -107,8 +115,4 @@ def _skips(skipped: dict[str, int], min_content: float) -> str:
     parts = []
     if "content_below_floor" in skipped:
         parts.append(f"{skipped['content_below_floor']} skipped for content < {min_content:g}")
-    if "near_duplicate_in_training" in skipped:
-        parts.append(f"{skipped['near_duplicate_in_training']} for a near-duplicate in training")
-    if "not_searched_for_duplicates" in skipped:
-        parts.append(f"{skipped['not_searched_for_duplicates']} outside the duplicate search's sample")
     return ", ".join(parts)

@@ -92,15 +92,20 @@ def tiled_duplicates(ctx, s: CopyDetectionSettings, metric, imageset: ImageSet, 
 
 
 def shiftzoom_duplicates(ctx, s: CopyDetectionSettings, side, imageset: ImageSet, what: str, patients: bool,
-                         search: ExactCopySearch | None = None) -> dict:
+                         search: ExactCopySearch | None = None, pairs: list[tuple[int, int]] | None = None) -> dict:
     """Near-duplicate pairs (shift/zoom distance <= the ratio rule's duplicate radius) inside one set.
 
     ``search`` is the set's own index when one exists (the training set's);
     else the set is indexed here.  Every pair within the radius is found
-    (:meth:`ExactCopySearch.within`, each image excluding itself).
+    (:meth:`ExactCopySearch.within`, each image excluding itself).  ``pairs``
+    already found over the whole set (the training set's, which the ratio
+    rule groups by) are summarised as they are.
     """
     name = side.main
     radius = float(side.radius.tau)
+    if pairs is not None:
+        n = len(imageset)
+        return _summary(imageset, list(pairs), list(range(n)), False, radius, f"shift/zoom ({name})", patients)
     metric = side.rule.metrics[name]
     n, load = set_loader(ctx, imageset, side.shape, s.batch_size)
     if search is None:

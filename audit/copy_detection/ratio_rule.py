@@ -3,8 +3,14 @@
 Statistic
 ---------
 ``ratio(q) = sqrt(max(d1^2 - b, m b, f^2) / max(d2^2 - b, m b, f^2))`` with
-``d1 <= d2`` the two smallest distances from ``q`` to the training set under
-the shift/zoom distance of :mod:`audit.core.shiftzoom`: the nearest /
+``d1`` the distance from ``q`` to its nearest training image and ``d2`` to
+the nearest training image *outside that image's group* under the shift/zoom
+distance of :mod:`audit.core.shiftzoom`.  A group is one patient's images
+and any training images that are near-duplicates of each other
+(:meth:`CopyRatioRule.group`); without groups ``d2`` is the second-nearest.
+Without grouping, a copy of a training image that has a near-duplicate (the
+same patient scanned twice, a follow-up) is as near that sibling as its
+source, ``d2 ~ d1`` and the copy is missed.  This is the nearest /
 second-nearest ratio of Lowe (2004), used for copy detection as a score
 normalised by the distances to other references (Douze et al. 2021, DISC21;
 Pizzi et al. 2022, SSCD).  ``b`` is the query's own noise energy after
@@ -32,12 +38,12 @@ Exact decisions
 ---------------
 :func:`decide_ratio` proves every decision without the two nearest of every
 query: the ratio is non-decreasing in ``d1`` and non-increasing in ``d2``, so
-with ``U2 >= d2`` (the second-smallest exact distance among a few
-candidates) a query with ``d1 >= theta = smallest_d1(U2)`` (about
+with ``U2 >= d2`` (the smallest exact distance among a few candidates
+outside the best candidate's group) a query with ``d1 >= theta = smallest_d1(U2)`` (about
 ``tau U2``) cannot be flagged, and only references within ``theta`` matter;
 :meth:`~audit.core.shiftzoom_search.ExactCopySearch.within` finds every one
-of them (a proven lower bound excludes the rest).  Where the second distance
-is then still only bracketed and the bracket straddles ``tau``, the query
+of them (a proven lower bound excludes the rest), the nearest among them.
+Where the grouped second distance is then still only bracketed and the bracket straddles ``tau``, the query
 falls back to the proven two nearest.  So an image is flagged if and only if
 its exact statistic is below the threshold.
 """
@@ -88,16 +94,21 @@ class RatioDecision:
 
 
 def decide_ratio(search: ExactCopySearch, queries, tau: float, bias, floor: float = RATIO_FLOOR,
-                 margin: float = 0.0, exclude=None) -> RatioDecision:
+                 margin: float = 0.0, exclude=None, labels=None) -> RatioDecision:
     """Flag queries whose ratio statistic is ``< tau``, proven, without the exact two nearest of every query.
 
-    With ``U2`` the second-smallest exact distance among a few candidates
-    (so ``d2 <= U2``), any query with ``d1 >= theta`` has ratio ``>= tau``,
-    where ``theta = smallest_d1(U2)`` (about ``tau U2``); so only
-    references within ``theta`` (about ``tau`` times the second distance)
-    matter, and :meth:`ExactCopySearch.within` finds all of them.  Where the
-    second distance then is still only bracketed and the bracket straddles
-    ``tau``, the query falls back to a proven two-nearest search.
+    The second distance is the *grouped* one: the nearest reference outside
+    the nearest's group (``labels[r]``, the training groups; ``None``: every
+    reference its own group, the plain second-nearest).  With ``U2`` an exact
+    distance that bounds it (:meth:`ExactCopySearch.outside_bound`, the
+    nearest evaluated outside the best candidate's group), any query with
+    ``d1 >= theta`` has ratio ``>= tau``, where ``theta = smallest_d1(U2)``
+    (about ``tau U2``); so only references within ``theta`` matter, and
+    :meth:`ExactCopySearch.within` finds all of them.  The nearest is then
+    exact (it lies within ``theta``); where the grouped second distance lies
+    beyond ``theta`` and its bracket straddles ``tau``, the query falls back
+    to every reference within the nearest evaluated outside the nearest's
+    group, which proves it.
     """
     if not 0 < tau <= 1:
         raise ValueError(f"tau {tau} must be in (0, 1]")
@@ -106,8 +117,9 @@ def decide_ratio(search: ExactCopySearch, queries, tau: float, bias, floor: floa
     search.stats.queries += q
     bias = np.array(np.broadcast_to(np.asarray(bias, np.float64), (q,)))
     exclude = None if exclude is None else list(exclude)
+    labels = np.arange(search.n_refs) if labels is None else np.asarray(labels)
     known = search._initial(orbits, exclude, 2)
-    u2 = np.array([kn.kth(2) for kn in known])
+    u2 = search.outside_bound(orbits, known, labels, exclude)
     fin = np.isfinite(u2)
     theta = np.full(q, np.inf)
     theta[fin] = smallest_d1(u2[fin], tau, bias[fin], floor, margin)
@@ -121,20 +133,20 @@ def decide_ratio(search: ExactCopySearch, queries, tau: float, bias, floor: floa
     hi = np.ones(q)
     fallback = []
     for i, kn in enumerate(known):
-        idx, dist = kn.ranked(2)
+        idx, dist = kn.ranked(1)
         nearest[i], d1[i] = idx[0], dist[0]
         e1 = dist[0]
-        e2 = dist[1] if len(dist) > 1 else np.inf
         if e1 > theta[i]:  # every reference is farther than theta: ratio >= tau
             lo[i] = tau
             continue
         d1_exact[i] = True
+        e2 = kn.outside(labels, int(idx[0]))[1]  # d2g <= e2 (see outside_bound)
         if e2 <= theta[i]:
             lo[i] = hi[i] = float(ratio_statistic(e1, e2, bias[i], floor, margin))
             flagged[i] = hi[i] < tau
             continue
-        lo[i] = float(ratio_statistic(e1, e2, bias[i], floor, margin))  # d2 <= e2
-        hi[i] = float(ratio_statistic(e1, theta[i], bias[i], floor, margin))  # d2 > theta
+        lo[i] = float(ratio_statistic(e1, e2, bias[i], floor, margin))  # d2g <= e2
+        hi[i] = float(ratio_statistic(e1, theta[i], bias[i], floor, margin))  # d2g > theta
         if lo[i] >= tau:
             continue
         if hi[i] < tau:
@@ -142,15 +154,16 @@ def decide_ratio(search: ExactCopySearch, queries, tau: float, bias, floor: floa
             continue
         fallback.append(i)
     if fallback:
-        # the second distance is only bracketed: evaluate everything within the second-nearest found
+        # the grouped second distance is only bracketed: evaluate everything within the best one found
         search.stats.fallbacks += len(fallback)
         fb = np.asarray(fallback)
-        done = search.within(radius=np.array([known[i].kth(2) for i in fallback]),
+        done = search.within(radius=np.array([known[i].outside(labels, int(nearest[i]))[1] for i in fallback]),
                              exclude=None if exclude is None else [exclude[i] for i in fallback],
                              orbits=orbits[torch_index(fb)], known=[known[i] for i in fallback])
         for i, kn in zip(fallback, done):
-            idx, dist = kn.ranked(2)
-            r = float(ratio_statistic(dist[0], dist[1], bias[i], floor, margin))
+            idx, dist = kn.ranked(1)
+            e2 = kn.outside(labels, int(idx[0]))[1]
+            r = float(ratio_statistic(dist[0], e2, bias[i], floor, margin))
             lo[i] = hi[i] = r
             flagged[i] = r < tau
             nearest[i], d1[i] = idx[0], dist[0]
@@ -168,6 +181,36 @@ COMPONENTS = {
 
 #: ``indices -> images (N, C, H, W)`` in [0, 1]: how the rule reads a set it does not hold in memory.
 Loader = Callable[[np.ndarray], np.ndarray]
+
+
+def training_groups(n: int, pairs=(), patients=None) -> np.ndarray:
+    """A group label per training image: images joined by a near-duplicate pair or by one patient ID share one.
+
+    Connected components of the graph whose edges are the ``pairs`` and
+    every two images with the same (non-empty) entry of ``patients``; labels
+    are ``0..G-1`` in order of each group's first image.
+    """
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
+        return root
+
+    first: dict = {}
+    for i, p in enumerate(() if patients is None else patients):
+        if p:
+            j = first.setdefault(p, i)
+            parent[find(i)] = find(j)
+    for a, b in pairs:
+        parent[find(int(a))] = find(int(b))
+    roots = np.array([find(i) for i in range(n)], np.int64)
+    _, labels = np.unique(roots, return_inverse=True)
+    order = {}  # relabel by first appearance, so labels do not depend on union order
+    return np.array([order.setdefault(r, len(order)) for r in labels], np.int64)
 
 
 def components(max_shift: int = 3, zooms=(0.95, 1.0, 1.05)) -> dict[str, Transforms]:
@@ -289,21 +332,79 @@ class CopyRatioRule:
                 feats[name].append(metric.features(x))
         self.searches_ = {name: ExactCopySearch(metric, torch.cat(feats[name]), shift_group=self.shift_group)
                           for name, metric in self.metrics.items()}
+        self.labels_ = None
+        self.pairs_: list[tuple[int, int]] = []
+        self.radius_: ConformalThreshold | None = None
         return self
 
-    def calibrate(self, holdout, screen: float = 0.7, groups=None) -> CopyRatioRule:
+    def index_features(self, features: dict) -> CopyRatioRule:
+        """:meth:`index` from features computed elsewhere (a cluster's workers): ``{test: (n, D)}``."""
+        self.searches_ = {name: ExactCopySearch(self.metrics[name], f, shift_group=self.shift_group)
+                          for name, f in features.items()}
+        self.labels_ = None
+        self.pairs_ = []
+        self.radius_ = None
+        return self
+
+    @property
+    def main(self) -> str:
+        """The test whose distance defines near-duplicates (shift/zoom when there is one)."""
+        return "shift_zoom" if "shift_zoom" in self.metrics else next(iter(self.metrics))
+
+    def nearest_distances(self, images, name: str | None = None) -> np.ndarray:
+        """Every image's exact distance to its nearest reference under test ``name`` (default :attr:`main`)."""
+        n, load = _source(images)
+        search = self.searches_[name or self.main]
+        out = np.zeros(n)
+        for part, x in self._chunks(n, load):
+            out[part] = search.search(x, k=1).distances[:, 0]
+        return out
+
+    def duplicate_pairs(self, references, radius: float, name: str | None = None) -> list[tuple[int, int]]:
+        """Every pair of references within ``radius`` of each other (either way round; exact radius search)."""
+        n, load = _source(references)
+        search = self.searches_[name or self.main]
+        pairs = set()
+        for part, x in self._chunks(n, load):
+            for qi, kn in zip(part.tolist(), search.within(x, radius=radius, exclude=part.tolist())):
+                pairs.update(tuple(sorted((qi, j))) for j, d in kn.as_dict().items() if d <= radius)
+        return sorted(pairs)
+
+    def group(self, references, holdout, patients=None, pairs=None) -> CopyRatioRule:
+        """The training groups the second distance looks past (:meth:`index` first, then :meth:`calibrate`).
+
+        Two training images are near-duplicates when one is within the
+        *duplicate radius* of the other under :attr:`main`'s distance: the
+        conformal ``alpha`` quantile of how near the holdout's (unseen) images
+        come to any training image, so a pair is closer than all but that share
+        of unseen images come to the training set.  Groups join near-duplicate
+        pairs and, given ``patients`` (one ID per reference, empty for none),
+        each patient's images.  A copy of a training image that has a
+        near-duplicate (a follow-up scan, a second view) would otherwise be as
+        near that sibling as its source, and its ratio would be about 1.
+        ``pairs`` (``radius -> pairs``) replaces :meth:`duplicate_pairs` of
+        ``references`` (a cluster's workers reading the training set themselves).
+        """
+        self.radius_ = ratio_threshold(self.nearest_distances(holdout), self.alpha)
+        self.pairs_ = (self.duplicate_pairs(references, self.radius_.tau) if pairs is None
+                       else list(pairs(self.radius_.tau)))
+        self.labels_ = training_groups(self.searches_[self.main].n_refs, self.pairs_, patients)
+        return self
+
+    def calibrate(self, holdout, screen: float = 0.7, subsets=None) -> CopyRatioRule:
         """Each test's threshold from the holdout's ratios (:meth:`index` first).
 
         The conformal threshold is the ``k``-th smallest holdout ratio with
         ``k = floor(level (n + 1))``, so only the smallest ratios must be
         exact: a proven decision at ``screen`` finds every holdout image with
         a ratio below it, and only those get the exact two-nearest search.
-        The screen widens until every index set in ``groups`` (default: the
+        The screen widens until every index set in ``subsets`` (default: the
         whole holdout; cross-fitting passes its halves too) holds at least
-        its own ``k`` exact ratios; past 0.99 every ratio is computed.
+        its own ``k`` exact ratios; past 0.99 every ratio is computed.  The
+        second distance is the grouped one (:meth:`group`) when groups are set.
         """
         n, load = _source(holdout)
-        groups = [np.arange(n)] if groups is None else [np.asarray(g, np.int64) for g in groups]
+        groups = [np.arange(n)] if subsets is None else [np.asarray(g, np.int64) for g in subsets]
         self.holdout_ = {}
         for name, search in self.searches_.items():
             ratio = np.full(n, screen)
@@ -315,14 +416,15 @@ class CopyRatioRule:
                 for part, x in self._chunks(n, load, np.nonzero(~exact)[0]):
                     sigma = noise_sigma(x)
                     if cut < 1.0:
-                        dec = decide_ratio(search, x, cut, self.bias(name, sigma), self.floor, self.margin(name))
+                        dec = decide_ratio(search, x, cut, self.bias(name, sigma), self.floor, self.margin(name),
+                                           labels=self.labels_)
                         d1_high[part] = np.minimum(d1_high[part], dec.d1)
                         d1_low[part] = np.maximum(d1_low[part], np.where(dec.d1_exact, dec.d1, dec.radius))
                         pick = np.nonzero(dec.flagged)[0]
                     else:
                         pick = np.arange(len(part))
                     if len(pick):
-                        nb = search.search(x[pick], k=2)
+                        nb = self._two(search, x[pick])
                         ratio[part[pick]] = self.statistic(name, nb.distances[:, 0], nb.distances[:, 1], sigma[pick])
                         exact[part[pick]] = True
                         d1_low[part[pick]] = d1_high[part[pick]] = nb.distances[:, 0]
@@ -335,27 +437,20 @@ class CopyRatioRule:
         self.thresholds_ = {name: ratio_threshold(h.ratio, self.level) for name, h in self.holdout_.items()}
         return self
 
-    def fit(self, references, holdout, screen: float = 0.7) -> CopyRatioRule:
-        """:meth:`index` the references and :meth:`calibrate` on the holdout."""
-        return self.index(references).calibrate(holdout, screen)
+    def fit(self, references, holdout, screen: float = 0.7, grouped: bool = True, patients=None,
+            subsets=None) -> CopyRatioRule:
+        """:meth:`index` the references, :meth:`group` them (unless ``grouped`` is false: every reference its
+        own group, the plain second-nearest) and :meth:`calibrate` on the holdout."""
+        self.index(references)
+        if grouped:
+            self.group(references, holdout, patients)
+        return self.calibrate(holdout, screen, subsets)
 
-    def nearest_distance_quantile(self, holdout, level: float, name: str = "shift_zoom") -> ConformalThreshold:
-        """The conformal ``level`` quantile of the holdout's exact nearest distances under test ``name``.
-
-        Uses the brackets :meth:`calibrate` left and computes the exact nearest
-        distance only where a bracket reaches below the ``k``-th smallest
-        upper bound (``holdout`` as given to :meth:`calibrate`).
-        """
-        n, load = _source(holdout)
-        h = self.holdout_[name]
-        k = conformal_k(n, level)
-        lo, hi = h.d1_low.copy(), h.d1_high.copy()
-        top = np.sort(hi)[k - 1]
-        need = np.nonzero((lo < top) & (lo < hi))[0]
-        for part, x in self._chunks(n, load, need):
-            d = self.searches_[name].search(x, k=1).distances[:, 0]
-            lo[part] = hi[part] = d
-        return ratio_threshold(hi, level)
+    def _two(self, search: ExactCopySearch, queries):
+        """The proven nearest and (grouped) second nearest."""
+        if self.labels_ is None:
+            return search.search(queries, k=2)
+        return search.search_grouped(queries, self.labels_)
 
     # ------------------------------------------------------------------------ deciding
 
@@ -366,14 +461,15 @@ class CopyRatioRule:
         flagged = np.zeros(len(queries), bool)
         for name, search in self.searches_.items():
             d = decide_ratio(search, queries, self.thresholds_[name].tau, self.bias(name, sigma), self.floor,
-                             self.margin(name))
+                             self.margin(name), labels=self.labels_)
             comps[name] = d
             flagged |= d.flagged
         return RuleDecision(flagged, comps, dict(self.thresholds_), self.alpha)
 
     def nearest_two(self, queries, name: str):
-        """The proven two nearest references under test ``name`` and the exact ratio: ``(indices, distances, ratio)``."""
-        nb = self.searches_[name].search(queries, k=2)
+        """The proven nearest reference and the nearest outside its group (the second nearest without groups)
+        under test ``name``, and the exact ratio: ``(indices, distances, ratio)``."""
+        nb = self._two(self.searches_[name], queries)
         return nb.indices, nb.distances, self.statistic(name, nb.distances[:, 0], nb.distances[:, 1],
                                                         noise_sigma(queries))
 
@@ -402,7 +498,8 @@ class CopyRatioRule:
     def state(self) -> dict:
         """The fitted state without live objects (features, holdout ratios, thresholds)."""
         return {"features": {n: s.rf.cpu().numpy() for n, s in self.searches_.items()},
-                "holdout": dict(self.holdout_), "thresholds": dict(self.thresholds_)}
+                "holdout": dict(self.holdout_), "thresholds": dict(self.thresholds_), "labels": self.labels_,
+                "pairs": list(self.pairs_), "radius": self.radius_}
 
     def restore(self, state: dict) -> CopyRatioRule:
         """Rebuild the searches from :meth:`state` (same settings and device as at fit time)."""
@@ -410,6 +507,7 @@ class CopyRatioRule:
                           for n, f in state["features"].items()}
         self.holdout_ = dict(state["holdout"])
         self.thresholds_ = dict(state["thresholds"])
+        self.labels_, self.pairs_, self.radius_ = state["labels"], list(state["pairs"]), state["radius"]
         return self
 
 

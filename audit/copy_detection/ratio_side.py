@@ -71,11 +71,23 @@ class RatioSide:
     far: Estimate
     radius: ConformalThreshold
     stats: dict
+    note: str | None = None  # why the training set could not be grouped
 
     @property
     def main(self) -> str:
         """The test whose distance the duplicate searches use (shift/zoom when there is one)."""
-        return "shift_zoom" if "shift_zoom" in self.rule.searches_ else "identity"
+        return self.rule.main
+
+    def groups(self) -> dict:
+        """How the training set was grouped for the second distance (counts only: nothing that names an image)."""
+        labels = self.rule.labels_
+        if labels is None:
+            return {"groups": None, "near_duplicate_pairs": len(self.rule.pairs_), "note": self.note}
+        sizes = np.bincount(labels)
+        return {"groups": int(len(sizes)), "images_in_groups_of_2_or_more": int((sizes[labels] >= 2).sum()),
+                "largest_group": int(sizes.max()), "near_duplicate_pairs": len(self.rule.pairs_),
+                "note": "the second distance is to the nearest training image outside the nearest's group (its "
+                        "patient, joined with its near-duplicates within the duplicate radius)"}
 
     # ------------------------------------------------------------------ real side
 
@@ -95,25 +107,44 @@ class RatioSide:
         geo = ctx.geometry
         shape, pooled = ratio_geometry(geo.height, geo.width, s)
         rule = cls._rule(ctx, s, shape, pooled)
-        rule.index(set_loader(ctx, ctx.real, shape, s.batch_size))
+        real = set_loader(ctx, ctx.real, shape, s.batch_size)
         hold = set_loader(ctx, ctx.holdout, shape, s.batch_size)
+        pairs = None
+        if ctx.cluster is not None:  # decoding, features and every training-set search on the cluster's workers
+            from .cluster import duplicate_pairs_on_cluster, index_on_cluster, shard_searches
+
+            shard_searches(ctx, index_on_cluster(ctx, rule, ctx.real, shape, s.batch_size))
+            pairs = duplicate_pairs_on_cluster(ctx, rule, ctx.real, shape, s.batch_size)
+        else:
+            rule.index(real)
+        patients = [r.patient_id or "" for r in ctx.real.records] if ctx.real.has_patients else None
+        rule.group(real, hold, patients, pairs=pairs)
+        note = None
+        if int(rule.labels_.max()) == 0:
+            rule.labels_ = None
+            note = (f"the {len(ctx.real)} training images form one group (one patient, or near-duplicates of each "
+                    "other), so there is no other group to compare with: the ratio rule fell back to the plain "
+                    "second-nearest training image, and a copy of an image that has a near-duplicate can be missed")
         n = len(ctx.holdout)
         perm = ctx.rng("copy_detection.far").permutation(n)
         halves = (perm[: n // 2], perm[n // 2:]) if n >= 4 else None
-        rule.calibrate(hold, groups=None if halves is None else [np.arange(n), *halves])
-        main = "shift_zoom" if "shift_zoom" in rule.searches_ else "identity"
-        radius = rule.nearest_distance_quantile(hold, s.false_alarm_rate, main)
+        rule.calibrate(hold, subsets=None if halves is None else [np.arange(n), *halves])
         stats = {name: search.stats.to_dict() for name, search in rule.searches_.items()}
-        return cls(rule, shape, pooled, _cross_fitted(rule, halves, n), radius, stats)
+        return cls(rule, shape, pooled, _cross_fitted(rule, halves, n), rule.radius_, stats, note)
 
     def state(self) -> dict:
         return {"rule": self.rule.state(), "shape": self.shape, "pooled": self.pooled, "far": self.far,
-                "radius": self.radius, "stats": self.stats}
+                "radius": self.radius, "stats": self.stats, "note": self.note}
 
     @classmethod
     def from_state(cls, ctx, s: CopyDetectionSettings, state: dict) -> RatioSide:
         rule = cls._rule(ctx, s, tuple(state["shape"]), state["pooled"]).restore(state["rule"])
-        return cls(rule, tuple(state["shape"]), state["pooled"], state["far"], state["radius"], state["stats"])
+        if ctx.cluster is not None:
+            from .cluster import shard_searches
+
+            shard_searches(ctx, rule)
+        return cls(rule, tuple(state["shape"]), state["pooled"], state["far"], state["radius"], state["stats"],
+                   state["note"])
 
     # ------------------------------------------------------------------ deciding
 
@@ -149,8 +180,9 @@ class RatioSide:
         return SetDecision(flagged, tests, evidence)
 
     def evidence(self, x: np.ndarray) -> list[dict]:
-        """For flagged images: every test's exact two nearest and ratio, the test that flags most clearly
-        (smallest ratio over its threshold), and the shift and zoom that matched its nearest training image."""
+        """For flagged images: every test's exact nearest, nearest outside its group, and ratio, the test that
+        flags most clearly (smallest ratio over its threshold), and the shift and zoom that matched its nearest
+        training image."""
         per_test = {name: self.rule.nearest_two(x, name) for name in self.rule.searches_}
         out = []
         for i in range(len(x)):
@@ -160,7 +192,8 @@ class RatioSide:
             idx, dist, _ = per_test[test]
             (zoom, dy, dx), _ = self.rule.matched(x[i], int(idx[i, 0]), test)
             out.append({"test": test, "real_index": int(idx[i, 0]), "distance": float(dist[i, 0]),
-                        "second_distance": float(dist[i, 1]), "ratio": ratios[test], "threshold": taus[test],
+                        "second_index": int(idx[i, 1]), "second_distance": float(dist[i, 1]),
+                        "ratio": ratios[test], "threshold": taus[test],
                         "ratios": ratios, "flagged_by": sorted(n for n in ratios if ratios[n] < taus[n]),
                         "transform": {"zoom": zoom, "dy": dy, "dx": dx}})
         return out
@@ -197,6 +230,7 @@ class RatioSide:
                          "block_pixels": round(self.rule.layouts[self.main].block_pixels, 3)},
             "duplicate_radius": {"value": self.radius.tau, "note": "nearest-training distance of the holdout, "
                                  + self.radius.note},
+            "training_groups": self.groups(),
         }
         if decision is not None:
             out["flagged_by_test"] = {n: int(t["flagged"].sum()) for n, t in decision.tests.items()}

@@ -65,7 +65,8 @@ class CopyDetectionSettings(CheckSettings):
     training_duplicates: bool = True
     """Also look for near-duplicates inside the training set (a curation problem)."""
     max_duplicate_queries: int = Field(5000, ge=1)
-    """Most images queried by each duplicate search (a seeded sample beyond this)."""
+    """Most images queried by each duplicate search (a seeded sample beyond this); under the ratio rule the
+    training set is always searched whole, since its groups (the second distance) need every pair."""
     query_chunk_mb: int = Field(1024, ge=1)
     """Memory for one chunk of query images (MB)."""
     batch_size: int = Field(64, ge=1)

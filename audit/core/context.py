@@ -5,7 +5,7 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -37,6 +37,13 @@ class AuditContext:
     fit_store
         Where checks' fitted real-side state is kept between audits
         (:class:`~audit.core.fitstore.FitStore`), or ``None``.
+    cluster
+        A connected ``ray`` module (:func:`synthgate.cluster.connect`) when
+        the audit runs with ``--cluster``, else ``None``; checks that can
+        spread their work use it (copy detection's ratio rule).
+    attacker
+        Public image sets with patient IDs that an attacker would train on
+        (``--attacker-data``); only the re-identification network uses them.
     """
 
     synthetic: ImageSet
@@ -51,6 +58,8 @@ class AuditContext:
     geometry_override: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)
     fit_store: "FitStore | None" = None
+    cluster: Any = None
+    attacker: tuple[ImageSet, ...] = ()
 
     @cached_property
     def geometry(self) -> Geometry:

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synthgate.errors import InputError, MissingInputError
+from synthgate.errors import InputError, MissingInputError, UsageError
 from synthgate.outputs import resolved
 
 from .base import check_class
@@ -119,6 +119,42 @@ def missing_requirements(name: str, ctx: AuditContext) -> list[str]:
         elif need == "labels" and (ctx.real is None or not ctx.real.has_labels or not ctx.synthetic.has_labels):
             missing.append(_NEEDS["labels"])
     return missing
+
+
+def check_attacker_data(ctx: AuditContext, paths: dict[str, Path | None]) -> None:
+    """Refuse attacker data that is empty, lacks patient IDs, or overlaps an audited set.
+
+    Attacker data is public data *other* than the audited sets: the same
+    folder, a folder inside one of them, or one image file in common (by
+    content) would let the attacker train on the patients it is judged on.
+    ``paths`` maps each audited role to its folder.
+    """
+    sets = {"synthetic": ctx.synthetic, "real": ctx.real, "holdout": ctx.holdout}
+    seen: dict[Path, Path] = {}
+    for a in ctx.attacker:
+        root = resolved(a.root)
+        if len(a) == 0:
+            raise InputError("attacker data holds no images (--attacker-data)", a.root)
+        if not a.has_patients:
+            missing = sum(p is None for p in a.patient_ids)
+            raise InputError(f"attacker data needs a patient_id on every image (metadata.csv patient_id or DICOM "
+                             f"PatientID); {missing} of {len(a)} images have none (--attacker-data)", a.root)
+        for role, path in [*paths.items(), *((f"attacker data {p}", p) for p in seen)]:
+            if path is None:
+                continue
+            other = resolved(path)
+            if other == root or other in root.parents or root in other.parents:
+                raise UsageError(f"--attacker-data {a.root} is the {role} set's folder or overlaps it; attacker data "
+                                 "must be other patients' public images", a.root)
+        seen[root] = root
+        for role, s in sets.items():
+            if s is None:
+                continue
+            shared = set(a.file_hashes.values()) & set(s.file_hashes.values())
+            if shared:
+                name = sorted(p for p, h in a.file_hashes.items() if h in shared)[0]
+                raise InputError(f"attacker data shares {len(shared)} image file(s) with the {role} set by content "
+                                 f"(e.g. {name}); attacker data must be other patients' public images", a.root)
 
 
 def check_overlap(ctx: AuditContext) -> None:

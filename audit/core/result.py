@@ -29,6 +29,11 @@ def _set_entry(s: ImageSet | None) -> dict | None:
             "skipped": [{"path": k.path, "reason": k.reason} for k in s.skipped]}
 
 
+def _attacker_entry(s: ImageSet) -> dict:
+    """An attacker data set: where, how many images and patients, its digest (never its patient IDs)."""
+    return {**_set_entry(s), "n_patients": s.n_patients}
+
+
 @dataclass(frozen=True)
 class Audit:
     """Everything one audit found and decided (DESIGN.md, "Audit result").
@@ -50,6 +55,7 @@ class Audit:
     device: str = "auto"
     command: Sequence[str] | None = None
     notes: tuple[str, ...] = ()
+    attacker: tuple[ImageSet, ...] = ()  # --attacker-data: public sets the re-identification attacker trains on
     left_alone: tuple[str, ...] = ()  # files found in the output folder that this audit did not write
     written: dict | None = field(default=None, compare=False, repr=False)  # audit.json as written (signed)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat())
@@ -119,6 +125,7 @@ class Audit:
             "inputs": {
                 "synthetic": _set_entry(self.synthetic), "real": _set_entry(self.real),
                 "holdout": _set_entry(self.holdout), "model": model,
+                "attacker_data": [_attacker_entry(a) for a in self.attacker],
                 "geometry": {"height": geo.height, "width": geo.width, "channels": geo.channels,
                              "notes": list(geo.notes)},
                 "notes": [*self.notes, *self.decision.notes],

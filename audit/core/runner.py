@@ -79,7 +79,8 @@ class _Checks:
             key = store.key(check.name, settings=check.params, seed=ctx.seed, device=ctx.torch_device.type,
                             geometry=[geo.height, geo.width, geo.channels],
                             real=ctx.real.digest if ctx.real is not None else None,
-                            holdout=ctx.holdout.digest if ctx.holdout is not None else None)
+                            holdout=ctx.holdout.digest if ctx.holdout is not None else None,
+                            attacker=[a.digest for a in ctx.attacker])
             state = store.load(key)
             if state is not None:
                 self.restored.append(check.name)

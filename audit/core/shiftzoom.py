@@ -313,3 +313,25 @@ def brute_force(metric: CopyMetric, queries, references, chunk: int = 16) -> np.
             for i in range(len(orb)):
                 out[s + i] = metric.distance(orb[i], ref).cpu().numpy()
     return out
+
+
+def grouped_two(full: np.ndarray, labels) -> tuple[np.ndarray, np.ndarray]:
+    """From every pair's distance ``(Q, R)``: each query's nearest reference and the nearest outside its group.
+
+    ``labels[r]`` is reference ``r``'s group; ties go to the lower index.
+    ``(indices, distances)``, both ``(Q, 2)``; ``-1``/``inf`` where every
+    reference is in the nearest's group.  The baseline for tests and benchmarks.
+    """
+    full = np.asarray(full, np.float64)
+    labels = np.asarray(labels)
+    q, r = full.shape
+    order = np.lexsort((np.broadcast_to(np.arange(r), full.shape), full), axis=1)
+    first = order[:, 0]
+    idx = np.full((q, 2), -1, np.int64)
+    dist = np.full((q, 2), np.inf)
+    idx[:, 0], dist[:, 0] = first, full[np.arange(q), first]
+    for i in range(q):
+        other = order[i][labels[order[i]] != labels[first[i]]]
+        if len(other):
+            idx[i, 1], dist[i, 1] = other[0], full[i, other[0]]
+    return idx, dist

@@ -25,6 +25,9 @@ radius (exact distances; every other reference has a bound above the radius,
 so it is proven).  :meth:`ExactCopySearch.search` (k nearest) first
 evaluates a few candidates ranked by the distance to the orbit's centre,
 takes the k-th exact distance as the radius and calls ``within``.
+:meth:`ExactCopySearch.search_grouped` (the nearest, and the nearest outside
+its group) takes as the radius the nearest evaluated candidate outside the
+best candidate's group, which bounds both, and calls ``within``.
 """
 from __future__ import annotations
 
@@ -136,6 +139,10 @@ class ExactCopySearch:
 
         A ranking, not a bound: it only sets the first radius.
         """
+        return self._proxy_ranked(orbits, exclude, at_least)[0]
+
+    def _proxy_ranked(self, orbits, exclude, at_least: int = 1):
+        """:meth:`_proxy`'s ``(indices, squared distances to the centre)`` (a shard's answer, merged by distance)."""
         torch = self._torch
         t0 = time.perf_counter()
         q = orbits.shape[0]
@@ -157,7 +164,7 @@ class ExactCopySearch:
             idx = torch.gather(cat_i, 1, order)
         self.stats.proxy_pairs += q * self.n_refs
         self.stats.tick("proxy", t0)
-        return idx
+        return idx, best
 
     def _survivors(self, centres, radii, radius, exclude) -> list[np.ndarray]:
         """Per query, the references whose bound is <= ``radius`` (all others are proven farther)."""
@@ -305,6 +312,81 @@ class ExactCopySearch:
             idx[i], dist[i] = kn.ranked(k)
         return Neighbours(idx, dist, theta, k)
 
+    # ------------------------------------------------------- training groups
+
+    def outside_bound(self, orbits, known: list[Evaluated], labels, exclude=None) -> np.ndarray:
+        """Per query, ``U2g``: an exact distance that bounds the grouped second distance from above.
+
+        With ``a`` the best evaluated reference, ``U2g`` is the smallest
+        evaluated distance among references outside ``a``'s group.  Whatever
+        group the true nearest ``n1`` is in, ``d2g <= U2g``: if it is ``a``'s,
+        the reference behind ``U2g`` is outside it; if not, ``a`` itself is
+        outside it and ``D(a) <= U2g``.  A query whose evaluated references
+        all share one group first gets one reference outside it (the nearest
+        to its orbit's centre, a ranking only), so ``U2g`` is finite unless
+        every reference is in one group.
+        """
+        lab = np.asarray(labels)
+        need = [i for i, kn in enumerate(known) if not np.isfinite(kn.outside(lab)[1])]
+        if need:
+            self._add_outside(orbits, known, lab, exclude, need)
+        return np.array([kn.outside(lab)[1] for kn in known]) if known else np.zeros(0)
+
+    def _add_outside(self, orbits, known: list[Evaluated], labels: np.ndarray, exclude, rows: list[int]) -> None:
+        torch = self._torch
+        t0 = time.perf_counter()
+        lab = torch.as_tensor(labels, device=self.rf.device)
+        for i in rows:
+            best = known[i].ranked(1)[0]
+            j, _ = self._outside_candidate(orbits[i], lab, int(labels[best[0]]) if len(best) else None,
+                                           None if exclude is None else exclude[i])
+            if j >= 0:
+                known[i].add([j], self._exact(orbits[i], np.array([j])))
+        self.stats.proxy_pairs += len(rows) * self.n_refs
+        self.stats.tick("proxy", t0)
+
+    def _outside_candidate(self, orbit, lab, group: int | None, excluded) -> tuple[int, float]:
+        """The reference nearest to ``orbit``'s centre outside group ``group`` (``lab``: a label per reference,
+        a tensor) and other than ``excluded``: ``(index, |f|^2 - 2 c . f)`` (a ranking, ties to the lower index),
+        ``(-1, inf)`` when there is none."""
+        torch = self._torch
+        centre = orbit.mean(0)
+        d = self.rn - 2.0 * (self.rf @ centre)  # ranking by the distance to the centre
+        mask = lab == group if group is not None else torch.zeros_like(lab, dtype=torch.bool)
+        if excluded is not None:
+            mask[int(excluded)] = True
+        d = d.masked_fill(mask, float("inf"))
+        j = int(d.argmin())
+        v = float(d[j])
+        return (j, v) if np.isfinite(v) else (-1, float("inf"))
+
+    def search_grouped(self, queries, labels, exclude=None) -> Neighbours:
+        """The exact nearest reference and the exact nearest outside its group, per query (both proven).
+
+        ``labels[r]`` is reference ``r``'s group (a patient, or near-duplicates
+        of each other).  With ``U2g`` from :meth:`outside_bound`, every
+        reference within ``U2g`` is evaluated (:meth:`within`; the rest have a
+        lower bound above it).  The nearest has ``d1 <= U2g``, so it is among
+        them; the nearest outside its group has ``d2g <= U2g``, so it is too.
+        ``indices[:, 1]``/``distances[:, 1]`` are that reference and ``d2g``
+        (``-1``/``inf`` when every reference is in one group).
+        """
+        orbits = self.orbits(queries)
+        q = orbits.shape[0]
+        self.stats.queries += q
+        lab = np.asarray(labels)
+        exclude = None if exclude is None else list(exclude)
+        known = self._initial(orbits, exclude, 2)
+        u2 = self.outside_bound(orbits, known, lab, exclude)
+        known = self.within(radius=u2, exclude=exclude, orbits=orbits, known=known)
+        idx = np.full((q, 2), -1, np.int64)
+        dist = np.full((q, 2), np.inf)
+        for i, kn in enumerate(known):
+            i1, d1 = kn.ranked(1)
+            idx[i, 0], dist[i, 0] = i1[0], d1[0]
+            idx[i, 1], dist[i, 1] = kn.outside(lab, int(i1[0]))
+        return Neighbours(idx, dist, u2, 2)
+
 
 class Evaluated:
     """One query's exactly evaluated references: indices and distances, ranked on demand."""
@@ -342,6 +424,16 @@ class Evaluated:
     def as_dict(self) -> dict[int, float]:
         i, d = self._all()
         return {int(a): float(b) for a, b in zip(i, d)}
+
+    def outside(self, labels: np.ndarray, ref: int | None = None) -> tuple[int, float]:
+        """The nearest evaluated reference outside ``ref``'s group (default: the best evaluated's): ``(index,
+        distance)``, ``(-1, inf)`` when there is none."""
+        i, d = self._all()
+        if not len(i):
+            return -1, np.inf
+        g = labels[i[0] if ref is None else ref]
+        other = np.nonzero(labels[i] != g)[0]
+        return (int(i[other[0]]), float(d[other[0]])) if len(other) else (-1, np.inf)
 
     def ranked(self, k: int | None = None):
         i, d = self._all()

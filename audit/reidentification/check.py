@@ -14,7 +14,12 @@ Roles of the real images
 gallery
     every real training image: what synthetic images are matched against.
 network training
-    the gallery minus the calibration patients and minus the probe images.
+    the gallery minus the calibration patients and minus the probe images,
+    plus any attacker data (public images with patient IDs,
+    ``--attacker-data``); minus the validation identities.
+validation
+    a patient-disjoint share of the attacker data's patients (else of the
+    real training patients): it decides when training stops, nothing else.
 calibration (unseen patients)
     the holdout set's patients when it has patient IDs (holdout images of
     patients who are also in the training set are not unseen: they become
@@ -80,10 +85,11 @@ from audit.core.stats import binomial_rate, roc_points, summary
 from audit.core.thresholds import conformal_threshold, excess_p_value
 
 from .metrics import best_match, has_genuine, one_per_identity, pair_auc, retrieval_metrics, verification_pairs
-from .plan import Embedded, NotEnoughData, Plan, Queries, make_plan
+from .plan import Embedded, NotEnoughData, Plan, Queries, TrainingData, make_plan, training_data
 from .settings import ReidentificationSettings
 
-NETWORK_KEYS = ("backbone", "image_size", "embedding_dim", "epochs", "batch_size", "views", "lr")
+NETWORK_KEYS = ("backbone", "image_size", "embedding_dim", "epochs", "batch_size", "views", "lr", "patience",
+                "min_delta", "time_budget_per_image", "min_time_budget")
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,8 @@ class Reidentification(Check):
     limitations = (
         "The attacker is only as strong as its network: a pass says that this network, which re-identifies real "
         "held-out patients at the reported rates, links no more synthetic images to training patients than chance. "
-        "A stronger attacker (more data, pretrained weights, the gpu preset) may link more.",
+        "A stronger attacker (more data, pretrained weights, the gpu preset) may link more; public data of the same "
+        "modality (--attacker-data) makes this one stronger.",
         "The threshold is calibrated on real images; synthetic images that differ systematically from real ones "
         "(smoother, other contrast) may score lower against everyone, which makes the check less sensitive.",
         "Without patient IDs identity is learned per image (image-level fallback): that detects a synthetic image "
@@ -156,7 +163,8 @@ class Reidentification(Check):
             return ReidFit(not_enough=str(exc))
         cfg, preset = self._config(ctx)
         model, network = self._network(ctx, plan, cfg, preset)
-        emb = self._embed_real(ctx, model, cfg, plan)
+        trained = np.concatenate([p.indices for p in self._training_data(ctx, plan, cfg).train if p.role == "real"])
+        emb = self._embed_real(ctx, model, cfg, plan, np.sort(trained))
         cal = emb["calibration"]
         impostor, _ = best_match(cal.emb, emb["gallery"], q_ids=cal.ids, g_ids=plan.gallery_ids, relation="other")
         pick = one_per_identity(cal.ids, ctx.rng("reidentification.calibration"))
@@ -237,16 +245,27 @@ class Reidentification(Check):
         overrides["backbone_weights"] = self.settings.backbone_weights
         return resolve_config(preset, overrides), preset
 
-    def _cache_key(self, ctx, plan: Plan, cfg) -> str:
+    def _training_data(self, ctx, plan: Plan, cfg) -> TrainingData:
+        s = self.settings
+        return training_data(plan, ctx.real, tuple(ctx.attacker), validate=cfg.patience > 0,
+                             fraction=s.validation_fraction, max_identities=s.max_validation_identities,
+                             rng=ctx.rng("reidentification.validation"))
+
+    def _cache_key(self, ctx, plan: Plan, cfg, data: TrainingData) -> str:
         real = ctx.real
-        ranks = np.unique(plan.gallery_ids[plan.train], return_inverse=True)[1]
         geo = ctx.geometry
+
+        def listing(which: str) -> str:
+            ranks = np.unique(data.identities(which), return_inverse=True)[1]
+            return hashlib.sha256("\n".join(f"{k}\t{int(r)}" for k, r in zip(data.keys(which), ranks))
+                                  .encode()).hexdigest()
+
         blob = json.dumps({
             "synthgate": __version__, "real": real.digest, "mode": plan.mode, "seed": ctx.seed,
             "geometry": [geo.height, geo.width, geo.channels],
             "config": {k: v for k, v in cfg.to_dict().items() if k != "backbone_weights"},
-            "train": hashlib.sha256("\n".join(f"{real.records[int(i)].key}\t{int(r)}" for i, r in
-                                              zip(plan.train, ranks)).encode()).hexdigest(),
+            "attacker": [a.digest for a in ctx.attacker],
+            "train": listing("train"), "validation": listing("validation"),
         }, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -254,20 +273,33 @@ class Reidentification(Check):
         """The trained network from the cache (keyed by training data and settings), or trained now."""
         from audit.reidentification.network import load_network, save_network, train_network
 
-        key = self._cache_key(ctx, plan, cfg)
+        data = self._training_data(ctx, plan, cfg)
+        key = self._cache_key(ctx, plan, cfg, data)
         folder = ctx.model_cache("reidentification", key[:32])
         settings = {k: v for k, v in cfg.to_dict().items() if k != "backbone_weights"}  # no local paths in outputs
         info = {"preset": preset, **settings, "backbone_weights": "local file" if cfg.backbone_weights else None,
-                "cache_key": key[:16]}
+                "cache_key": key[:16], "attacker_data": _attacker_summary(ctx, data),
+                "validation_source": data.validation_source}
         loaded = load_network(folder, cfg, ctx.torch_device)
         if loaded is not None:
             model, meta = loaded
             return model, {**info, "cached": True, "training": meta.get("training", {})}
-        images = prepare_set(ctx, ctx.real, plan.train, cfg)
-        ranks = np.unique(plan.gallery_ids[plan.train], return_inverse=True)[1]
+
+        def stack(which: str):
+            import torch
+
+            parts = getattr(data, which)
+            if not parts:
+                return None
+            images = torch.cat([prepare_set(ctx, p.imageset, p.indices, cfg) for p in parts])
+            return images, np.unique(data.identities(which), return_inverse=True)[1]
+
+        images, ranks = stack("train")
         model, history = train_network(images, ranks, cfg, ctx.torch_device,
                                        ctx.torch_generator("reidentification.train"),
-                                       ctx.rng("reidentification.batches"), progress=ctx.progress)
+                                       ctx.rng("reidentification.batches"), progress=ctx.progress,
+                                       validation=stack("validation"))
+        history["validation_source"] = data.validation_source
         if folder is not None:
             save_network(folder, model, {"config": cfg.to_dict(), "training": history, "mode": plan.mode,
                                          "synthgate": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -275,8 +307,12 @@ class Reidentification(Check):
 
     # ---------------------------------------------------------- embeddings
 
-    def _embed_real(self, ctx, model, cfg, plan: Plan) -> dict:
-        """Embeddings of every real image the attack uses: gallery, calibration, probes and control views."""
+    def _embed_real(self, ctx, model, cfg, plan: Plan, trained: np.ndarray) -> dict:
+        """Embeddings of every real image the attack uses: gallery, calibration, probes and control views.
+
+        The augmented-image control draws from ``trained``, the real images
+        the network trained on (not those of validation identities).
+        """
         bs = self.settings.embed_batch_size
         gallery = embed_set(ctx, model, cfg, ctx.real, np.arange(len(ctx.real)), bs, "training set")
 
@@ -290,8 +326,8 @@ class Reidentification(Check):
         out = {"gallery": gallery, "calibration": queries(plan.calibration, "calibration")}
         if plan.probes:
             out["probes"] = Embedded.concat([queries(q, "probes") for q in plan.probes])
-        n = min(self.settings.control_images, len(plan.train))
-        src = np.sort(ctx.rng("reidentification.control").choice(plan.train, n, replace=False))
+        n = min(self.settings.control_images, len(trained))
+        src = np.sort(ctx.rng("reidentification.control").choice(trained, n, replace=False))
         out["augmented"] = Embedded(embed_set(ctx, model, cfg, ctx.real, src, bs, "control", augmented=True,
                                               generator=ctx.torch_generator("reidentification.control")),
                                     plan.gallery_ids[src], src)
@@ -511,6 +547,22 @@ def embed_set(ctx, model, cfg, imageset: ImageSet, indices, batch_size: int, wha
            for _, b in progress_bar(ctx.batches(imageset, batch_size, indices), desc=f"reid: embed {what}",
                                     unit="batch", enabled=ctx.progress, total=math.ceil(len(indices) / batch_size))]
     return np.concatenate(out) if out else np.zeros((0, cfg.embedding_dim), np.float32)
+
+
+def _attacker_summary(ctx, data: TrainingData) -> dict | None:
+    """What the attacker data added: counts and a digest, never its patient IDs or file names."""
+    if not ctx.attacker:
+        return None
+    return {**data.attacker, "sha256": attacker_digest(ctx.attacker),
+            "training_images": int(sum(len(p.indices) for p in data.train if p.role == "attacker")),
+            "validation_images": int(sum(len(p.indices) for p in data.validation if p.role == "attacker"))}
+
+
+def attacker_digest(sets) -> str | None:
+    """One SHA-256 over the attacker sets' digests, in the order given (``None`` without attacker data)."""
+    if not sets:
+        return None
+    return hashlib.sha256("\n".join(s.digest for s in sets).encode()).hexdigest()
 
 
 def _positive(name: str, hit: np.ndarray, score: np.ndarray, need: float, what: str) -> Control:

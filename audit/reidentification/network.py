@@ -42,12 +42,24 @@ COMPACT_WIDTHS = (32, 64, 128, 256)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 2 CPU cores, 2,000 images of 64 x 64: minutes (bench/reidentification.py measures it)
-    "cpu": {"backbone": "compact", "image_size": 64, "embedding_dim": 128, "epochs": 10, "batch_size": 64,
+    # (``epochs`` is the most epochs: training stops earlier when validation stops improving, or at its time budget)
+    "cpu": {"backbone": "compact", "image_size": 64, "embedding_dim": 128, "epochs": 100, "batch_size": 64,
             "views": 4, "lr": 2e-3},
     # Packhaeuser et al. 2022's backbone and input size class
-    "gpu": {"backbone": "resnet50", "image_size": 224, "embedding_dim": 128, "epochs": 40, "batch_size": 128,
+    "gpu": {"backbone": "resnet50", "image_size": 224, "embedding_dim": 128, "epochs": 100, "batch_size": 128,
             "views": 4, "lr": 3e-4},
 }
+
+#: with early stopping an epoch is one pass over the training images, but at least this many steps: a set of 30
+#: images would otherwise be validated after every single step, which measures noise
+MIN_EPOCH_STEPS = 10
+
+#: with early stopping, a plateau first lowers the learning rate (from the best weights) this many times, by
+#: this factor each, before it ends training: the annealing that a schedule with a known end would give
+LR_DROPS = 2
+#: the rise of d' (genuine vs impostor separation) that counts as an improvement when the AUC held
+DPRIME_DELTA = 0.05
+LR_DROP_FACTOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -57,7 +69,7 @@ class NetworkConfig:
     backbone: str
     image_size: int
     embedding_dim: int
-    epochs: int
+    epochs: int  # the most epochs; early stopping (``patience``) usually ends training before
     batch_size: int
     views: int  # images (or augmented views) per identity in a batch
     lr: float
@@ -65,12 +77,18 @@ class NetworkConfig:
     augment: bool = True
     backbone_weights: str | None = None
     backbone_weights_sha256: str | None = None
+    patience: int = 0  # epochs without a validation improvement before training stops; 0 = train every epoch
+    min_delta: float = 0.0  # the smallest rise of the validation AUC that counts as an improvement
+    time_budget_per_image: float = 0.0  # seconds of training per training image (0 = no budget) ...
+    min_time_budget: float = 0.0  # ... but never less than this many seconds
 
     def __post_init__(self):
         if self.image_size < 16:
             raise UsageError(f"reidentification: image_size {self.image_size} must be at least 16")
         if self.embedding_dim < 2 or self.epochs < 1 or self.lr <= 0:
             raise UsageError("reidentification: embedding_dim must be >= 2, epochs >= 1 and lr > 0")
+        if self.patience < 0 or self.min_delta < 0 or self.time_budget_per_image < 0 or self.min_time_budget < 0:
+            raise UsageError("reidentification: patience, min_delta and the time budget must not be negative")
         if self.views < 2 or self.batch_size < 2 * self.views:
             raise UsageError(f"reidentification: views must be >= 2 and batch_size >= 2 x views "
                              f"(got views {self.views}, batch_size {self.batch_size})")
@@ -78,6 +96,12 @@ class NetworkConfig:
     @property
     def identities_per_batch(self) -> int:
         return self.batch_size // self.views
+
+    def time_budget(self, n_images: int) -> float | None:
+        """Seconds of training allowed for ``n_images`` training images (``None``: no budget)."""
+        if self.time_budget_per_image <= 0:
+            return None
+        return max(self.min_time_budget, self.time_budget_per_image * n_images)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,9 +123,12 @@ def resolve_config(preset: str, overrides: dict[str, Any]) -> NetworkConfig:
 
         values["backbone_weights"] = str(path.resolve())
         values["backbone_weights_sha256"] = sha256_file(path)
-    for key in ("image_size", "embedding_dim", "epochs", "batch_size", "views"):
-        values[key] = int(values[key])
-    values["lr"] = float(values["lr"])
+    for key in ("image_size", "embedding_dim", "epochs", "batch_size", "views", "patience"):
+        if key in values:
+            values[key] = int(values[key])
+    for key in ("lr", "min_delta", "time_budget_per_image", "min_time_budget"):
+        if key in values:
+            values[key] = float(values[key])
     return NetworkConfig(**values)
 
 
@@ -329,21 +356,65 @@ class IdentityBatches:
         return np.concatenate(idx), np.concatenate(labels)
 
 
+def validation_scores(model, images_u8, ids: np.ndarray, device, seed: int,
+                      batch_size: int = 256) -> tuple[float, float]:
+    """``(AUC, d')`` of verification on validation identities: all genuine vs all impostor pairs (cosine).
+
+    Two images of one identity form a genuine pair; when no identity has two
+    images, each image is paired with an augmented view of itself (drawn with
+    the same ``seed`` every epoch, so epochs are compared on the same pairs).
+    ``d'`` (difference of the genuine and impostor mean similarities over
+    their pooled standard deviation) still ranks epochs once a few
+    validation identities are separated perfectly (AUC 1).
+    """
+    import torch
+
+    from audit.core.stats import roc_auc
+
+    ids = np.asarray(ids)
+    a = embed(model, images_u8, device, batch_size)
+    if (np.unique(ids, return_counts=True)[1] >= 2).any():
+        iu, ju = np.triu_indices(len(ids), 1)
+        scores, genuine = np.einsum("nd,nd->n", a[iu], a[ju]), ids[iu] == ids[ju]
+    else:
+        b = embed(model, images_u8, device, batch_size, torch.Generator().manual_seed(seed), augmented=True)
+        scores, genuine = (b @ a.T).ravel(), (ids[:, None] == ids[None, :]).ravel()
+    g, i = scores[genuine].astype(np.float64), scores[~genuine].astype(np.float64)
+    spread = math.sqrt((g.var() + i.var()) / 2)
+    dprime = float((g.mean() - i.mean()) / spread) if spread > 0 else 0.0
+    return roc_auc(scores, genuine), dprime
+
+
 def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device, generator, rng,
-                  progress: bool | None = None):
+                  progress: bool | None = None, validation: tuple[Any, np.ndarray] | None = None):
     """Train the embedding network; returns ``(model, history)``.
+
+    ``validation`` is ``(images, identities)`` of identities the network does
+    not train on.  With it and ``cfg.patience > 0``, training stops once the
+    verification AUC on them has not risen by more than ``cfg.min_delta``
+    (nor, the AUC held, their ``d'`` by more than ``DPRIME_DELTA``) for
+    ``cfg.patience`` epochs at the lowest learning rate (see Notes), and the
+    weights of the best epoch are kept;
+    otherwise it runs ``cfg.epochs`` epochs.  Either way it stops at the
+    time budget (``cfg.time_budget``, checked after each epoch).
 
     Notes
     -----
     Multi-similarity loss with its pair miner (Wang et al. 2019, as
-    implemented in pytorch-metric-learning) on cosine similarity, AdamW with
-    a one-cycle schedule, a fixed number of epochs (no early stopping: held
-    out patients are kept for evaluation and calibration only).  Packhaeuser
+    implemented in pytorch-metric-learning) on cosine similarity, AdamW.  With
+    early stopping the learning rate warms up over the first epoch and then
+    stays constant (the end is not known in advance) until the validation
+    AUC plateaus, when it is lowered ``LR_DROPS`` times tenfold (from the best
+    weights) before a last plateau stops training; with a fixed number of
+    epochs it follows a one-cycle schedule.  The validation identities are
+    neither the unseen patients the check is judged on nor its positive
+    controls, so choosing the epoch on them leaves those honest.  Packhaeuser
     et al. 2022 train a Siamese verification network (BCE on pairs) and a
-    retrieval network (contrastive loss); a metric-learning embedding serves
-    both verification (pair similarity) and retrieval (nearest training
-    images) with one network.
+    retrieval network (contrastive loss), with early stopping on a validation
+    split; a metric-learning embedding serves both verification (pair
+    similarity) and retrieval (nearest training images) with one network.
     """
+    import copy
     import time
 
     import torch
@@ -353,32 +424,82 @@ def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device,
 
     model = build_network(cfg, generator).to(device)
     batches = IdentityBatches(identities, cfg.identities_per_batch, cfg.views, rng)
-    steps_per_epoch = max(1, math.ceil(len(identities) / cfg.batch_size))
+    early = validation is not None and cfg.patience > 0 and len(np.unique(validation[1])) >= 2
+    steps_per_epoch = max(MIN_EPOCH_STEPS if early else 1, math.ceil(len(identities) / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
+    sched = None if early else torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+                                                                    pct_start=0.2)
+    lr_scale, drops = 1.0, 0
     loss_fn, miner = losses.MultiSimilarityLoss(), miners.MultiSimilarityMiner()
+    budget = cfg.time_budget(len(identities))
+    val_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if early else 0
     history: list[float] = []
+    curve: list[float] = []
+    separation: list[float] = []
+    best, best_sep, best_epoch, best_state, since = -math.inf, -math.inf, 0, None, 0
+    stopped = f"reached the most epochs ({cfg.epochs})"
     epoch_loss = 0.0
     start = time.perf_counter()
     model.train()
-    for step in progress_bar(range(total), desc="reid: train network", unit="step", enabled=progress):
+    bar = progress_bar(range(total), desc="reid: train network", unit="step", enabled=progress)
+    for step in bar:
         idx, labels = batches()
+        if early:  # warm up over the first epoch, then constant until a plateau lowers it
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_scale * min(1.0, (step + 1) / steps_per_epoch)
         emb = forward(model, images_u8[torch.as_tensor(idx)], device, generator, augmented=cfg.augment)
         labels_t = torch.as_tensor(labels, device=device)
         loss = loss_fn(emb, labels_t, miner(emb, labels_t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         epoch_loss += float(loss.detach())
-        if (step + 1) % steps_per_epoch == 0:
-            history.append(round(epoch_loss / steps_per_epoch, 5))
-            epoch_loss = 0.0
+        if (step + 1) % steps_per_epoch:
+            continue
+        history.append(round(epoch_loss / steps_per_epoch, 5))
+        epoch_loss = 0.0
+        epoch = len(history)
+        if early:
+            auc, sep = validation_scores(model, validation[0], validation[1], device, val_seed)
+            model.train()
+            curve.append(round(auc, 5))
+            separation.append(round(sep, 4))
+            # a higher AUC, or -- the AUC held -- a clearly wider separation (at AUC 1 only d' still moves)
+            if auc > best + cfg.min_delta or (auc >= best and sep > best_sep + DPRIME_DELTA):
+                best, best_sep, best_epoch, since = max(auc, best), sep, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                since += 1
+            if since >= cfg.patience and drops < LR_DROPS:  # a plateau: go on from the best weights, slower
+                drops, lr_scale, since = drops + 1, lr_scale * LR_DROP_FACTOR, 0
+                model.load_state_dict(best_state)
+            elif since >= cfg.patience:
+                stopped = (f"validation AUC did not improve for {cfg.patience} epochs (after lowering the learning "
+                           f"rate {LR_DROPS} times)")
+                break
+        if budget is not None and time.perf_counter() - start >= budget:
+            stopped = f"time budget of {budget:.0f} s reached"
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
-    return model, {"loss_per_epoch": history, "steps": total, "train_seconds": round(time.perf_counter() - start, 2),
-                   "images": int(len(identities)), "identities": int(len(np.unique(identities))),
-                   "device": str(device)}
+    out = {"loss_per_epoch": history, "steps": len(history) * steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+           "epochs_run": len(history), "max_epochs": cfg.epochs, "stopped": stopped,
+           "time_budget_s": None if budget is None else round(budget, 1),
+           "train_seconds": round(time.perf_counter() - start, 2),
+           "images": int(len(identities)), "identities": int(len(np.unique(identities))), "device": str(device)}
+    if early:
+        out.update({"validation_auc_per_epoch": curve, "validation_dprime_per_epoch": separation, "lr_drops": drops, "best_epoch": best_epoch,
+                    "best_validation_auc": round(best, 5),
+                    "validation_images": int(len(validation[1])),
+                    "validation_identities": int(len(np.unique(validation[1])))})
+    else:
+        out["early_stopping"] = ("off (patience 0)" if cfg.patience <= 0 else
+                                 "off: no identities could be set aside to validate on")
+    return model, out
 
 
 # ------------------------------------------------------------------ cache

@@ -180,3 +180,82 @@ def _probes_from_real(gallery_ids, withheld, limit, rng) -> np.ndarray:
         return np.zeros(0, np.int64)
     chosen = rng.choice(eligible, min(limit, len(eligible)), replace=False)
     return np.sort([int(rng.choice(np.flatnonzero(free & (gallery_ids == p)))) for p in chosen]).astype(np.int64)
+
+
+# ------------------------------------------------------------------ what the network trains and validates on
+
+
+@dataclass(frozen=True)
+class Part:
+    """Images of one set that the network trains or validates on, with their identity codes."""
+
+    imageset: ImageSet
+    indices: np.ndarray
+    ids: np.ndarray
+    role: str  # "real" | "attacker"
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The network's training and validation images: the real training images and any attacker data.
+
+    ``validation`` identities are disjoint from ``train``'s and from the
+    unseen patients the check is judged on; they only decide when training
+    stops.
+    """
+
+    train: tuple[Part, ...]
+    validation: tuple[Part, ...]
+    validation_source: str | None  # "attacker data" | "real training set" | None (no early stopping)
+    attacker: dict  # counts only: never an attacker patient ID
+
+    def identities(self, which: str) -> np.ndarray:
+        parts = getattr(self, which)
+        return np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int64)
+
+    def keys(self, which: str) -> list[str]:
+        return [f"{p.role}:{p.imageset.digest[:16]}:{p.imageset.records[int(i)].key}"
+                for p in getattr(self, which) for i in p.indices]
+
+
+def training_data(plan: Plan, real: ImageSet, attacker: tuple[ImageSet, ...] = (), validate: bool = True,
+                  fraction: float = 0.2, max_identities: int = 100, rng: np.random.Generator | None = None,
+                  ) -> TrainingData:
+    """Split the network's data into training and validation identities.
+
+    Attacker data (public images with patient IDs) adds identities: its
+    patients are coded after every real identity, one namespace per set
+    (patient IDs of two public sets are unrelated).  Validation identities
+    come from the attacker data when there is any -- the hospital's own
+    patients are the scarce data, and all of them train -- else from the
+    real training identities: ``fraction`` of them, at least 2 and at most
+    ``max_identities``, leaving at least 2 to train on.  ``validate=False``
+    (or too few identities) sets none aside.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    real_part = Part(real, plan.train, plan.gallery_ids[plan.train], "real")
+    offset = int(max(plan.gallery_ids.max(initial=-1), plan.calibration.ids.max(initial=-1))) + 1
+    att_parts = []
+    for s in attacker:
+        code = _codes([p for p in s.patient_ids if p is not None])
+        ids = np.array([offset + code[p] for p in s.patient_ids], dtype=np.int64)
+        att_parts.append(Part(s, np.arange(len(s)), ids, "attacker"))
+        offset += len(code)
+    counts = {"sets": len(attacker), "images": int(sum(len(s) for s in attacker)),
+              "patients": int(sum(s.n_patients for s in attacker))}
+    if not validate:
+        return TrainingData((real_part, *att_parts), (), None, counts)
+    source, pool = ("attacker data", att_parts) if att_parts else ("real training set", [real_part])
+    identities = np.unique(np.concatenate([p.ids for p in pool]))
+    n_val = min(max_identities, max(MIN_IDENTITIES, int(round(fraction * len(identities)))))
+    if len(identities) - n_val < (0 if att_parts else MIN_IDENTITIES):
+        return TrainingData((real_part, *att_parts), (), None, counts)
+    chosen = rng.choice(identities, n_val, replace=False)
+    train, val = [real_part] if att_parts else [], []
+    for p in pool:
+        held = np.isin(p.ids, chosen)
+        if (~held).any():
+            train.append(Part(p.imageset, p.indices[~held], p.ids[~held], p.role))
+        if held.any():
+            val.append(Part(p.imageset, p.indices[held], p.ids[held], p.role))
+    return TrainingData(tuple(train), tuple(val), source, counts)

@@ -21,7 +21,19 @@ class ReidentificationSettings(CheckSettings):
     embedding_dim: int | None = Field(None, ge=2)
     """Embedding dimensions (default: the preset's)."""
     epochs: int | None = Field(None, ge=1)
-    """Training epochs (default: the preset's)."""
+    """Most training epochs (default: the preset's, 100); early stopping usually ends training sooner."""
+    patience: int = Field(5, ge=0)
+    """Stop when the validation AUC has not improved for this many epochs (0: train ``epochs`` epochs)."""
+    min_delta: float = Field(0.001, ge=0, le=1)
+    """Smallest rise of the validation AUC that counts as an improvement."""
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the training identities (real and attacker data) set aside to decide when to stop training."""
+    max_validation_identities: int = Field(100, ge=2)
+    """Most identities set aside for validation (each validation costs one embedding pass over them)."""
+    time_budget_per_image: float = Field(0.2, ge=0)
+    """Seconds of network training allowed per training image (0: no time budget)."""
+    min_time_budget: float = Field(60.0, ge=0)
+    """Seconds of training allowed however small the training set."""
     batch_size: int | None = Field(None, ge=2)
     """Images per training batch, at least 2 x views (default: the preset's)."""
     views: int | None = Field(None, ge=2)
