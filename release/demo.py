@@ -116,7 +116,8 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
     p.add_argument("--policy", default=str(POLICY),
                    help="release policy (default: release/demo_policy.yaml, the default policy without "
                         "re-identification: at this size its attacker cannot validate itself; see the file)")
-    p.add_argument("--checks", help="run only these checks of the policy (comma-separated; each then required)")
+    p.add_argument("--checks", help="run only these checks of the policy (comma-separated): a partial audit, which "
+                                    "never releases, so the demo then exits 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -124,7 +125,7 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
                         "not already busy, shared between the processes)")
     p.add_argument("--jobs", type=int, default=None, choices=(1, 2),
                    help="run the two generators one after the other (1) or side by side in two processes (2; the "
-                        "default when two cores are free: small networks run fastest one thread per core)")
+                        "default on 2 or more cores: small networks run fastest one thread per core)")
     return p
 
 
