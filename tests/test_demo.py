@@ -12,10 +12,11 @@ from synthgate import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# Small enough for a test: 16 x 16 phantoms, a few dozen training steps. The rules are the default
-# policy's drop-and-block logic on the checks a run this small can settle (copy detection's ratio rule needs
-# 400 unseen images at its default false-alarm rate, re-identification and membership inference need
-# hundreds of patients; the demo's own run uses the default policy).
+# Small enough for a test: 16 x 16 phantoms; the memorising generator sees 2 images for 1,000 steps, the
+# careful one 24 images for 20. The rules are the default policy's drop-and-block logic on the checks a run
+# this small can settle: copy detection on the holdout quantile (its default ratio rule needs 400 unseen
+# images), DICOM PHI; membership inference needs more members and non-members than a test can train on (the
+# demo's own run has 160 of each, under release/demo_policy.yaml).
 POLICY = """name: demo-test
 max_drop_fraction: 0.2
 checks:
