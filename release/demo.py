@@ -3,10 +3,9 @@
 One phantom hospital (invented patients; a patient-disjoint holdout of
 unseen patients) and one public phantom set of other patients (another seed:
 the data a re-identification attacker would bring).  Two generators are
-trained on it and each goes through the same release gate
-(``release/demo_policy.yaml``: the ``default`` policy without
-re-identification, because at this size its attacker cannot validate itself
--- the file says what was measured -- unless ``--policy`` says otherwise):
+trained on it and each goes through the same release gate (the ``default``
+policy unless ``--policy`` says otherwise; the public phantoms are the
+re-identification attacker's ``--attacker-data``):
 
 memorising
     a tiny DDPM trained long on a few patients' images: it memorises them,
@@ -49,8 +48,6 @@ is downloaded. Exit 0 when the gate told them apart, 1 when it did not.
 #: the ``tiny`` preset's UNet at a quarter of its widths (16, 32, 32 channels; 0.26 M parameters rather than 1.05 M): a
 #: training step costs a third of the preset's on one CPU core, and it still memorises a few patients' images
 NETWORK = {"block_out_channels": (16, 32, 32)}
-
-POLICY = Path(__file__).with_name("demo_policy.yaml")
 
 CHECK_ORDER = ("copy_detection", "reidentification", "membership_inference", "dicom_phi", "utility", "fidelity")
 
@@ -113,9 +110,7 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
                    help="phantom patients of another seed standing in for a public data set that the "
                         "re-identification attacker also trains on (--attacker-data), when the policy runs "
                         "re-identification; 0: none (default: 60)")
-    p.add_argument("--policy", default=str(POLICY),
-                   help="release policy (default: release/demo_policy.yaml, the default policy without "
-                        "re-identification: at this size its attacker cannot validate itself; see the file)")
+    p.add_argument("--policy", default="default", help="release policy (default: default)")
     p.add_argument("--checks", help="run only these checks of the policy (comma-separated): a partial audit, which "
                                     "never releases, so the demo then exits 1")
     p.add_argument("--seed", type=int, default=0)
