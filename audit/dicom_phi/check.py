@@ -32,6 +32,7 @@ pass, against the real set's own identifiers, on every run.
 from __future__ import annotations
 
 from synthgate.privacy import hash_id
+from synthgate.progress import progress_bar
 
 from audit.core.base import Check, CheckResult, Control, Finding
 from audit.core.stats import clopper_pearson
@@ -206,7 +207,8 @@ class DicomPhi(Check):
         for r in ctx.synthetic.records:
             keys.setdefault(r.path, []).append(r.key)
         findings, flagged_files = [], 0
-        for path, fmt in files:
+        for path, fmt in progress_bar(files, desc="dicom_phi: headers and metadata", unit="file", total=len(files),
+                                      enabled=ctx.progress):
             full = ctx.synthetic.root / path
             problems = (scan_dataset(read_dicom(full), real, policy) if fmt == "dicom"
                         else scan_image(full, fmt, real, policy))

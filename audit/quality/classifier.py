@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from synthgate.errors import InputError, MissingInputError, UsageError
+from synthgate.progress import progress_bar
 
 #: Presets: ``cpu`` is sized for minutes on two cores; ``gpu`` is what the seed studies trained (ResNet-50).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -187,7 +188,10 @@ def load_images(ctx, imageset, size: int, indices=None, batch_size: int = 128):
     geo = ctx.geometry
     target = (min(size, geo.height), min(size, geo.width))
     chunks = []
-    for _, batch in ctx.batches(imageset, batch_size, indices=indices):
+    n = len(imageset) if indices is None else len(indices)
+    for _, batch in progress_bar(ctx.batches(imageset, batch_size, indices=indices), desc=f"loading {imageset.root.name} "
+                                 "at the analysis size", unit="batch", total=-(-n // batch_size),
+                                 enabled=ctx.progress):
         x = torch.from_numpy(batch)
         if tuple(x.shape[-2:]) != target:
             x = F.interpolate(x, size=target, mode="bilinear", antialias=True, align_corners=False)

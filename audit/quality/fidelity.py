@@ -45,6 +45,8 @@ import math
 
 import numpy as np
 
+from synthgate.progress import progress_bar
+
 from audit.core.base import Check, CheckResult, Control, Estimate
 from audit.quality.classifier import Normalizer, load_images
 from audit.quality.prdc import PRDCReference, random_cnn_features
@@ -352,7 +354,11 @@ class Fidelity(Check):
 def _stream_outputs(ctx, net, imageset, indices) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    parts = [net.outputs(torch.from_numpy(batch)) for _, batch in ctx.batches(imageset, 32, indices=indices)]
+    n = len(imageset) if indices is None else len(indices)
+    parts = [net.outputs(torch.from_numpy(batch))
+             for _, batch in progress_bar(ctx.batches(imageset, 32, indices=indices), desc=f"fidelity: features of "
+                                          f"{imageset.root.name}", unit="batch", total=-(-n // 32),
+                                          enabled=ctx.progress)]
     return np.concatenate([f for f, _ in parts]), np.concatenate([g for _, g in parts])
 
 
