@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # careful one 24 images for 20. The rules are the default policy's drop-and-block logic on the checks a run
 # this small can settle: copy detection on the holdout quantile (its default ratio rule needs 400 unseen
 # images), DICOM PHI; membership inference needs more members and non-members than a test can train on (the
-# demo's own run has 160 of each, under release/demo_policy.yaml).
+# demo's own run has 160 of each, under the default policy).
 POLICY = """name: demo-test
 max_drop_fraction: 0.2
 checks:
