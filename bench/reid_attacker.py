@@ -82,8 +82,8 @@ def run(root: Path, n: int, attacker: bool, params: dict, device: str) -> dict:
 def table(rows: list[dict], args) -> str:
     out = [f"Phantoms {args.size} x {args.size}, {args.images_per_patient} images per patient; {UNSEEN} unseen "
            f"(holdout) patients judge every verifier; attacker data: {args.public} public phantom patients "
-           f"(another seed); `cpu` preset at {args.size} px, batch 32, lr 3e-3, patience {args.patience}, time "
-           f"budget {args.time_budget_per_image} s per training image (at least {args.min_time_budget:g} s); "
+           f"(another seed); `cpu` preset at {args.size} px, batch 32, lr 3e-3, patience {args.patience}, step "
+           f"budget {args.step_budget_per_image:g} per training image (at least {args.min_step_budget} steps); "
            f"torch threads {args.threads}; synthetic set: 20 new patients. The threshold's guaranteed false-match "
            f"rate is {100 * rows[0]['guaranteed']:.1f}% (30 unseen patients cannot certify 1%); each positive control "
            "must re-identify at least 50% of its images.", "",
@@ -110,8 +110,9 @@ def main() -> None:
     p.add_argument("--public", type=int, default=100, help="patients in the public attacker set")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--time-budget-per-image", type=float, default=0.1)
-    p.add_argument("--min-time-budget", type=float, default=20.0)
+    p.add_argument("--step-budget-per-image", type=float, default=0.5,
+                   help="optimizer steps per training image (the check's default)")
+    p.add_argument("--min-step-budget", type=int, default=200, help="at least this many steps (the default)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=40)
@@ -123,8 +124,8 @@ def main() -> None:
     os.environ.setdefault("SYNTHGATE_QUIET", "1")
     sizes = [int(s) for s in args.sizes.split(",")]
     params = {"preset": "cpu", "image_size": args.size, "batch_size": 32, "lr": 3e-3, "n_boot": 200,
-              "patience": args.patience, "time_budget_per_image": args.time_budget_per_image,
-              "min_time_budget": args.min_time_budget}
+              "patience": args.patience, "step_budget_per_image": args.step_budget_per_image,
+              "min_step_budget": args.min_step_budget}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-reid-attacker-") as tmp:
         root = Path(tmp)

@@ -73,7 +73,9 @@ def test_attacker_data_rescues_a_validation_that_fails_without_it(sets, capsys, 
     assert training["identities"] == 5 + 48 and training["images"] == 15 + 192
     assert training["validation_identities"] == 12
     assert len(training["validation_auc_per_epoch"]) == training["epochs_run"] <= 60
-    assert training["stopped"].startswith(("validation AUC did not improve", "reached the most epochs"))
+    assert training["stopped"].startswith(("validation AUC did not improve", "reached the most epochs",
+                                           "step budget"))
+    assert training["step_budget"] == 200  # the smallest budget: 0.5 x 207 images is less
     entry = helped["inputs"]["attacker_data"]
     assert len(entry) == 1 and entry[0]["n_patients"] == 60 and entry[0]["n_images"] == 240
     assert entry[0]["sha256"] == ImageSet(sets["public"]).digest and alone["inputs"]["attacker_data"] == []
@@ -199,6 +201,12 @@ def test_early_stopping_and_time_budget():
     _, h = train_network(images, ids, cfg, torch.device("cpu"), torch.Generator().manual_seed(1),
                          np.random.default_rng(0), progress=False, validation=val)
     assert h["epochs_run"] == 1 and h["stopped"].startswith("time budget") and h["time_budget_s"] == 0.0
+    # a step budget stops at whole epochs, the same on any machine: 25 steps -> 3 epochs of 10 steps
+    cfg = resolve_config("cpu", {**base, "patience": 5, "step_budget_per_image": 0.01, "min_step_budget": 25})
+    _, h = train_network(images, ids, cfg, torch.device("cpu"), torch.Generator().manual_seed(1),
+                         np.random.default_rng(0), progress=False, validation=val)
+    assert h["epochs_run"] == 3 and h["steps"] == 30 and h["step_budget"] == 25
+    assert h["stopped"] == "step budget of 25 steps reached (3 epochs of 10 steps)"
     # patience 0: the fixed schedule, every epoch, no validation
     cfg = resolve_config("cpu", {**base, "epochs": 3, "patience": 0})
     _, h = train_network(images, ids, cfg, torch.device("cpu"), torch.Generator().manual_seed(1),

@@ -89,7 +89,7 @@ from .plan import Embedded, NotEnoughData, Plan, Queries, TrainingData, make_pla
 from .settings import ReidentificationSettings
 
 NETWORK_KEYS = ("backbone", "image_size", "embedding_dim", "epochs", "batch_size", "views", "lr", "patience",
-                "min_delta", "time_budget_per_image", "min_time_budget")
+                "min_delta", "step_budget_per_image", "min_step_budget", "time_budget_per_image", "min_time_budget")
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ COMPACT_WIDTHS = (32, 64, 128, 256)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 2 CPU cores, 2,000 images of 64 x 64: minutes (bench/reidentification.py measures it)
-    # (``epochs`` is the most epochs: training stops earlier when validation stops improving, or at its time budget)
+    # (``epochs`` is the most epochs: training stops earlier when validation stops improving, or at its step budget)
     "cpu": {"backbone": "compact", "image_size": 64, "embedding_dim": 128, "epochs": 100, "batch_size": 64,
             "views": 4, "lr": 2e-3},
     # Packhaeuser et al. 2022's backbone and input size class
@@ -79,6 +79,8 @@ class NetworkConfig:
     backbone_weights_sha256: str | None = None
     patience: int = 0  # epochs without a validation improvement before training stops; 0 = train every epoch
     min_delta: float = 0.0  # the smallest rise of the validation AUC that counts as an improvement
+    step_budget_per_image: float = 0.0  # optimizer steps per training image (0 = no step budget) ...
+    min_step_budget: int = 0  # ... but never fewer than this many steps
     time_budget_per_image: float = 0.0  # seconds of training per training image (0 = no budget) ...
     min_time_budget: float = 0.0  # ... but never less than this many seconds
 
@@ -87,8 +89,10 @@ class NetworkConfig:
             raise UsageError(f"reidentification: image_size {self.image_size} must be at least 16")
         if self.embedding_dim < 2 or self.epochs < 1 or self.lr <= 0:
             raise UsageError("reidentification: embedding_dim must be >= 2, epochs >= 1 and lr > 0")
-        if self.patience < 0 or self.min_delta < 0 or self.time_budget_per_image < 0 or self.min_time_budget < 0:
-            raise UsageError("reidentification: patience, min_delta and the time budget must not be negative")
+        if min(self.patience, self.min_delta, self.step_budget_per_image, self.min_step_budget,
+               self.time_budget_per_image, self.min_time_budget) < 0:
+            raise UsageError("reidentification: patience, min_delta and the step and time budgets must not be "
+                             "negative")
         if self.views < 2 or self.batch_size < 2 * self.views:
             raise UsageError(f"reidentification: views must be >= 2 and batch_size >= 2 x views "
                              f"(got views {self.views}, batch_size {self.batch_size})")
@@ -96,6 +100,17 @@ class NetworkConfig:
     @property
     def identities_per_batch(self) -> int:
         return self.batch_size // self.views
+
+    def step_budget(self, n_images: int) -> int | None:
+        """Optimizer steps allowed for ``n_images`` training images (``None``: no budget).
+
+        A compute budget that grows with the set, counted in steps rather than
+        seconds: the trained network (and so the verdict) is the same on a
+        loaded machine as on an idle one.
+        """
+        if self.step_budget_per_image <= 0:
+            return None
+        return max(int(self.min_step_budget), int(math.ceil(self.step_budget_per_image * n_images)))
 
     def time_budget(self, n_images: int) -> float | None:
         """Seconds of training allowed for ``n_images`` training images (``None``: no budget)."""
@@ -123,10 +138,10 @@ def resolve_config(preset: str, overrides: dict[str, Any]) -> NetworkConfig:
 
         values["backbone_weights"] = str(path.resolve())
         values["backbone_weights_sha256"] = sha256_file(path)
-    for key in ("image_size", "embedding_dim", "epochs", "batch_size", "views", "patience"):
+    for key in ("image_size", "embedding_dim", "epochs", "batch_size", "views", "patience", "min_step_budget"):
         if key in values:
             values[key] = int(values[key])
-    for key in ("lr", "min_delta", "time_budget_per_image", "min_time_budget"):
+    for key in ("lr", "min_delta", "step_budget_per_image", "time_budget_per_image", "min_time_budget"):
         if key in values:
             values[key] = float(values[key])
     return NetworkConfig(**values)
@@ -396,7 +411,10 @@ def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device,
     ``cfg.patience`` epochs at the lowest learning rate (see Notes), and the
     weights of the best epoch are kept;
     otherwise it runs ``cfg.epochs`` epochs.  Either way it stops at the
-    time budget (``cfg.time_budget``, checked after each epoch).
+    step budget (``cfg.step_budget``: whole epochs, the same on any machine)
+    and, when one is set, at the wall-clock time budget (``cfg.time_budget``,
+    checked after each epoch; it makes the network depend on the machine's
+    speed and load).
 
     Notes
     -----
@@ -426,7 +444,11 @@ def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device,
     batches = IdentityBatches(identities, cfg.identities_per_batch, cfg.views, rng)
     early = validation is not None and cfg.patience > 0 and len(np.unique(validation[1])) >= 2
     steps_per_epoch = max(MIN_EPOCH_STEPS if early else 1, math.ceil(len(identities) / cfg.batch_size))
-    total = cfg.epochs * steps_per_epoch
+    epochs = cfg.epochs
+    steps_allowed = cfg.step_budget(len(identities))
+    if steps_allowed is not None:  # whole epochs, so the last one is validated
+        epochs = min(epochs, max(1, math.ceil(steps_allowed / steps_per_epoch)))
+    total = epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = None if early else torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
                                                                     pct_start=0.2)
@@ -438,7 +460,8 @@ def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device,
     curve: list[float] = []
     separation: list[float] = []
     best, best_sep, best_epoch, best_state, since = -math.inf, -math.inf, 0, None, 0
-    stopped = f"reached the most epochs ({cfg.epochs})"
+    stopped = (f"reached the most epochs ({cfg.epochs})" if epochs == cfg.epochs else
+               f"step budget of {steps_allowed} steps reached ({epochs} epochs of {steps_per_epoch} steps)")
     epoch_loss = 0.0
     start = time.perf_counter()
     model.train()
@@ -488,7 +511,7 @@ def train_network(images_u8, identities: np.ndarray, cfg: NetworkConfig, device,
     model.eval()
     out = {"loss_per_epoch": history, "steps": len(history) * steps_per_epoch, "steps_per_epoch": steps_per_epoch,
            "epochs_run": len(history), "max_epochs": cfg.epochs, "stopped": stopped,
-           "time_budget_s": None if budget is None else round(budget, 1),
+           "step_budget": steps_allowed, "time_budget_s": None if budget is None else round(budget, 1),
            "train_seconds": round(time.perf_counter() - start, 2),
            "images": int(len(identities)), "identities": int(len(np.unique(identities))), "device": str(device)}
     if early:

@@ -30,10 +30,16 @@ class ReidentificationSettings(CheckSettings):
     """Share of the training identities (real and attacker data) set aside to decide when to stop training."""
     max_validation_identities: int = Field(100, ge=2)
     """Most identities set aside for validation (each validation costs one embedding pass over them)."""
-    time_budget_per_image: float = Field(0.2, ge=0)
-    """Seconds of network training allowed per training image (0: no time budget)."""
+    step_budget_per_image: float = Field(0.5, ge=0)
+    """Most optimizer steps of network training per training image (0: no step budget): a compute budget that
+    scales with the set and, counted in steps rather than seconds, gives the same network on any machine."""
+    min_step_budget: int = Field(200, ge=1)
+    """Steps of training allowed however small the training set."""
+    time_budget_per_image: float = Field(0.0, ge=0)
+    """Also stop after this many seconds of training per training image (0, the default: no wall-clock budget; a
+    wall-clock budget makes the network, and so the verdict, depend on the machine's speed and load)."""
     min_time_budget: float = Field(60.0, ge=0)
-    """Seconds of training allowed however small the training set."""
+    """With a wall-clock budget: seconds of training allowed however small the training set."""
     batch_size: int | None = Field(None, ge=2)
     """Images per training batch, at least 2 x views (default: the preset's)."""
     views: int | None = Field(None, ge=2)
