@@ -22,6 +22,13 @@ commands:
 """
 
 
+def _ledger_and_trust_options(p, trust_help: str) -> None:
+    """``--trust-key`` and ``--ledger``: the same options, with the same defaults, for ``bundle`` and ``ledger``."""
+    p.add_argument("--trust-key", action="append", default=[], metavar="PUBLIC_KEY_OR_FINGERPRINT", help=trust_help)
+    p.add_argument("--ledger", metavar="FILE", help="the release ledger (default: $SYNTHGATE_LEDGER or "
+                                                    "$XDG_DATA_HOME/synthgate/ledger.jsonl)")
+
+
 def build_parser(prog: str) -> clikit.ArgumentParser:
     parser = clikit.new_parser(prog, DESCRIPTION)
     sub = clikit.add_subparsers(parser)
@@ -34,12 +41,9 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
                         "have applied exactly this policy")
     b.add_argument("--signing-key", metavar="KEY_FILE",
                    help="private key to sign the bundle with (default: $SYNTHGATE_KEY or this installation's key)")
-    b.add_argument("--trust-key", action="append", default=[], metavar="PUBLIC_KEY_OR_FINGERPRINT",
-                   help="also accept audits signed by this key (a public key file or its fingerprint); repeatable")
+    _ledger_and_trust_options(b, "also accept audits signed by this key (a public key file or its fingerprint); "
+                                 "repeatable")
     b.add_argument("--overwrite", action="store_true", help="replace an earlier output of `release bundle`")
-    b.add_argument("--ledger", metavar="FILE",
-                   help="the release ledger to record this release in (default: $SYNTHGATE_LEDGER or "
-                        "$XDG_DATA_HOME/synthgate/ledger.jsonl)")
     b.add_argument("--c2pa-chain", metavar="CHAIN_PEM",
                    help="C2PA certificate chain (signing certificate first; default $SYNTHGATE_C2PA_CHAIN): every "
                         "released file gets content credentials; needs --c2pa-key")
@@ -62,12 +66,9 @@ def build_parser(prog: str) -> clikit.ArgumentParser:
                         "hospital publishes them; never taken from the bundle); without it they are not checked")
     led = sub.add_parser("ledger", description="The releases recorded in the release ledger, grouped by training set, "
                                                "with their cumulative privacy cost and whether each entry verifies.")
-    led.add_argument("--ledger", metavar="FILE", help="the ledger (default: $SYNTHGATE_LEDGER or "
-                                                      "$XDG_DATA_HOME/synthgate/ledger.jsonl)")
+    _ledger_and_trust_options(led, "also trust entries signed by this key; repeatable")
     led.add_argument("--training-set", metavar="DIGEST",
                      help="only the releases drawn from this training set (its SHA-256 digest, or 8+ leading hex digits)")
-    led.add_argument("--trust-key", action="append", default=[], metavar="PUBLIC_KEY_OR_FINGERPRINT",
-                     help="also trust entries signed by this key; repeatable")
     led.add_argument("--json", action="store_true", help="print the ledger report as JSON")
     k = sub.add_parser("key", description="This installation's signing key: its fingerprint, and its public half.")
     k.add_argument("--export", metavar="FILE", help="write the public key (PEM) to FILE (must not exist)")

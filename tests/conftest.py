@@ -83,6 +83,26 @@ def write_png(path: Path, array, mode: str | None = None) -> Path:
     return path
 
 
+def write_deidentified_dicom(src: Path, dst: Path) -> Path:
+    """A phantom DICOM de-identified as a synthetic output should be (PS3.15 basic profile, marked), with new UIDs
+    derived from the file name (reproducible, never the source's)."""
+    import pydicom
+
+    ds = pydicom.dcmread(src)
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "ReferringPhysicianName",
+               "AccessionNumber", "StudyID", "StudyDate", "StudyTime"):
+        setattr(ds, kw, "")
+    del ds.InstitutionName
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "synthetic image; no patient data"
+    for kw, n in (("StudyInstanceUID", 1), ("SeriesInstanceUID", 2), ("SOPInstanceUID", 3)):
+        setattr(ds, kw, pydicom.uid.generate_uid(entropy_srcs=[src.name, str(n)]))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst)
+    return dst
+
+
 def save_unit_png(path: Path, pixels) -> Path:
     """Float pixels in [0, 1] (clipped) as an 8-bit PNG, creating the folder."""
     import numpy as np

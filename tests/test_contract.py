@@ -54,7 +54,7 @@ import pytest
 if __name__ == "__main__":  # `python tests/test_contract.py`: the repository's packages, not an installed copy
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import assert_golden, write_labelled_set
+from conftest import assert_golden, write_deidentified_dicom, write_labelled_set
 
 from audit.core.base import CheckResult, available_checks, check_class, create_check, settings_class
 from audit.core.context import AuditContext
@@ -80,24 +80,6 @@ FLOAT32 = 1e-5
 
 def _near_copy(pixels: np.ndarray, rng: np.random.Generator, sigma: float = 0.015) -> np.ndarray:
     return np.clip(pixels + rng.normal(0, sigma, pixels.shape), 0, 1)
-
-
-def _clean_dicom(src: Path, dst: Path) -> None:
-    """A phantom DICOM de-identified as a synthetic output should be (PS3.15 basic profile, marked)."""
-    import pydicom
-
-    ds = pydicom.dcmread(src)
-    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "ReferringPhysicianName",
-               "AccessionNumber", "StudyID", "StudyDate", "StudyTime"):
-        setattr(ds, kw, "")
-    del ds.InstitutionName
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "synthetic image; no patient data"
-    for kw, n in (("StudyInstanceUID", 1), ("SeriesInstanceUID", 2), ("SOPInstanceUID", 3)):
-        setattr(ds, kw, pydicom.uid.generate_uid(entropy_srcs=[src.name, str(n)]))  # new, and reproducible
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(dst)
 
 
 class World:
@@ -146,7 +128,7 @@ class World:
         r = self.root / "dicom"
         write_phantoms(r / "p", patients=6, images_per_patient=2, size=SIZE, seed=7, fmt="dicom")
         for f in sorted((r / "p" / "holdout").glob("*.dcm")):
-            _clean_dicom(f, r / "clean" / f.name)
+            write_deidentified_dicom(f, r / "clean" / f.name)
         return {"real": r / "p" / "train", "holdout": None, "clean": r / "clean", "phi": r / "p" / "holdout"}
 
     @cached_property
