@@ -502,7 +502,8 @@ MODEL_WHY = ("the overfit model's 150 training steps round differently with 2 th
 
 #: Scenario-2 attacks' settings: two loss timesteps with two noise draws, PIA at two timesteps, SecMI at 100.
 MODEL_SETTINGS = {"timesteps": [50, 200], "noise_draws": 2, "pia_timesteps": [100, 200], "secmi_t": 100,
-                  "secmi_k": 10}
+                  "secmi_k": 10, "sima_timesteps": [0, 50], "pfami_timesteps": [50], "pfami_strengths": [0.9, 0.8],
+                  "pfami_draws": 2, "mirror_timesteps": [50]}
 
 ATTACK_CASES: dict[str, AttackCase] = {
     "dcr_pixel": AttackCase({}, positive={"dcr_pixel": 1.0}, negative={"dcr_pixel": 0.5282118055555556},
@@ -524,6 +525,14 @@ ATTACK_CASES: dict[str, AttackCase] = {
                         negative={"secmi_t100": 0.615, "secmi_t100_rev": 0.385},
                         mean={"secmi_t100": -0.00023482989672629628},
                         rel=1e-4, auc_abs=0.01, why=MODEL_WHY),
+    "sima": AttackCase(MODEL_SETTINGS, positive={"sima_t0": 1.0, "sima_t50": 1.0},
+                       negative={"sima_t0": 0.4475, "sima_t50": 0.4525},
+                       mean={"sima_t0": -31.854053735733032, "sima_t50": -31.81784987449646},
+                       rel=1e-4, auc_abs=0.01, why=MODEL_WHY),
+    "pfami": AttackCase(MODEL_SETTINGS, positive={"pfami_t50": 0.9}, negative={"pfami_t50": 0.41},
+                        mean={"pfami_t50": 0.2787242499180138}, rel=1e-4, auc_abs=0.01, why=MODEL_WHY),
+    "mirror": AttackCase(MODEL_SETTINGS, positive={"mirror_t50": 0.9875}, negative={"mirror_t50": 0.5125},
+                         mean={"mirror_t50": 0.2266014299045006}, rel=1e-4, auc_abs=0.01, why=MODEL_WHY),
 }
 
 MISSING_ATTACK = ("membership attack {name!r} is registered but has no contract case: add an AttackCase for it to "

@@ -16,7 +16,9 @@ from audit.core.base import create_check
 from audit.core.context import AuditContext
 from audit.membership_inference.design import group_split
 from audit.membership_inference.statistics import RocMetrics, exceeded, roc_metrics, strength
-from audit.membership_inference.model_attacks import ddim_step, loss_scores, pia_scores, secmi_scores
+from audit.membership_inference.model_attacks import (centre_crop_resize, ddim_step, fluctuation_scores, loss_scores,
+                                                      mirror_neighbours, pfami_scores, pia_scores, secmi_scores,
+                                                      sima_scores)
 from audit.membership_inference.synthetic_attacks import (RandomConvFeatures, density_ratio_scores, loo_bandwidth,
                                                           nearest_distance, nearest_rms, pca_basis)
 from audit.core.stats import bootstrap_roc, percentile_ci, roc_auc, tpr_at_fpr
@@ -271,6 +273,72 @@ def test_secmi_score_highest_at_the_known_image():
     assert torch.allclose(ddim_step(exact, ddim_step(exact, x, 0, 50), 50, 0), x, atol=1e-4)
 
 
+def test_sima_score_is_zero_at_memorised_images_one_query_per_timestep():
+    members, others = _images(8, 5), _images(9, 5)
+    model = Memorizer(members)
+    # at t = 0 the memoriser's eps on a clean member is exactly 0 (at t = 10 nearly: the clean image is
+    # sqrt(abar_10) x0 away from x0's noisy mean); on anything else it points away
+    s = sima_scores(model, torch.cat([members, others]), None, [0, 10], p=4, batch_rows=64)
+    assert s.shape == (10, 2) and np.allclose(s[:5, 0], 0.0, atol=1e-6) and np.allclose(s[:5, 1], 0.0, atol=1e-4)
+    assert np.all(s[5:] < -1.0)
+    assert model.calls == 1  # 10 images x 2 timesteps in one pass
+    assert np.array_equal(s, sima_scores(Memorizer(members), torch.cat([members, others]), None, [0, 10], 4, 3))
+
+
+def test_centre_crop_resize_is_the_identity_at_full_strength_and_crops_the_centre():
+    x = _images(10, 2, (1, 16, 16))
+    assert torch.allclose(centre_crop_resize(x, 1.0), x)
+    # a ramp (value = column index): bilinear resampling of the centre 8 columns (4..11) is exact inside,
+    # output column k samples input column 4 + k / 2 - 1/4 (half-pixel centres)
+    ramp = torch.arange(16.0).expand(1, 1, 16, 16)
+    y = centre_crop_resize(ramp, 0.5)
+    k = torch.arange(1, 15.0)
+    assert y.shape == ramp.shape and torch.allclose(y[0, 0, 5, 1:15], 4 + k / 2 - 0.25, atol=1e-5)
+
+
+def test_pfami_fluctuation_is_large_at_members_and_noise_free_for_a_shift_invariant_model():
+    members, others = _images(11, 6, (1, 16, 16)), _images(12, 6, (1, 16, 16))
+    x = torch.cat([members, others])
+    gen = torch.Generator().manual_seed(0)
+    s = pfami_scores(Memorizer(members), x, None, [50, 200], [0.9, 0.8], 2, gen, batch_rows=7)
+    assert s.shape == (12, 2)
+    # a member's loss is 0 and its crops' is not: the fluctuation is positive; a non-member's neighbours are
+    # no closer to the memorised set than it is, so it fluctuates less
+    assert np.all(s[:6] > 0) and s[:6].min() > np.median(s[6:])
+
+    class Blind:  # predicts zero noise everywhere: the loss is the noise's own energy, the same for any image
+        alphas_cumprod = Memorizer(members).alphas_cumprod
+        device = torch.device("cpu")
+
+        def predict_eps(self, x, t, class_labels=None):
+            return torch.zeros_like(x)
+
+    # the image and its neighbours share every noise draw, so a model that ignores the image fluctuates by 0
+    blind = pfami_scores(Blind(), x, None, [50], [0.9, 0.8], 3, torch.Generator().manual_seed(1), batch_rows=5)
+    assert np.allclose(blind, 0.0, atol=1e-12)
+
+
+def test_mirror_fluctuation_is_exactly_zero_for_a_model_that_treats_an_image_and_its_mirror_alike():
+    members, others = _images(13, 5, (1, 12, 12)), _images(14, 5, (1, 12, 12))
+    x = torch.cat([members, others])
+
+    class Local:  # a pixel-wise denoiser: mirror-equivariant, knows no image, finds some easier than others
+        alphas_cumprod = Memorizer(members).alphas_cumprod
+        device = torch.device("cpu")
+
+        def predict_eps(self, x, t, class_labels=None):
+            return 0.3 * x + 0.1 * x.square()
+
+    # the mirrored image noised with the mirrored noise is the mirror of the same x_t: the same loss exactly,
+    # whatever the image's difficulty -- a non-member scores 0
+    s = fluctuation_scores(Local(), x, None, [50, 300], mirror_neighbours(), 2, torch.Generator().manual_seed(2), 7)
+    assert s.shape == (10, 2) and np.allclose(s, 0.0, atol=1e-6)  # float32 rounding of O(1) losses
+    # a memoriser knows the members, not their mirrors: every member fluctuates, by more than any non-member
+    m = fluctuation_scores(Memorizer(members), x, None, [50, 300], mirror_neighbours(), 2,
+                           torch.Generator().manual_seed(2), 7)
+    assert np.all(m[:5] > 0) and m[:5].min() > m[5:].max()
+
+
 # ------------------------------------------------------------------ data
 
 
@@ -452,7 +520,8 @@ def test_overfit_model_is_caught_by_the_model_attacks(case, model_case, tmp_path
     ctl = next(c for c in r.controls if c.name == "overfit model (model attacks)")
     assert ctl.passed, ctl.detail
     assert r.metrics["scenario_2"]["conditional"] and r.metrics["scenario_2"]["forward_passes_per_image"] == {
-        "loss": 4, "pia": 2, "secmi": 11}
+        "loss": 4, "pia": 2, "secmi": 11, "sima": 3, "pfami": 30, "mirror": 24}
+    assert set(r.metrics["scenario_2"]["seconds"]["per_image"]) == {"loss", "pia", "secmi", "sima", "pfami", "mirror"}
     # TPR at 1% FPR needs >= 100 non-members: measure the same scores against all 200 holdout images
     model = load_model(model_case / "model")
     seen, hold = ImageSet(model_case / "seen"), ImageSet(case / "p" / "holdout")

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -342,7 +343,7 @@ class MembershipInference(Check):
                              "(membership_inference.timesteps, pia_timesteps, secmi_t)", model.path)
 
     def _model_scores(self, ctx, model, images: list[tuple[ImageSet, np.ndarray]], geo: Geometry, what: str,
-                      purpose: str) -> dict[str, np.ndarray]:
+                      purpose: str, clock: dict | None = None) -> dict[str, np.ndarray]:
         """Run the model attacks on images from ``(set, indices)`` pairs; returns ``{attack: scores}``."""
         from .model_attacks import auto_batch_rows
 
@@ -362,14 +363,18 @@ class MembershipInference(Check):
                 cl = model.condition_records([set_.records[i] for i in chunk])
                 rows = (auto_batch_rows(x0.device, x0[0].numel()) if s.model_batch_rows == "auto"
                         else s.model_batch_rows)
-                for name, scores in self._attack_batch(model, x0, cl, gen, rows).items():
+                for name, scores in self._attack_batch(model, x0, cl, gen, rows, clock).items():
                     parts.setdefault(name, []).append(scores)
         return {k: np.concatenate(v) for k, v in parts.items()}
 
-    def _attack_batch(self, model, x0, cl, gen, rows) -> dict[str, np.ndarray]:
+    def _attack_batch(self, model, x0, cl, gen, rows, clock: dict | None = None) -> dict[str, np.ndarray]:
+        """Every selected attack on one batch; ``clock`` (attack -> seconds) accumulates their wall time."""
         out: dict[str, np.ndarray] = {}
         for attack in self._model_attacks():
+            start = time.perf_counter()
             out.update(attack.batch_scores(model, x0, cl, gen, rows))
+            if clock is not None:
+                clock[attack.name] = clock.get(attack.name, 0.0) + time.perf_counter() - start
         return out
 
     def _scenario2(self, ctx, sample: Sample, run: AttackRun, geo: Geometry):
@@ -377,8 +382,9 @@ class MembershipInference(Check):
 
         model = load_model(ctx.model, ctx.torch_device)
         self._check_timesteps(model)
+        clock: dict[str, float] = {}
         scores = self._model_scores(ctx, model, [(ctx.real, sample.members), (ctx.holdout, sample.nonmembers)], geo,
-                                    "model attacks", "model")
+                                    "model attacks", "model", clock)
         for name, s in scores.items():
             run.add(name, 2, s)
         run.info["scenario_2"] = {
@@ -386,6 +392,8 @@ class MembershipInference(Check):
             "latent": model.latent, "num_train_timesteps": model.num_train_timesteps,
             "prediction_type": model.prediction_type, "conditional": model.labels is not None,
             "forward_passes_per_image": self._passes_per_image(),
+            "seconds": {"per_image": {k: round(v / max(2 * sample.n, 1), 6) for k, v in clock.items()},
+                        "note": "wall time of each attack per evaluated image on this machine"},
             "preprocessing": (self._preprocessing(ctx, read_info(ctx.model), model.resolution)
                               or "images as they are (the model's input size)"),
         }

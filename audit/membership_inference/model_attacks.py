@@ -11,7 +11,24 @@ on hand-made inputs and hand-made models.
 - :class:`PiaAttack` -- PIA (Kong et al. 2024): the model's own epsilon at
   t = 0 builds a deterministic x_t; the score is ``-sum |eps_0 - eps_t|^p``;
 - :class:`SecmiAttack` -- SecMI (Duan et al. 2023): the error of a
-  deterministic DDIM round trip at ``t_sec`` after DDIM inversion to it.
+  deterministic DDIM round trip at ``t_sec`` after DDIM inversion to it;
+- :class:`SimaAttack` -- SimA (Rao et al. 2025): the norm of the model's
+  noise prediction on the *clean* image; the score points toward the
+  training images near it, so it is small at (memorised) members -- one
+  query per timestep;
+- :class:`PfamiAttack` -- PFAMI (Fu et al. 2024), probabilistic fluctuation:
+  how much the loss rises when the image is moved a little (centre crops
+  resized back, strengths 0.95 ... 0.7).  A memorised image sits in a local
+  minimum of the loss and its neighbours do not; an image that is merely
+  easy to denoise stays easy when cropped, so the image's own difficulty
+  cancels (the attack calibrates itself).  The image and its neighbours
+  share every noise draw, so the difference carries no noise of its own;
+- :class:`MirrorAttack` -- the same fluctuation with the image's mirror
+  images as neighbours (the noise mirrored too): for a model that learnt
+  the population rather than the images, a mirror image is exactly as easy
+  to denoise, so the difference isolates memorisation (unless the trainer
+  used flips as augmentation: then the mirrors were trained on as well and
+  the attack is weak, which the selection half sees).
 
 PIA and SecMI also run reversed (``*_rev``): on small overfit models their
 statistic separates members the other way round (measured on this project's
@@ -168,6 +185,110 @@ def secmi_scores(model, x0, class_labels, t_sec: int = 100, k: int = 10, batch_r
     return -out.numpy()
 
 
+def sima_scores(model, x0, class_labels, timesteps: Sequence[int], p: float = 4.0,
+                batch_rows: int = 256) -> np.ndarray:
+    """SimA (Rao, Qu and Moyer 2025): ``-sum_i |eps_theta(x_0, t)_i|^p`` on the clean image.
+
+    The model is queried on ``x_0`` itself at timestep ``t`` (no noise
+    added): the expected denoiser output points to a kernel-weighted mean
+    of the training images near ``x_0`` (bandwidth set by ``t``), so its
+    norm is small where ``x_0`` is (close to) a training image.  As in the
+    authors' code the p-th powers are summed (``p = 4``).  One query per
+    timestep, batched over (image, timestep) rows.
+
+    Returns ``(N, len(timesteps))`` scores, higher = more likely a member.
+    """
+    import torch
+
+    n, n_t = x0.shape[0], len(timesteps)
+    img = torch.arange(n, device=x0.device).repeat_interleave(n_t)
+    tt = torch.as_tensor(list(timesteps), device=x0.device).repeat(n)
+    out = torch.empty(n * n_t, dtype=torch.float64)
+    with torch.no_grad():
+        for s in range(0, len(img), batch_rows):
+            rows, t = img[s:s + batch_rows], tt[s:s + batch_rows]
+            eps = model.predict_eps(x0[rows], t, _labels(class_labels, rows))
+            out[s:s + batch_rows] = eps.float().abs().pow(p).flatten(1).sum(1).double().cpu()
+    return -out.view(n, n_t).numpy()
+
+
+def centre_crop_resize(x, strength: float):
+    """The centre ``strength`` of every image (side rounded to whole pixels), resized back bilinearly."""
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    ch, cw = max(1, round(h * strength)), max(1, round(w * strength))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return F.interpolate(x[..., top:top + ch, left:left + cw], size=(h, w), mode="bilinear", align_corners=False)
+
+
+MIRRORS = ("flip_h", "flip_v", "rot180")
+
+
+def mirror(x, kind: str):
+    """``x`` flipped left-right (``flip_h``), upside down (``flip_v``) or both (``rot180``)."""
+    dims = {"flip_h": (-1,), "flip_v": (-2,), "rot180": (-2, -1)}[kind]
+    return x.flip(dims)
+
+
+def crop_neighbours(strengths: Sequence[float]) -> list:
+    """PFAMI's neighbours: centre crops resized back; the noise is not moved (a resampled noise is not N(0, I))."""
+    return [(lambda x, s=float(s): centre_crop_resize(x, s), None) for s in strengths]
+
+
+def mirror_neighbours(kinds: Sequence[str] = MIRRORS) -> list:
+    """Mirror images as neighbours, the noise mirrored with them: the same image content and difficulty."""
+    return [((lambda x, k=k: mirror(x, k)),) * 2 for k in kinds]
+
+
+def fluctuation_scores(model, x0, class_labels, timesteps: Sequence[int], neighbours: list, draws: int,
+                       generator, batch_rows: int = 256) -> np.ndarray:
+    """Probabilistic fluctuation (PFAMI, Fu et al. 2024), loss form: ``mean_k L(T_k x, t) - L(x, t)``.
+
+    ``L`` is the denoising loss of :func:`loss_scores` (``-log p`` up to
+    constants, as in PFAMI's diffusion variant); ``neighbours`` are pairs
+    ``(T_image, T_noise)``: the k-th neighbour is ``T_image(x)`` noised with
+    ``T_noise(eps)`` (``None``: the same ``eps``).  For every (image,
+    timestep, draw) one noise tensor is drawn and used for the image *and*
+    all its neighbours (common random numbers), so the difference measures
+    the image, not the noise.  Cost: ``(1 + len(neighbours)) *
+    len(timesteps) * draws`` queries per image.
+
+    Returns ``(N, len(timesteps))`` scores, higher = more likely a member.
+    """
+    import torch
+
+    n, n_t, n_v = x0.shape[0], len(timesteps), 1 + len(neighbours)
+    flat = torch.stack([x0] + [f(x0) for f, _ in neighbours], 1).reshape(n * n_v, *x0.shape[1:])
+    img = torch.arange(n, device=x0.device).repeat_interleave(n_v)
+    weight = torch.tensor([-1.0] + [1.0 / (n_v - 1)] * (n_v - 1), dtype=torch.float64).repeat(n)
+    diff = torch.zeros(n, n_t, dtype=torch.float64)
+    with torch.no_grad():
+        for j, t in enumerate(timesteps):
+            a, b = _coef(model, torch.full((1,), int(t), device=x0.device))
+            for _ in range(draws):
+                eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+                # (image, variant) rows in the order of ``flat``: each variant's own view of the image's noise
+                noise = torch.stack([eps] + [eps if g is None else g(eps) for _, g in neighbours], 1)
+                noise = noise.reshape(n * n_v, *x0.shape[1:])
+                loss = torch.empty(n * n_v, dtype=torch.float64)
+                for s in range(0, n * n_v, batch_rows):
+                    rows = slice(s, s + batch_rows)
+                    e = noise[rows]
+                    tt = torch.full((len(e),), int(t), device=x0.device)
+                    pred = model.predict_eps(a * flat[rows] + b * e, tt, _labels(class_labels, img[rows]))
+                    loss[rows] = (pred.float() - e).square().flatten(1).mean(1).double().cpu()
+                diff[:, j] += (loss * weight).view(n, n_v).sum(1) / draws
+    return diff.numpy()
+
+
+def pfami_scores(model, x0, class_labels, timesteps: Sequence[int], strengths: Sequence[float], draws: int,
+                 generator, batch_rows: int = 256) -> np.ndarray:
+    """PFAMI with its own perturbation: centre crops of strength ``strengths`` (e.g. 0.95 ... 0.7) resized back."""
+    return fluctuation_scores(model, x0, class_labels, timesteps, crop_neighbours(strengths), draws, generator,
+                              batch_rows)
+
+
 # ------------------------------------------------------------------ registered attacks
 
 
@@ -240,3 +361,55 @@ class SecmiAttack(ModelAttack):
         t = self.settings.secmi_t
         sc = secmi_scores(model, x0, class_labels, t, self.settings.secmi_k, rows)
         return {f"secmi_t{t}": sc, f"secmi_t{t}_rev": -sc}
+
+
+class SimaAttack(ModelAttack):
+    name = "sima"
+    reference = "Rao, Qu and Moyer 2025, Score-based Membership Inference on Diffusion Models (SimA)"
+
+    def timesteps(self):
+        return [int(t) for t in self.settings.sima_timesteps]
+
+    def passes_per_image(self):
+        return len(self.settings.sima_timesteps)
+
+    def batch_scores(self, model, x0, class_labels, generator, rows):
+        ts = self.timesteps()
+        sc = sima_scores(model, x0, class_labels, ts, self.settings.sima_p, rows)
+        return {f"sima_t{t}": sc[:, j] for j, t in enumerate(ts)}
+
+
+class PfamiAttack(ModelAttack):
+    name = "pfami"
+    reference = ("Fu et al. 2024, Probabilistic Fluctuation based Membership Inference Attack for Diffusion Models "
+                 "(PFAMI)")
+
+    def timesteps(self):
+        return [int(t) for t in self.settings.pfami_timesteps]
+
+    def passes_per_image(self):
+        s = self.settings
+        return (1 + len(s.pfami_strengths)) * len(s.pfami_timesteps) * s.pfami_draws
+
+    def batch_scores(self, model, x0, class_labels, generator, rows):
+        s, ts = self.settings, self.timesteps()
+        sc = pfami_scores(model, x0, class_labels, ts, s.pfami_strengths, s.pfami_draws, generator, rows)
+        return {f"pfami_t{t}": sc[:, j] for j, t in enumerate(ts)}
+
+
+class MirrorAttack(ModelAttack):
+    name = "mirror"
+    reference = ("PFAMI's probabilistic fluctuation (Fu et al. 2024) with mirror images as the neighbours "
+                 "(synthgate): the same content and difficulty, never trained on unless the trainer flipped")
+
+    def timesteps(self):
+        return [int(t) for t in self.settings.mirror_timesteps]
+
+    def passes_per_image(self):
+        s = self.settings
+        return (1 + len(MIRRORS)) * len(s.mirror_timesteps) * s.pfami_draws
+
+    def batch_scores(self, model, x0, class_labels, generator, rows):
+        s, ts = self.settings, self.timesteps()
+        sc = fluctuation_scores(model, x0, class_labels, ts, mirror_neighbours(), s.pfami_draws, generator, rows)
+        return {f"mirror_t{t}": sc[:, j] for j, t in enumerate(ts)}

@@ -57,6 +57,9 @@ _ATTACKS: dict[str, AttackEntry] = {
     "loss": AttackEntry("audit.membership_inference.model_attacks:LossAttack", 2),
     "pia": AttackEntry("audit.membership_inference.model_attacks:PiaAttack", 2),
     "secmi": AttackEntry("audit.membership_inference.model_attacks:SecmiAttack", 2),
+    "sima": AttackEntry("audit.membership_inference.model_attacks:SimaAttack", 2),
+    "pfami": AttackEntry("audit.membership_inference.model_attacks:PfamiAttack", 2),
+    "mirror": AttackEntry("audit.membership_inference.model_attacks:MirrorAttack", 2),
 }
 
 
