@@ -185,7 +185,7 @@ def point(q: int, r: int, seed: int, tau: float, n_check: int) -> dict:
     row["cached_uint8_gb"] = round(uint8_gb, 3)
     # the audit's downsampling on its own, timed on one chunk of fresh images and scaled to the whole set
     probe = phantoms(min(1000, r), seed + 12345)
-    _, t_probe = timed(lambda: to_analysis(probe))
+    _, t_probe = timed(lambda p=probe: to_analysis(p))
     del probe
     stages = {"downsample": t_probe / min(1000, r) * (q + r)}
     sigma = noise_sigma(qry)

@@ -119,7 +119,7 @@ def markdown(res: dict) -> str:
     lines += [f"- {k['name']} ({k['kind']}): {'passed' if k['passed'] else 'FAILED'} -- {k['detail']}"
               for k in c["controls"]]
     held = c["metrics"]["decision"]["held_out"]
-    lines += ["", f"The check's held-out measurement of the deciding attack: "
+    lines += ["", "The check's held-out measurement of the deciding attack: "
               + ", ".join(f"{k} {v.get('value')}" for k, v in held.items()), ""]
     return "\n".join(lines)
 
