@@ -148,6 +148,11 @@ def to_analysis(x8: np.ndarray, chunk: int = 1024) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- a point
 
 
+def _peak_gb() -> float:
+    """The process's peak resident memory so far (GB; ru_maxrss is in KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -188,6 +193,7 @@ def point(q: int, r: int, seed: int, tau: float, n_check: int) -> dict:
     _, t_probe = timed(lambda p=probe: to_analysis(p))
     del probe
     stages = {"downsample": t_probe / min(1000, r) * (q + r)}
+    row["peak_rss_gb_after_generation"] = _peak_gb()
     sigma = noise_sigma(qry)
     flags, checks = np.zeros(q, bool), {}
     rng = np.random.default_rng(seed + 3)
@@ -214,6 +220,7 @@ def point(q: int, r: int, seed: int, tau: float, n_check: int) -> dict:
                                 "bound_over_matmul_time_per_pair": round(
                                     (st.seconds["bound"] / st.bound_pairs) / (t_mm / (q * r)), 2)}
         flags |= dec.flagged
+        row[f"peak_rss_gb_after_{name}_search"] = _peak_gb()
         # exactness: brute force on a subsample of queries
         t0 = time.perf_counter()
         d = np.sort(brute_force(metric, qry[sub], refs, chunk=2), axis=1)[:, :2]
@@ -231,7 +238,7 @@ def point(q: int, r: int, seed: int, tau: float, n_check: int) -> dict:
     row["copies_flagged"] = f"{int(flags[is_copy].sum())}/{int(is_copy.sum())}"
     row["novel_flagged"] = f"{int(flags[~is_copy].sum())}/{int((~is_copy).sum())}"
     row["brute_check"] = checks
-    row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    row["peak_rss_gb"] = _peak_gb()
     row["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     return row
 
@@ -349,13 +356,16 @@ def report(res: dict) -> str:
              "read the ratios, not the seconds.", "",
              "## Stages (seconds, both tests together)", "",
              "| queries x refs | downsample | pool (ref features) | orbits | proxy | bound | refine | exact | search "
-             "(orbits..exact) | all stages | peak RSS (GB) | uint8 cache (GB, if held) |",
+             "(orbits..exact) | all stages | peak RSS (GB): after generating, after both searches, at the end "
+             "(brute-force checks included) | uint8 cache (GB, if held) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["stages_s"]
         lines.append(f"| {r['queries']:,} x {r['references']:,} | " + " | ".join(
             str(s.get(k, 0)) for k in ("downsample", "pool", "orbits", "proxy", "bound", "refine", "exact"))
-            + f" | {round(sum(s.get(k, 0) for k in SEARCH_STAGES), 2)} | {r['search_s']} | {r['peak_rss_gb']} | "
+            + f" | {round(sum(s.get(k, 0) for k in SEARCH_STAGES), 2)} | {r['search_s']} | "
+              f"{r.get('peak_rss_gb_after_generation', '-')}, {r.get('peak_rss_gb_after_shift_zoom_search', '-')}, "
+              f"{r['peak_rss_gb']} | "
               f"{r['cached_uint8_gb']} |")
     last = LAST
     ran_last = any(r["queries"] == last[0] for r in rows)

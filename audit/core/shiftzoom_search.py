@@ -68,6 +68,20 @@ class CopySearchStats(SearchStats):
                                     "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
+def _nonzero(mask) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of a 2-D boolean tensor's true entries, row-major (as ``torch.nonzero``).
+
+    On a CPU a flat ``np.flatnonzero`` is about 10x faster than ``torch.nonzero`` or ``np.nonzero`` on a
+    (64, 4096) mask with 0.3 % true -- measured at 3.6 ms against 0.4 ms, five times the bound's product
+    itself, which made the one-group bound run at 40 % of a bare product's speed (bench/copy_scale.py).
+    """
+    if mask.device.type == "cpu":
+        flat = np.flatnonzero(mask.numpy())
+        return flat // mask.shape[1], flat % mask.shape[1]
+    rows, cols = mask.nonzero(as_tuple=True)
+    return rows.cpu().numpy(), cols.cpu().numpy()
+
+
 class ExactCopySearch:
     """Exact neighbours under :class:`CopyMetric`'s distance, proven by a lower bound.
 
@@ -187,8 +201,8 @@ class ExactCopySearch:
                 for row, ref in enumerate(exclude):
                     if ref is not None and s <= ref < e:
                         keep[row, ref - s] = False
-            rows, cols = torch.nonzero(keep, as_tuple=True)
-            rows, cols = rows.cpu().numpy(), cols.cpu().numpy() + s
+            rows, cols = _nonzero(keep)
+            cols = cols + s
             if len(rows):
                 splits = np.searchsorted(rows, np.arange(q + 1))
                 for i in range(q):
