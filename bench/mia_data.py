@@ -4,8 +4,9 @@ Fundus and microscopy pictures that ship inside scikit-image (``retina``,
 ``immunohistochemistry`` and ``cell``; the files inside the wheel, no
 download), in grayscale: non-overlapping 64 x 64 crops, area-downsampled
 to 32 x 32 (the ``tiny`` preset's resolution), shuffled by the seed and
-split into ``members`` (the training set) and ``holdout`` (unseen crops of
-the same pictures).  Every crop is its own patient (``metadata.csv``), so the
+split into ``members`` (the training set), ``holdout`` (unseen crops of
+the same pictures) and ``unseen`` (the rest, up to as many as the members:
+the negative run's stand-in members, never trained on).  Every crop is its own patient (``metadata.csv``), so the
 patient-grouped designs reduce to image-level ones here.
 
     .venv/bin/python bench/mia_data.py --out /tmp/mia --members 128 --holdout 128
@@ -72,10 +73,14 @@ def build(out: Path, members: int, holdout: int, seed: int) -> dict:
         raise SystemExit(f"only {len(items)} patches; asked for {members} + {holdout}")
     write_set(out / "members", [items[i] for i in order[:members]], "m")
     write_set(out / "holdout", [items[i] for i in order[members:members + holdout]], "h")
+    # the rest: unseen patches of the same pictures, for the negative run (a model that never saw its "members")
+    rest = order[members + holdout:members + holdout + members]
+    write_set(out / "unseen", [items[i] for i in rest], "u")
     sources = {}
     for i in order[:members + holdout]:
         sources[items[i][0]] = sources.get(items[i][0], 0) + 1
-    return {"patches_available": len(items), "members": members, "holdout": holdout, "sources": sources}
+    return {"patches_available": len(items), "members": members, "holdout": holdout, "unseen": len(rest),
+            "sources": sources}
 
 
 def main() -> None:

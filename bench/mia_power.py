@@ -17,7 +17,10 @@ and measured on the other), and from its per-image scores
   resolvable TPR at 1 % FPR >= 10 %;
 * its cost: forward passes and wall seconds per image;
 
-and the check's own status, reason and controls.
+and the check's own status, reason and controls.  A negative run follows:
+the same model and holdout with 128 *unseen* patches in the members' place
+(``DATA/unseen``): every attack must then sit at chance and the check must
+not fail.
 
     .venv/bin/python bench/mia_data.py --out /tmp/mia                      # 128 members, 128 holdout
     OMP_NUM_THREADS=1 .venv/bin/synthgate train /tmp/mia/members --out /tmp/mia/model --preset tiny \\
@@ -59,8 +62,9 @@ def sample(model: Path, out: Path, n: int, threads: int) -> None:
         raise SystemExit(r.stderr[-2000:])
 
 
-def audit(data: Path, model: Path, synthetic: Path, out: Path, threads: int, params: list[str]) -> tuple[dict, float]:
-    cmd = [str(BIN / "audit"), "check", str(synthetic), "--real", str(data / "members"), "--holdout",
+def audit(data: Path, model: Path, synthetic: Path, out: Path, threads: int, params: list[str],
+          real: str = "members") -> tuple[dict, float]:
+    cmd = [str(BIN / "audit"), "check", str(synthetic), "--real", str(data / real), "--holdout",
            str(data / "holdout"), "--model", str(model), "--checks", "membership_inference", "--out", str(out),
            "--threads", str(threads), "--json"]
     for p in params:
@@ -118,6 +122,13 @@ def markdown(res: dict) -> str:
     lines += ["", "Controls:", ""]
     lines += [f"- {k['name']} ({k['kind']}): {'passed' if k['passed'] else 'FAILED'} -- {k['detail']}"
               for k in c["controls"]]
+    if "negative" in res:
+        n = res["negative"]
+        lines += ["", "## Negative run: the same model and holdout, 128 unseen patches in the members' place", "",
+                  f"Check status: **{n['check']['status']}** -- {n['check']['reason']}", "",
+                  "| attack | AUC (whole) | AUC (held-out half) | TPR @ 1 % FPR (whole) |", "|---|---|---|---|"]
+        lines += [f"| {x['attack']}{' (decides)' if x['chosen'] else ''} | {x['auc']:.3f} | {x['auc_heldout']:.3f} | "
+                  f"{x['tpr_at_1pct_fpr']:.3f} |" for x in n["attacks"]]
     held = c["metrics"]["decision"]["held_out"]
     lines += ["", "The check's held-out measurement of the deciding attack: "
               + ", ".join(f"{k} {v.get('value')}" for k, v in held.items()), ""]
@@ -133,14 +144,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--param", action="append", default=[], help="membership_inference setting override")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mia_power")
+    ap.add_argument("--no-negative", action="store_true", help="skip the negative run (DATA/unseen as members)")
     a = ap.parse_args()
     synthetic = a.synthetic or a.data / "synthetic"
     sample(a.model, synthetic, a.n_synthetic, a.threads)
     load_start = [round(v, 2) for v in os.getloadavg()]
     audit_out = a.data / "audit"
-    check, seconds = audit(a.data, a.model, synthetic, audit_out, a.threads,
-                           [f"membership_inference.{p}" if not p.startswith("membership_inference.") else p
-                            for p in a.param])
+    params = [f"membership_inference.{p}" if not p.startswith("membership_inference.") else p for p in a.param]
+    check, seconds = audit(a.data, a.model, synthetic, audit_out, a.threads, params)
     res = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/mia_power.py " + " ".join(sys.argv[1:]),
         "model": json.loads((a.model / "synthgate.json").read_text()).get("training", {}) or str(a.model),
@@ -150,6 +161,11 @@ def main() -> None:
         "attacks": per_attack(audit_out / "membership_inference.csv", check),
     }
     res["model"] = str(a.model.name)
+    if (a.data / "unseen").exists() and not a.no_negative:
+        # negative run: the same model and holdout, "members" it never saw -- every attack must sit at chance
+        neg, neg_s = audit(a.data, a.model, synthetic, a.data / "audit-negative", a.threads, params, real="unseen")
+        res["negative"] = {"seconds": neg_s, "check": {k: neg[k] for k in ("status", "reason", "controls")},
+                           "attacks": per_attack(a.data / "audit-negative" / "membership_inference.csv", neg)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     md = markdown(res)

@@ -29,14 +29,20 @@ def noise_sigma(x) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    x = torch.as_tensor(x, dtype=torch.float64)
     n, c, h, w = x.shape
     if h < 3 or w < 3:
         return np.zeros(n)
     m = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], dtype=torch.float64)
-    r = F.conv2d(x.reshape(n * c, 1, h, w), m[None, None])
-    s = math.sqrt(math.pi / 2) * r.abs().mean(dim=(1, 2, 3)) / 6.0
-    return s.reshape(n, c).mean(1).numpy()
+    out = np.empty(n)
+    # a chunk of images at a time: float64 copies and the convolution's buffers of 10,000 queries at once
+    # took 2.6 GB (bench/copy_scale.py at 10,000 x 100,000), more than the search itself
+    step = max(1, (1 << 22) // max(c * h * w, 1))
+    for s0 in range(0, n, step):
+        xb = torch.as_tensor(x[s0:s0 + step], dtype=torch.float64)
+        r = F.conv2d(xb.reshape(-1, 1, h, w), m[None, None].to(xb.device))
+        s = math.sqrt(math.pi / 2) * r.abs().mean(dim=(1, 2, 3)) / 6.0
+        out[s0:s0 + len(xb)] = s.reshape(len(xb), c).mean(1).cpu().numpy()
+    return out
 
 
 def noise_bias(layout: CopyLayout, sigma: np.ndarray) -> np.ndarray:

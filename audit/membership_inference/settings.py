@@ -58,17 +58,17 @@ class MembershipInferenceSettings(CheckSettings):
     """SecMI's attack timestep (Duan et al. 2023)."""
     secmi_k: int = Field(10, ge=1)
     """SecMI's step size."""
-    sima_timesteps: list[Timestep] = [0, 10, 50]
+    sima_timesteps: list[Timestep] = [10, 50, 100]
     """Timesteps of SimA (Rao et al. 2025): the clean image queried as if at timestep t."""
     sima_p: float = Field(4.0, gt=0)
     """Norm of SimA's statistic."""
-    pfami_timesteps: list[Timestep] = [50, 100, 200]
+    pfami_timesteps: list[Timestep] = [50, 100]
     """Timesteps of PFAMI's fluctuation (Fu et al. 2024)."""
     pfami_strengths: list[Annotated[float, Field(gt=0, lt=1)]] = [0.95, 0.9, 0.85, 0.8]
     """Centre-crop strengths of PFAMI's neighbours (each crop resized back to the image size)."""
     pfami_draws: int = Field(2, ge=1)
     """Noise draws per image and timestep of PFAMI and ``mirror`` (shared by the image and its neighbours)."""
-    mirror_timesteps: list[Timestep] = [50, 100, 200]
+    mirror_timesteps: list[Timestep] = [50, 100]
     """Timesteps of the ``mirror`` fluctuation (neighbours: the image flipped left-right, upside down, both)."""
     resize_for_model: bool = False
     """Resize the real images to the model's resolution for the model attacks, for a model whose record does not say
