@@ -117,6 +117,28 @@ def test_interpolation_rows_sum_to_one_and_shifts_are_exact():
     np.testing.assert_allclose(z.sum(1), 1.0)
 
 
+def test_exact_distance_is_the_float64_minimum_over_transforms_float32_cannot_rank():
+    """Near-copies whose transforms differ by less than float32 resolves (relative to the features' norms):
+    the exact stage must return the float64 minimum over every transform, not the float32 winner's distance."""
+    m = metric(32)
+    t = len(m.items)
+    rng = np.random.default_rng(5)
+    f = torch.as_tensor(rng.normal(0, 10, (3, m.layout.dim)), dtype=torch.float32)  # |f|^2 ~ 100 D
+    search = ExactCopySearch(m, f)
+    # every transform of the query lies 1e-3 from reference 1, by distances that differ in the 6th digit
+    steps = torch.as_tensor(rng.permutation(t), dtype=torch.float64)
+    delta = torch.as_tensor(rng.normal(0, 1, (t, m.layout.dim)), dtype=torch.float64)
+    delta = delta / delta.norm(dim=1, keepdim=True) * (1e-3 * (1 + 1e-6 * steps))[:, None]
+    orbit = (f[1].double()[None] + delta).float()
+    got = search._exact(orbit, np.array([0, 1, 2]))
+    want = (orbit.double()[None] - f.double()[:, None]).square().sum(-1).amin(1).sqrt().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # float32 alone cannot rank them: its winner is not the float64 minimum's transform
+    d32 = torch.addmm(search.rn[1:2, None], f[1:2], orbit.T, alpha=-2.0) + (orbit * orbit).sum(1)[None]
+    true = int((orbit.double() - f[1].double()).square().sum(1).argmin())
+    assert int(d32.argmin()) != true
+
+
 def test_distance_by_hand():
     """A constant offset is removed; a shifted copy is at distance 0; the identity metric is plain RMS."""
     rng = np.random.default_rng(1)
