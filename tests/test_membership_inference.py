@@ -162,6 +162,20 @@ def test_nearest_rms_equals_brute_force_over_streamed_chunks():
     assert np.allclose(got, want, rtol=0, atol=1e-12)
 
 
+def test_nearest_rms_recomputation_in_row_blocks_is_bit_identical_to_the_whole_block():
+    """The cache-sized float64 recomputation gives exactly the sums of the whole-block form it replaced."""
+    import torch
+
+    from audit.membership_inference.synthetic_attacks import squared_distances
+
+    rng = np.random.default_rng(7)
+    for n, dim in ((1, 5), (13, 4096), (64, 65536 + 3)):
+        q = torch.as_tensor(rng.integers(0, 256, (n, dim)).astype(np.float32) / 255)
+        r = torch.as_tensor(rng.random((29, dim)).astype(np.float32))
+        j = torch.as_tensor(rng.integers(0, 29, n))
+        assert torch.equal(squared_distances(q, r, j), (q.double() - r[j].double()).square().sum(1))
+
+
 def test_pca_basis_equals_svd_both_ways():
     rng = np.random.default_rng(0)
     for shape in ((60, 12), (12, 60)):
