@@ -57,7 +57,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from copy_scale import INPUT, phantoms  # noqa: E402  (the same phantom generator)
+from copy_scale import INPUT, phantoms
 
 POINTS = ((1000, 10000), (10000, 100000))
 #: training steps left out of the seconds-per-step figure (building the network, first allocations)
@@ -273,7 +273,7 @@ def reid_point(ctx, clock: Clock, train_steps: int, seed: int) -> dict:
             t0 = time.perf_counter()
             model, hist = real_train(images_u8, identities, cfg, device, generator, rng, progress, validation)
             full_train.update({
-                "training_images": int(n), "training_identities": int(len(ids)), "batch_size": cfg.batch_size,
+                "training_images": int(n), "training_identities": len(ids), "batch_size": cfg.batch_size,
                 "default_step_budget": budget, "steps_per_epoch": spe, "default_epochs": epochs,
                 "default_steps": epochs * spe, "max_epochs": cfg.epochs, "full": True,
                 "measured_steps": hist["steps"], "measured_s": round(time.perf_counter() - t0, 2),
@@ -295,10 +295,10 @@ def reid_point(ctx, clock: Clock, train_steps: int, seed: int) -> dict:
         gaps = np.diff(ticks[WARM_STEPS:])
         per_step = float(gaps.mean()) if len(gaps) else (wall - val_s) / max(hist["steps"], 1)
         full_train.update({
-            "training_images": int(n), "training_identities": int(len(ids)), "batch_size": cfg.batch_size,
+            "training_images": int(n), "training_identities": len(ids), "batch_size": cfg.batch_size,
             "default_step_budget": budget, "steps_per_epoch": spe, "default_epochs": epochs,
             "default_steps": epochs * spe, "max_epochs": cfg.epochs,
-            "measured_images": int(len(sub)), "measured_steps": hist["steps"], "measured_s": round(wall, 2),
+            "measured_images": len(sub), "measured_steps": hist["steps"], "measured_s": round(wall, 2),
             "validation_passes": len(hist.get("validation_auc_per_epoch", [])),
             "validation_s": round(val_s, 2), "validation_images": hist.get("validation_images"),
             "s_per_step": round(per_step, 4), "s_per_step_median": round(float(np.median(gaps)), 4) if len(gaps) else None,
@@ -447,7 +447,7 @@ def point(syn: int, real: int, args) -> dict:
     torch.set_num_threads(1)
     row: dict = {"synthetic": syn, "real": real, "threads": torch.get_num_threads(),
                  "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
-    n_hold = max(8, int(round(args.holdout_fraction * real)))
+    n_hold = max(8, round(args.holdout_fraction * real))
     t0 = time.perf_counter()
     # distinct generator seeds for the three sets (chunk seeds of one set never reach another's), so the synthetic
     # images are independent of every real patient
