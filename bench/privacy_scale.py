@@ -84,20 +84,19 @@ def patient_phantoms(n: int, per_patient: int, seed: int, batch: int = 500) -> t
         b = min(batch, n_pat - s)
         base = torch.from_numpy(phantoms(b, seed * 100_003 + c, batch)).float() / 255.0
         for v in range(per_patient):
-            rows = [i for i in range(b) if (s + i) * per_patient + v < n]
-            if not rows:
+            k = sum((s + i) * per_patient + v < n for i in range(b))  # the last chunk may stop short
+            if not k:
                 continue
-            x = base[rows].clone()
-            shifts = torch.randint(-8, 9, (len(rows), 2), generator=g).tolist()
-            x = torch.stack([torch.roll(x[i], (dy, dx), (0, 1)) for i, (dy, dx) in enumerate(shifts)])
-            k = len(rows)
+            shifts = torch.randint(-8, 9, (k, 2), generator=g).tolist()
+            x = torch.stack([torch.roll(base[i], (dy, dx), (0, 1)) for i, (dy, dx) in enumerate(shifts)])
             contrast = 0.9 + 0.2 * torch.rand((k, 1, 1), generator=g)
             bright = -0.03 + 0.06 * torch.rand((k, 1, 1), generator=g)
             off = torch.randint(0, INPUT, (k, 2), generator=g).tolist()
-            noise = torch.stack([field[y:y + INPUT, xx:xx + INPUT] for y, xx in off])
-            x = ((x - 0.5) * contrast + 0.5 + bright + noise).clamp_(0, 1).mul_(255).round_().to(torch.uint8)
-            for j, i in enumerate(rows):
-                out[(s + i) * per_patient + v] = x[j].numpy()
+            x.sub_(0.5).mul_(contrast).add_(bright + 0.5)
+            for j, (y, xx) in enumerate(off):  # in place: no stacked noise array
+                x[j].add_(field[y:y + INPUT, xx:xx + INPUT])
+            first = s * per_patient + v
+            out[first:first + per_patient * k:per_patient] = x.clamp_(0, 1).mul_(255).round_().to(torch.uint8).numpy()
     for p in range(n_pat):
         pids += [f"{seed}-p{p:06d}"] * per_patient
     return out, pids[:n]
