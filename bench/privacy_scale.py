@@ -527,6 +527,20 @@ def extrapolate(row: dict, syn: int, real: int) -> dict:
             "total_s": round(est_reid + est_mia + gen, 1)}
 
 
+def wait_for_memory(gb: float, most_s: float = 1200) -> float | None:
+    """Seconds waited until ``MemAvailable`` reaches ``gb`` (``None`` when not asked to wait)."""
+    if gb <= 0:
+        return None
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < most_s:
+        with open("/proc/meminfo") as fh:
+            avail = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable")) / 1e6
+        if avail >= gb:
+            break
+        time.sleep(10)
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--point", help="run one point SxR (synthetic x real) and print its JSON (used by the driver)")
@@ -540,6 +554,9 @@ def main(argv=None) -> int:
                         "training extrapolation ('' to skip)")
     p.add_argument("--per-patient", type=int, default=4)
     p.add_argument("--holdout-fraction", type=float, default=0.1)
+    p.add_argument("--min-free-gb", type=float, default=0,
+                   help="before the last point, wait (at most 20 min) until this much memory is available "
+                        "(a shared machine)")
     p.add_argument("--budget", type=float, default=900, help="run the last point only if extrapolated below this")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "privacy_scale.md"))
     p.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json of an earlier run")
@@ -554,13 +571,17 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     load_start = [round(v, 2) for v in os.getloadavg()]
     points = [tuple(int(v) for v in pt.split("x")) for pt in args.points.split(",")]
-    rows, predicted, failed = [], None, []
+    rows, predicted, failed, waits = [], None, [], []
     for i, (s, r) in enumerate(points):
         if i == len(points) - 1 and rows:
             predicted = extrapolate(rows[-1], s, r)
             print(f"extrapolated {s}x{r}: {predicted}", flush=True)
             if predicted["total_s"] >= args.budget:
                 break
+            waited = wait_for_memory(args.min_free_gb)
+            if waited is not None:
+                print(f"waited {waited:.0f} s for {args.min_free_gb} GB of free memory", flush=True)
+                waits.append(waited)
         try:
             rows.append(_child(s, r, args))
         except subprocess.CalledProcessError as exc:  # recorded, and the report says so
@@ -576,7 +597,7 @@ def main(argv=None) -> int:
         check = {"point": [s, r], "shortened": short["reid"]["training"], "full": full["reid"]["training"],
                  "full_status": full["reid"]["status"], "full_auc": full["reid"]["verification_auc"]}
         print(json.dumps(check), flush=True)
-    result = {"rows": rows, "points": points, "training_check": check, "failed": failed, "extrapolated_last": predicted, "budget_s": args.budget,
+    result = {"rows": rows, "points": points, "training_check": check, "failed": failed, "memory_wait_s": waits, "extrapolated_last": predicted, "budget_s": args.budget,
               "loadavg_start": load_start, "loadavg_end": [round(v, 2) for v in os.getloadavg()],
               "cpus": os.cpu_count(), "wall_s": round(time.perf_counter() - t_start, 1),
               "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/privacy_scale.py " + " ".join(argv or sys.argv[1:])}
