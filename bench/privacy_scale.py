@@ -470,7 +470,13 @@ def point(syn: int, real: int, args) -> dict:
     clock.seconds.clear()
     clock.calls.clear()
     t0 = time.perf_counter()
-    row["mia"] = mia_point(ctx, clock)
+    try:
+        row["mia"] = mia_point(ctx, clock)
+    except Exception as exc:  # the re-identification figures are kept; the report shows the error
+        import traceback
+
+        row["mia_error"] = "".join(traceback.format_exception_only(exc)).strip()[-500:]
+        raise SystemExit(print(json.dumps(row)) or 1) from exc
     row["mia_wall_s"] = round(time.perf_counter() - t0, 1)
     row["mia"]["nearest_rms_fix"] = rms_before_after(ctx, 256, 2048)  # after the clock: not part of the check
     row["stages_reid_s"] = reid_clock
@@ -586,6 +592,8 @@ def main(argv=None) -> int:
             rows.append(_child(s, r, args))
         except subprocess.CalledProcessError as exc:  # recorded, and the report says so
             failed.append({"point": [s, r], "returncode": exc.returncode, "stderr_tail": exc.stderr[-2000:]})
+            with contextlib.suppress(ValueError, IndexError):  # what the point measured before it failed
+                failed[-1]["partial_row"] = json.loads(exc.stdout.strip().splitlines()[-1])
             print(json.dumps(failed[-1]), flush=True)
             break
         print(json.dumps(rows[-1]), flush=True)

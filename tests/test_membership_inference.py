@@ -402,6 +402,27 @@ def test_null_control_by_patient_relabelling_says_cannot_resolve_on_a_small_samp
     assert exact and distinct == 20 and np.allclose(np.sort(draws), np.sort(brute))
 
 
+def test_null_control_counts_relabellings_beyond_float_range():
+    """1,000 members and 1,000 non-members, each of its own patient (members drawn from a 100,000-image
+    training set): C(2000, 1000) ~ 2e600 relabellings, which overflowed when formatted through a float."""
+    import math
+    from types import SimpleNamespace
+
+    from audit.membership_inference.controls import count_text, null_control
+    from audit.membership_inference.design import Sample
+    from audit.membership_inference.settings import MembershipInferenceSettings
+
+    assert count_text(20) == "20" and count_text(78 * 10**23) == "7.8e+24"
+    assert count_text(math.comb(2000, 1000)) == "2.0e+600"
+    n = 1000
+    sample = Sample(np.arange(n), np.arange(n), np.zeros(2 * n, np.int8), np.ones(2 * n, bool), np.zeros(n, np.int8),
+                    np.array([f"g{i}" for i in range(2 * n)], object))
+    ctx = SimpleNamespace(rng=lambda purpose: np.random.default_rng(1))
+    scores = {"a": np.random.default_rng(0).normal(size=2 * n)}
+    c = null_control(ctx, MembershipInferenceSettings(n_permutations=100), {"auc": 0.6}, sample, scores)
+    assert "100 random relabellings (of 2.0e+600)" in c.detail and c.passed
+
+
 def test_holdout_from_another_population_fails_and_names_the_failed_control(case, tmp_path):
     """A holdout from another scanner makes every attack separate "members" from "non-members": the check
     cannot tell that from a leak, and controls are asymmetric -- they may block a pass, never excuse a leak --
