@@ -164,6 +164,20 @@ def test_nearest_rms_equals_brute_force_over_streamed_chunks():
     assert np.allclose(got, want, rtol=0, atol=1e-12)
 
 
+def test_nearest_rms_recomputation_in_row_blocks_is_bit_identical_to_the_whole_block():
+    """The cache-sized float64 recomputation gives exactly the sums of the whole-block form it replaced."""
+    import torch
+
+    from audit.membership_inference.synthetic_attacks import squared_distances
+
+    rng = np.random.default_rng(7)
+    for n, dim in ((1, 5), (13, 4096), (64, 65536 + 3)):
+        q = torch.as_tensor(rng.integers(0, 256, (n, dim)).astype(np.float32) / 255)
+        r = torch.as_tensor(rng.random((29, dim)).astype(np.float32))
+        j = torch.as_tensor(rng.integers(0, 29, n))
+        assert torch.equal(squared_distances(q, r, j), (q.double() - r[j].double()).square().sum(1))
+
+
 def test_pca_basis_equals_svd_both_ways():
     rng = np.random.default_rng(0)
     for shape in ((60, 12), (12, 60)):
@@ -454,6 +468,27 @@ def test_null_control_by_patient_relabelling_says_cannot_resolve_on_a_small_samp
     draws, distinct, exact = relabelled_max_auc(scores, np.r_[np.ones(6), np.zeros(6)], groups, 100, rng)
     brute = [max(roc_auc(v, np.isin(groups, c)) for v in scores.values()) for c in combinations(range(6), 3)]
     assert exact and distinct == 20 and np.allclose(np.sort(draws), np.sort(brute))
+
+
+def test_null_control_counts_relabellings_beyond_float_range():
+    """1,000 members and 1,000 non-members, each of its own patient (members drawn from a 100,000-image
+    training set): C(2000, 1000) ~ 2e600 relabellings, which overflowed when formatted through a float."""
+    import math
+    from types import SimpleNamespace
+
+    from audit.membership_inference.controls import count_text, null_control
+    from audit.membership_inference.design import Sample
+    from audit.membership_inference.settings import MembershipInferenceSettings
+
+    assert count_text(20) == "20" and count_text(78 * 10**23) == "7.8e+24"
+    assert count_text(math.comb(2000, 1000)) == "2.0e+600"
+    n = 1000
+    sample = Sample(np.arange(n), np.arange(n), np.zeros(2 * n, np.int8), np.ones(2 * n, bool), np.zeros(n, np.int8),
+                    np.array([f"g{i}" for i in range(2 * n)], object))
+    ctx = SimpleNamespace(rng=lambda purpose: np.random.default_rng(1))
+    scores = {"a": np.random.default_rng(0).normal(size=2 * n)}
+    c = null_control(ctx, MembershipInferenceSettings(n_permutations=100), {"auc": 0.6}, sample, scores)
+    assert "100 random relabellings (of 2.0e+600)" in c.detail and c.passed
 
 
 def test_holdout_from_another_population_fails_and_names_the_failed_control(case, tmp_path):

@@ -132,7 +132,7 @@ def null_control(ctx, settings, limits: dict, sample: Sample, scores: dict[str, 
     p = float((1 + np.sum(null >= observed - 1e-12)) / (1 + len(null)))
     n_groups = len(set(map(str, sample.groups)))
     limit = limits.get("auc")
-    total = f"{distinct:,}" if distinct < 10**9 else f"{distinct:.2g}"
+    total = count_text(distinct)
     how = f"all {total} relabellings" if exact else f"{len(null):,} random relabellings (of {total})"
     metrics = {"chance_auc_quantile": round(q, 4), "level": level, "relabellings": how, "patients": n_groups,
                "observed_max_auc": round(observed, 4), "p_value": round(p, 6), "limit": limit}
@@ -152,6 +152,22 @@ def null_control(ctx, settings, limits: dict, sample: Sample, scores: dict[str, 
                    f"many patients; about {need:,} patients (members and non-members together) would resolve it")
         metrics["patients_needed"] = need
     return Control(NULL_NAME, "null", resolved, detail, {**metrics, "resolved": resolved})
+
+
+def count_text(n: int) -> str:
+    """A count of relabellings: exact below a billion, else two significant figures.
+
+    The count is a binomial coefficient of the sample's patients: with every member its own patient
+    (a 100,000-image training set, 1,000 members) it is about 1e600, beyond a float, so the largest ones are
+    formatted exactly as integers (``decimal``) instead of through ``float``, which overflowed.
+    """
+    if n < 10**9:
+        return f"{n:,}"
+    if n < 10**300:
+        return f"{n:.2g}"
+    from decimal import Decimal
+
+    return format(Decimal(n), ".2g")
 
 
 #: the null control's name in results and reports
