@@ -295,6 +295,18 @@ def test_ratio_of_two_flat_images_is_one_and_of_an_exact_copy_is_small():
     assert ratio_statistic(0.0, 0.05) < 0.01
 
 
+def test_noise_sigma_in_chunks_equals_the_whole_array_at_once():
+    """noise_sigma works a chunk of images at a time (memory); the numbers are those of one pass over all."""
+    import torch.nn.functional as F
+
+    x = np.random.default_rng(3).random((1100, 1, 64, 64)).astype(np.float32)  # 1,024 images per chunk
+    m = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]], dtype=torch.float64)
+    whole = F.conv2d(torch.as_tensor(x, dtype=torch.float64), m[None, None]).abs().mean(dim=(1, 2, 3))
+    want = (math.sqrt(math.pi / 2) * whole / 6.0).numpy()
+    assert np.array_equal(noise_sigma(x), want)
+    assert np.array_equal(noise_sigma(torch.as_tensor(x[:7])), want[:7])
+
+
 def test_noise_sigma_recovers_white_noise():
     rng = np.random.default_rng(5)
     flat = np.full((4, 1, 64, 64), 0.5) + rng.normal(0, 0.03, (4, 1, 64, 64))
