@@ -668,6 +668,11 @@ def _ratio(a, b) -> str:
     return f"{b / a:.1f}x"
 
 
+def _row(label: str, vals: list, two: bool, fmt=_fmt) -> str:
+    """One table row: the label, a cell per point and, with two or more points, the growth first -> last."""
+    return f"| {label} | " + " | ".join(fmt(v) for v in vals) + (f" | {_ratio(vals[0], vals[-1])}" if two else "") + " |"
+
+
 def reid_default_total(row: dict) -> float:
     """Re-identification seconds with the default training (extrapolated) in place of the shortened one."""
     t = row["reid"]["training"]
@@ -716,8 +721,7 @@ def report(res: dict) -> str:
                       ("membership inference, scenario 1 (measured)", lambda r: r["mia_wall_s"]),
                       ("peak RSS (GB)", lambda r: r["peak_rss_gb"])):
         vals = [fn(r) for r in rows]
-        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in vals)
-                     + (f" | {_ratio(vals[0], vals[-1])}" if two else "") + " |")
+        lines.append(_row(label, vals, two))
     lines.append("")
     # ---- training
     lines += ["## Re-identification: network training (the check's step budget)", "",
@@ -765,8 +769,7 @@ def report(res: dict) -> str:
         vals = [r["stages_reid_s"].get(key) for r in rows]
         if all(v is None for v in vals):
             continue
-        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in vals)
-                     + (f" | {_ratio(vals[0], vals[-1])}" if two else "") + " |")
+        lines.append(_row(label, vals, two))
     for label, fn in (("loading (all sets, inside the stages above)",
                        lambda r: sum(v for k, v in r["stages_reid_s"].items() if k.startswith("load "))),
                       ("fit (total, shortened training)", lambda r: r["stages_reid_s"]["reid: fit (total)"]),
@@ -774,15 +777,13 @@ def report(res: dict) -> str:
                       ("**check, shortened training**", lambda r: r["reid_wall_s"]),
                       ("**check, default training (extrapolated)**", reid_default_total)):
         vals = [fn(r) for r in rows]
-        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in vals)
-                     + (f" | {_ratio(vals[0], vals[-1])}" if two else "") + " |")
+        lines.append(_row(label, vals, two))
     lines += ["", "| embedding throughput (images/s) | " + col, sep]
     for key, label in (("reid: embed training set", "real (gallery)"), ("reid: embed synthetic", "synthetic"),
                        ("reid: embed calibration", "holdout")):
         vals = [sum(r["info"].get(key, [0])) / r["stages_reid_s"][key] if r["stages_reid_s"].get(key) else None
                 for r in rows]
-        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in vals) + (f" | {_ratio(vals[0], vals[-1])}" if two
-                                                                            else "") + " |")
+        lines.append(_row(label, vals, two))
     # ---- baseline
     lines += ["", "## Re-identification: synthetic x real search vs faiss (same embeddings, same run, one thread)", "",
               "| synthetic x real (128-d) | ours, in the check (s) | ours, again (s) | faiss IndexFlatIP (s) | faiss "
@@ -804,14 +805,12 @@ def report(res: dict) -> str:
         vals = [r["stages_mia_s"].get(key) for r in rows]
         if all(v is None for v in vals):
             continue
-        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in vals)
-                     + (f" | {_ratio(vals[0], vals[-1])}" if two else "") + " |")
+        lines.append(_row(label, vals, two))
     for label, fn in (("loading (all sets, inside the stages above)",
                        lambda r: sum(v for k, v in r["stages_mia_s"].items() if k.startswith("load "))),
                       ("**check (total)**", lambda r: r["stages_mia_s"]["mia: score (total)"])):
         vals = [fn(r) for r in rows]
-        lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in vals)
-                     + (f" | {_ratio(vals[0], vals[-1])}" if two else "") + " |")
+        lines.append(_row(label, vals, two))
     lines += ["", "What grows with what (from the code; the growth column measures it): the pixel distances "
               "(every evaluated image against every synthetic image, streamed), the embedding DCR, DOMIAS' synthetic "
               "density (a KDE over the synthetic set, evaluated at the evaluated images) and embedding the synthetic "
@@ -854,8 +853,7 @@ def report(res: dict) -> str:
                        ("peak RSS after re-identification", "rss_after_reid_gb"),
                        ("peak RSS at the end (membership inference too)", "peak_rss_gb")):
         vals = [r[key] for r in rows]
-        lines.append(f"| {label} | " + " | ".join(str(v) for v in vals) + (f" | {_ratio(vals[0], vals[-1])}" if two
-                                                                           else "") + " |")
+        lines.append(_row(label, vals, two, str))
     gen = " / ".join(f"{r['generate_s']:.0f}" for r in rows)
     lines += ["", f"Generating the images in memory took {gen} s (not part of any figure above).", ""]
     return "\n".join(lines)
