@@ -18,7 +18,8 @@ on hand-made inputs and hand-made models.
   query per timestep;
 - :class:`PfamiAttack` -- PFAMI (Fu et al. 2024), probabilistic fluctuation:
   how much the loss rises when the image is moved a little (centre crops
-  resized back, strengths 0.95 ... 0.7).  A memorised image sits in a local
+  resized back; the paper's strengths run 0.95 ... 0.7, the default here
+  0.95 ... 0.8).  A memorised image sits in a local
   minimum of the loss and its neighbours do not; an image that is merely
   easy to denoise stays easy when cropped, so the image's own difficulty
   cancels (the attack calibrates itself).  The image and its neighbours
