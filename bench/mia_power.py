@@ -154,13 +154,12 @@ def main() -> None:
     check, seconds = audit(a.data, a.model, synthetic, audit_out, a.threads, params)
     res = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/mia_power.py " + " ".join(sys.argv[1:]),
-        "model": json.loads((a.model / "synthgate.json").read_text()).get("training", {}) or str(a.model),
+        "model": a.model.name,
         "n_members": check["metrics"]["n_members"], "n_nonmembers": check["metrics"]["n_nonmembers"],
         "seconds": seconds, "load_start": load_start, "load_end": [round(v, 2) for v in os.getloadavg()],
         "check": {k: check[k] for k in ("status", "reason", "controls", "metrics")},
         "attacks": per_attack(audit_out / "membership_inference.csv", check),
     }
-    res["model"] = str(a.model.name)
     if (a.data / "unseen").exists() and not a.no_negative:
         # negative run: the same model and holdout, "members" it never saw -- every attack must sit at chance
         neg, neg_s = audit(a.data, a.model, synthetic, a.data / "audit-negative", a.threads, params, real="unseen")
