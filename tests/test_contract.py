@@ -736,6 +736,7 @@ def test_attack_declares_itself_and_its_cost(name, attack_runs):
     assert cost and all(isinstance(k, str) and v not in (None, "") for k, v in cost.items())
     if cls.scenario == 2:  # the forward passes it declares are the ones it makes
         assert cost["forward_passes_per_image"] == attack.passes_per_image()
+        assert cls.timestep_setting in type(attack.settings).model_fields  # named in schedule errors
         assert attack_runs(name).rows_per_image == {"positive": attack.passes_per_image(),
                                                     "negative": attack.passes_per_image()}
 

@@ -336,11 +336,12 @@ class MembershipInference(Check):
 
     def _check_timesteps(self, model) -> None:
         total = model.num_train_timesteps
-        wanted = [t for a in self._model_attacks() for t in a.timesteps()]
-        bad = [t for t in wanted if t >= total]
-        if bad:
-            raise InputError(f"timestep {bad[0]} is outside the model's {total}-step schedule "
-                             "(membership_inference.timesteps, pia_timesteps, secmi_t)", model.path)
+        for attack in self._model_attacks():
+            bad = [t for t in attack.timesteps() if t >= total]
+            if bad:
+                raise InputError(f"timestep {bad[0]} is outside the model's {total}-step schedule "
+                                 f"(membership_inference.{attack.timestep_setting}, attack {attack.name!r})",
+                                 model.path)
 
     def _model_scores(self, ctx, model, images: list[tuple[ImageSet, np.ndarray]], geo: Geometry, what: str,
                       purpose: str, clock: dict | None = None) -> dict[str, np.ndarray]:

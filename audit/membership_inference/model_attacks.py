@@ -299,6 +299,9 @@ class ModelAttack(MembershipAttack):
     scenario: ClassVar[int] = 2
     needs: ClassVar[tuple[str, ...]] = ("model", "holdout")
 
+    #: the settings key its timesteps come from (named when one is outside the model's schedule)
+    timestep_setting: ClassVar[str] = ""
+
     def timesteps(self) -> list[int]:
         """Timesteps the attack queries (checked against the model's schedule before any work)."""
         return []
@@ -315,6 +318,7 @@ class ModelAttack(MembershipAttack):
 
 class LossAttack(ModelAttack):
     name = "loss"
+    timestep_setting = "timesteps"
     reference = "Carlini et al. 2023, Extracting Training Data from Diffusion Models: loss threshold"
 
     def timesteps(self):
@@ -331,6 +335,7 @@ class LossAttack(ModelAttack):
 
 class PiaAttack(ModelAttack):
     name = "pia"
+    timestep_setting = "pia_timesteps"
     reference = "Kong et al. 2024, PIA: proximal initialization (ICLR)"
 
     def timesteps(self):
@@ -350,6 +355,7 @@ class PiaAttack(ModelAttack):
 
 class SecmiAttack(ModelAttack):
     name = "secmi"
+    timestep_setting = "secmi_t"
     reference = "Duan et al. 2023, SecMI: step-wise posterior estimation error (ICML)"
 
     def timesteps(self):
@@ -366,6 +372,7 @@ class SecmiAttack(ModelAttack):
 
 class SimaAttack(ModelAttack):
     name = "sima"
+    timestep_setting = "sima_timesteps"
     reference = "Rao, Qu and Moyer 2025, Score-based Membership Inference on Diffusion Models (SimA)"
 
     def timesteps(self):
@@ -382,6 +389,7 @@ class SimaAttack(ModelAttack):
 
 class PfamiAttack(ModelAttack):
     name = "pfami"
+    timestep_setting = "pfami_timesteps"
     reference = ("Fu et al. 2024, Probabilistic Fluctuation based Membership Inference Attack for Diffusion Models "
                  "(PFAMI)")
 
@@ -400,6 +408,7 @@ class PfamiAttack(ModelAttack):
 
 class MirrorAttack(ModelAttack):
     name = "mirror"
+    timestep_setting = "mirror_timesteps"
     reference = ("PFAMI's probabilistic fluctuation (Fu et al. 2024) with mirror images as the neighbours "
                  "(synthgate): the same content and difficulty, never trained on unless the trainer flipped")
 
