@@ -151,6 +151,61 @@ def test_required_check_must_be_conclusive(case, capsys, tmp_path):
         unregister_check("blind")
 
 
+def _audit_holdout(capsys, case, out, holdout, synthetic=None):
+    code = audit_cli.main(["check", str(synthetic or case / "syn"), "--real", str(case / "p" / "train"),
+                           "--holdout", str(holdout), "--policy", str(case / "only_copy.yaml"), "--out", str(out)])
+    return code, *capsys.readouterr()
+
+
+def test_holdout_that_is_or_holds_the_synthetic_set_is_refused(case, capsys, tmp_path):
+    """The holdout calibrates the copy rule: the synthetic images themselves in it made their copies look unseen."""
+    code, _, err = _audit_holdout(capsys, case, tmp_path / "a", case / "syn")
+    assert code == 2 and "holdout is the synthetic set's folder" in err and len(err.strip().splitlines()) == 1
+    mixed = tmp_path / "mixed"
+    shutil.copytree(case / "p" / "holdout", mixed)
+    (mixed / "metadata.csv").unlink()  # images without a patient ID: the copy check needs none
+    shutil.copy(case / "syn" / "zz_copy.png", mixed / "h_zz.png")
+    code, _, err = _audit_holdout(capsys, case, tmp_path / "b", mixed)
+    assert code == 2 and "shares 1 file(s) with the synthetic set" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_holdout_of_near_copies_makes_copy_detection_inconclusive_not_a_pass(case, capsys, tmp_path):
+    """Re-noised copies of training images in the holdout drive the ratio thresholds towards 0: a set of shifted
+    copies then passed with a warning (red team); a calibration that cannot vouch blocks the pass."""
+    rng = np.random.default_rng(5)
+    train = sorted((case / "p" / "train").glob("*.png"))
+    hold = tmp_path / "hold"
+    shutil.copytree(case / "p" / "holdout", hold)
+    (hold / "metadata.csv").unlink()
+    syn = tmp_path / "syn"
+    shutil.copytree(case / "syn", syn)
+    (syn / "zz_copy.png").unlink()
+    for i, src in enumerate(train[:3]):
+        x = np.asarray(Image.open(src), np.float64) / 255
+        save_unit_png(hold / f"h_near_{i}.png", np.clip(x + rng.normal(0, 0.02, x.shape), 0, 1))
+        save_unit_png(syn / f"zz_{i}.png", np.clip(np.roll(x, (1, 0), (0, 1)) + rng.normal(0, 0.03, x.shape), 0, 1))
+    code, _, _ = _audit_holdout(capsys, case, tmp_path / "a", hold, synthetic=syn)
+    audit = json.loads((tmp_path / "a" / "audit.json").read_text())
+    copy = next(c for c in audit["checks"] if c["name"] == "copy_detection")
+    assert code == 1 and audit["verdict"] != "pass" and copy["status"] != "warn"
+    assert "a pass would not be evidence" in copy["reason"]
+
+
+def test_copy_verdict_doubt_blocks_a_pass_but_never_excuses_a_copy():
+    from types import SimpleNamespace
+
+    from audit.copy_detection.check import CopyDetection
+
+    check = CopyDetection()
+    fit = SimpleNamespace(control=SimpleNamespace(passed=True, detail=""), ratio=None, rule="ratio")
+    none, some = np.zeros(4, bool), np.array([False, True, False, False])
+    assert check._verdict(fit, none, [], 4, ["threshold 0.03 < 0.1"])[0] == "inconclusive"
+    assert check._verdict(fit, some, [], 4, ["threshold 0.03 < 0.1"])[0] == "fail"
+    assert check._verdict(fit, none, ["a clique"], 4)[0] == "warn"
+    assert check._verdict(fit, none, [], 4)[0] == "pass"
+
+
 def test_default_policy_requires_membership_inference():
     from audit.core.policy import load_policy
 

@@ -222,6 +222,7 @@ class CopyDetection(Check):
         }
         thresholds: dict[str, Any] = {"rule": rule}
         warnings: list[str] = [fit.rule_note] if fit.rule_note else []
+        doubts: list[str] = []  # what keeps a pass from being evidence (the check is then inconclusive)
         holdout: dict[str, Any] = {}
         if tiled is not None:
             metrics.update({"nearest_distance": summary(tiled[1]), "calibrated_distance": summary(tiled[2]),
@@ -246,9 +247,10 @@ class CopyDetection(Check):
                 warnings.append(side.note)
             for name, t in side.rule.thresholds_.items():
                 if t.tau < s.min_ratio_threshold:
-                    warnings.append(f"the ratio rule's {name} threshold is {t.tau:.3g} (< {s.min_ratio_threshold:g}): "
-                                    "some holdout images are nearly copies of training images (a holdout that "
-                                    "overlaps the training data?), so only the closest copies can be caught")
+                    doubts.append(f"the ratio rule's {name} threshold is {t.tau:.3g} (< {s.min_ratio_threshold:g}): "
+                                  "some holdout images are nearly copies of training images (a holdout that overlaps "
+                                  "the training data, or holds synthetic images?), so only the closest copies can be "
+                                  "caught and a pass would not be evidence; give a holdout of unseen real images")
         if holdout:
             metrics["holdout"] = holdout
         metrics["geometry"] = {"height": ctx.geometry.height, "width": ctx.geometry.width,
@@ -277,19 +279,25 @@ class CopyDetection(Check):
         if embedding is not None:
             metrics["embedding"] = embedding
         data = {"histograms": self._histograms(fit, tiled, ratio, thresholds), "duplicate_examples": examples}
-        status, reason = self._verdict(fit, flagged, warnings, len(synth))
+        status, reason = self._verdict(fit, flagged, warnings, len(synth), doubts)
         return self.result(status, reason, metrics=metrics, thresholds=thresholds, flagged=tuple(findings),
                            controls=(fit.control,), data=data,
                            per_image={"matched_real": _matched(tiled, ratio, len(synth)), "flagged": flagged})
 
-    def _verdict(self, fit: CopyFit, flagged: np.ndarray, warnings: list[str], n: int) -> tuple[str, str]:
+    def _verdict(self, fit: CopyFit, flagged: np.ndarray, warnings: list[str], n: int,
+                 doubts: list[str] = ()) -> tuple[str, str]:
+        """``doubts`` (a calibration that cannot vouch for a pass) make an unflagged set ``inconclusive``, never
+        a flagged one: a doubt may block a pass but never excuse a copy."""
         control = fit.control
+        warnings = [*doubts, *warnings]
         if not control.passed:
             status, reason = "error", f"positive control failed: {control.detail}; the audit is invalid"
         elif flagged.any():
             status = "fail"
             reason = f"{int(flagged.sum())} of {n} synthetic images are near-copies of training images under rule " \
                      f"'{fit.rule}'"
+        elif doubts:
+            status, reason = "inconclusive", "; ".join(warnings)
         elif warnings:
             status, reason = "warn", "; ".join(warnings)
         else:

@@ -158,11 +158,25 @@ def check_attacker_data(ctx: AuditContext, paths: dict[str, Path | None]) -> Non
 
 
 def check_overlap(ctx: AuditContext) -> None:
-    """Refuse a holdout that shares files with the training set (it would not be unseen)."""
-    if ctx.real is None or ctx.holdout is None:
+    """Refuse a holdout that shares files with the training set (it would not be unseen) or with the synthetic set.
+
+    The holdout calibrates the copy rule and stands for unseen real images in
+    every check; synthetic images in it (the synthetic folder given as the
+    holdout, or planted copies added to a real holdout) would make copies look
+    like unseen images and lower every threshold until nothing is flagged.
+    """
+    if ctx.holdout is None:
         return
-    shared = set(ctx.real.file_hashes.values()) & set(ctx.holdout.file_hashes.values())
-    if shared:
-        names = sorted(p for p, h in ctx.holdout.file_hashes.items() if h in shared)
-        raise InputError(f"holdout shares {len(shared)} file(s) with the training set by content "
-                         f"(e.g. {names[0]}); a holdout must be unseen", ctx.holdout.root)
+    held = resolved(ctx.holdout.root)
+    others = [(role, s) for role, s in (("synthetic", ctx.synthetic), ("training", ctx.real)) if s is not None]
+    for role, other in others:
+        root = resolved(other.root)
+        if root == held or root in held.parents or held in root.parents:
+            raise UsageError(f"the holdout is the {role} set's folder or overlaps it; a holdout must be unseen real "
+                             "images", ctx.holdout.root)
+    for role, other in others:
+        shared = set(other.file_hashes.values()) & set(ctx.holdout.file_hashes.values())
+        if shared:
+            names = sorted(p for p, h in ctx.holdout.file_hashes.items() if h in shared)
+            raise InputError(f"holdout shares {len(shared)} file(s) with the {role} set by content "
+                             f"(e.g. {names[0]}); a holdout must be unseen real images", ctx.holdout.root)
