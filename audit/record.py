@@ -31,6 +31,10 @@ class SetRecord(_Record):
     skipped: list[dict[str, Any]] = []
 
 
+class SyntheticRecord(SetRecord):
+    manifest_sha256: str | None = None  # the generator's manifest.json as audited (None: the set had none)
+
+
 class ModelRecord(_Record):
     path: str
     sha256: str | None = None
@@ -44,7 +48,7 @@ class GeometryRecord(_Record):
 
 
 class InputsRecord(_Record):
-    synthetic: SetRecord
+    synthetic: SyntheticRecord
     real: SetRecord | None = None
     holdout: SetRecord | None = None
     model: ModelRecord | None = None

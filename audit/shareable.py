@@ -137,6 +137,8 @@ def redactor_for(document: dict, sets: dict[str, Any] | None = None,
                 public.add(str(f["synthetic"]))
     public |= {k.split("#", 1)[0] for k in public}
     names -= public
+    # ...unless the name itself carries a real identifier (dicom_phi found one in it): then it is hidden too
+    names |= _names_with_identifiers(document)
     extra, paths = dict(paths or {}), {}
     policy = document.get("policy") if isinstance(document.get("policy"), dict) else {}
     source = policy.get("source")
@@ -157,6 +159,22 @@ def redactor_for(document: dict, sets: dict[str, Any] | None = None,
             p = str(entry["path"])
             paths[p] = paths[str(Path(p).resolve())] = "the attacker data"
     return Redactor(names, patients, paths)
+
+
+def _names_with_identifiers(document: dict) -> set[str]:
+    """Synthetic keys (and their files) whose name holds a real patient's identifier, as ``dicom_phi`` found."""
+    from audit.dicom_phi.scan import NAME_PROBLEM
+
+    out: set[str] = set()
+    for check in document.get("checks") or []:
+        if not isinstance(check, dict) or check.get("name") != "dicom_phi":
+            continue
+        for f in check.get("flagged") or []:
+            problems = f.get("problems") if isinstance(f, dict) else None
+            if isinstance(problems, list) and any(str(p).startswith(NAME_PROBLEM + ":") for p in problems):
+                key = str(f.get("synthetic") or "")
+                out |= {key, key.split("#", 1)[0]} - {""}
+    return out
 
 
 def shareable(document: dict, sets: dict[str, Any] | None = None, paths: dict[str, str] | None = None) -> dict:

@@ -184,7 +184,13 @@ def _check_evidence(audit: "AuditRecord", path: Path) -> None:
 
 
 def _check_policy(audit: "AuditRecord", wanted: "Policy", path: Path) -> None:
+    from audit.core.policy import masquerades
+
     recorded = audit.policy
+    if masquerades(recorded.name, recorded.sha256):
+        raise UsageError(f"the audit applied a custom policy calling itself {recorded.name!r}, the name of a built-in "
+                         "policy, with other text; a bundle is never made under a policy that can be taken for a "
+                         "built-in one: give the file a name of its own and audit again", path)
     if recorded.sha256 != wanted.sha256:
         raise UsageError(f"policy mismatch: the audit applied {recorded.name!r} (sha256 {recorded.sha256[:12]}), not "
                          f"{wanted.name!r} (sha256 {wanted.sha256[:12]}) that this bundle is made under; name the "
@@ -235,6 +241,14 @@ def _check_set(synthetic: Path, audit: SignedAudit) -> ImageSet:
     if imageset.digest != entry.sha256:
         raise IntegrityError("the synthetic set changed after the audit (its digest differs); audit it again",
                              synthetic)
+    from audit.core.result import manifest_digest
+
+    if manifest_digest(synthetic) != entry.manifest_sha256:
+        # its claims (model, training set, DP) go into the signed manifest, the model card and the ledger
+        what = ("appeared" if entry.manifest_sha256 is None else
+                "was removed" if not (synthetic / "manifest.json").is_file() else "changed")
+        raise IntegrityError(f"the synthetic set's manifest.json {what} after the audit; the bundle carries its "
+                             "claims, so it must be the one audited: audit again", synthetic)
     root = synthetic.resolve()
     by_key = {r.key: r for r in imageset.records}
     recorded = audit.released_sha256
@@ -724,6 +738,7 @@ def _read_trust_roots(path: str | Path, bundle_root: Path) -> bytes:
 
 
 def _verify_audit(root: Path, manifest: dict, signer: str | None, ok: list[str], bad: list[str]) -> dict | None:
+    from audit.core.policy import masquerades, policy_label
     from audit.record import parse_audit
     from synthgate.errors import SynthgateError
     from synthgate.signing import SignatureError, verify_document
@@ -773,7 +788,10 @@ def _verify_audit(root: Path, manifest: dict, signer: str | None, ok: list[str],
     if problems:
         bad.append(f"{AUDIT}: not a release verdict: {'; '.join(problems)}")
     else:
-        ok.append(f"{AUDIT}: verdict pass, controls held, no released image flagged (policy {record.policy.name})")
+        ok.append(f"{AUDIT}: verdict pass, controls held, no released image flagged "
+                  f"({policy_label(record.policy.name, record.policy.sha256)})")
+        if masquerades(record.policy.name, record.policy.sha256):
+            bad.append(f"{AUDIT}: its policy calls itself {record.policy.name!r} but is not that built-in policy")
     return doc
 
 
@@ -833,6 +851,8 @@ def _verify_images(root: Path, manifest: dict, audit: dict, ok: list[str], bad: 
 
 
 def _verify_policy(root: Path, manifest: dict, audit: dict, ok: list[str], bad: list[str]) -> None:
+    from audit.core.policy import policy_label
+
     policy = audit.get("policy") if isinstance(audit.get("policy"), dict) else {}
     path = root / POLICY
     if not path.is_file() or path.is_symlink():
@@ -841,4 +861,5 @@ def _verify_policy(root: Path, manifest: dict, audit: dict, ok: list[str], bad: 
     if hashlib.sha256(path.read_bytes()).hexdigest() != policy.get("sha256"):
         bad.append(f"{POLICY}: not the policy text the audit applied (SHA-256 differs)")
     else:
-        ok.append(f"{POLICY}: the exact policy the audit applied ({policy.get('name')})")
+        label = policy_label(policy.get("name"), policy.get("sha256"))
+        ok.append(f"{POLICY}: the exact policy the audit applied ({label})")

@@ -152,23 +152,30 @@ def release_facts(audit: "AuditRecord", model_info: Mapping | None, generator: M
                   images: int) -> Release:
     """The ledger facts of a release: the training set, the model and its DP block, as far as they are known.
 
-    The training-set digest comes from the audited model's ``synthgate.json``,
-    else the synthetic set's generator manifest, else the audit's real set
-    (the data the audit compared against, taken to be the training set).
+    The training-set digest comes from the audited model's ``synthgate.json``
+    (the model is re-hashed when bundled), else the audit's real set (the data
+    the audit compared against, re-hashed when bundled, taken to be the training
+    set), and only else the synthetic set's generator manifest, a claim no one
+    checked: preferred over the audited real set, a manifest naming a fresh
+    digest filed each release under a training set of its own, past any
+    cumulative-ε limit (red team).
     """
     gen = generator if isinstance(generator, Mapping) else {}
     info = model_info if isinstance(model_info, Mapping) else None
     audited = audit.inputs.model.sha256 if audit.inputs.model is not None else None
     gen_model = (gen.get("model") or {}).get("sha256") if isinstance(gen.get("model"), Mapping) else None
 
-    training, source = None, "not recorded"
-    for block, where in (((info or {}).get("training_set"), "the audited model's synthgate.json"),
-                         (gen.get("training_set"), "the synthetic set's generator manifest")):
-        if isinstance(block, Mapping) and isinstance(block.get("sha256"), str) and block["sha256"]:
-            training, source = block["sha256"], where
-            break
+    def digest(block):
+        ok = isinstance(block, Mapping) and isinstance(block.get("sha256"), str) and block["sha256"]
+        return block["sha256"] if ok else None
+
+    training, source = digest((info or {}).get("training_set")), "the audited model's synthgate.json"
     if training is None and audit.inputs.real is not None:
         training, source = audit.inputs.real.sha256, "the audit's real set (taken to be the training set)"
+    if training is None:
+        training, source = digest(gen.get("training_set")), "the synthetic set's generator manifest (not verified)"
+    if training is None:
+        source = "not recorded"
 
     if audited and info is not None:
         if gen_model and gen_model != audited:

@@ -192,6 +192,7 @@ def build_context(audit: "AuditRecord | dict", internal: bool = False, synthetic
     The shareable edition is rendered from :func:`audit.shareable.shareable` of the document: every real
     name, patient ID and path in it is replaced, whatever field it sits in.
     """
+    from audit.core.policy import policy_label
     from audit.record import AuditRecord, parse_audit
 
     original = audit if isinstance(audit, AuditRecord) else parse_audit(audit, "audit.json")
@@ -241,6 +242,7 @@ def build_context(audit: "AuditRecord | dict", internal: bool = False, synthetic
         "command": " ".join(audit.command or []) if internal else "(withheld from the shareable edition: it holds "
                                                                   "local paths)",
         "geometry": audit.inputs.geometry or {}, "policy": policy,
+        "policy_label": policy_label(policy.name, policy.sha256) if policy is not None else "none",
         "policy_rules": list(policy.checks.items()) if policy is not None else [],
         "thumbnails": thumbs, "pairs": pairs, "thumb_note": thumb_note,
         "n_synthetic": audit.inputs.synthetic.n_images, "fmt": _fmt,

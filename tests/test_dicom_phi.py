@@ -343,6 +343,30 @@ def test_png_text_chunk_with_a_real_patient_id_from_metadata_csv(phantom_png, ca
     assert patient not in (tmp_path / "o" / "audit.json").read_text()
 
 
+def test_a_real_patient_in_a_file_name_is_flagged_and_hidden_from_shareable_outputs(phantom_png, capsys, tmp_path):
+    """Red team: `MRN…_Family_Given_synth.png` passed ("searched for real identifiers") and shipped in every
+    shareable output; the scanner read headers and metadata, never the name."""
+    record = ImageSet(phantom_png / "train", cache=None).records[0]
+    leaky = f"{record.patient_id}_synth.png"
+    syn = tmp_path / "syn"
+    (syn / "ward").mkdir(parents=True)
+    (syn / leaky).write_bytes(_png(np.zeros((16, 16), np.uint8)))
+    (syn / "ward" / f"x_{record.patient_id.lower()}" ).mkdir()
+    (syn / "ward" / f"x_{record.patient_id.lower()}" / "a.png").write_bytes(_png(np.zeros((16, 16), np.uint8)))
+    (syn / "ours.png").write_bytes(png_bytes(np.full((1, 16, 16), 0.5), 8, META))
+    code, result, _ = audit(capsys, syn, phantom_png / "train", tmp_path / "o")
+    check = result["checks"][0]
+    assert code == 1 and check["status"] == "fail"
+    assert sorted(f["synthetic"] for f in check["flagged"]) == sorted([leaky, f"ward/x_{record.patient_id.lower()}/a.png"])
+    assert all("file name: contains a real patient's ID" in f["reason"] for f in check["flagged"])
+    from audit.shareable import shareable
+
+    internal = json.loads((tmp_path / "o" / "audit.json").read_text())  # the steward's own copy names them
+    for name, text in (("report.html", (tmp_path / "o" / "report.html").read_text()),
+                       ("shareable audit", json.dumps(shareable(internal)))):
+        assert record.patient_id not in text and record.patient_id.lower() not in text, name
+
+
 def test_png_only_set_is_checked_not_skipped(phantom_png, capsys, tmp_path):
     code, result, _ = audit(capsys, phantom_png / "holdout", phantom_png / "train", tmp_path / "o")
     check = result["checks"][0]

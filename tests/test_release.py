@@ -132,7 +132,7 @@ def test_the_custodian_s_statements_reach_both_documents(passed, capsys, tmp_pat
     sheet = (tmp_path / "b" / "DATASHEET.md").read_text()
     assert "license: cc-by-4.0" in card.split("---")[1]
     assert "**Developed by / data custodian:** Radiology data office, St Elsewhere." in card
-    assert "- Teaching chest imaging; within the policy" in card and "commercial products (stated by the custodian)" in card
+    assert "- Teaching chest imaging; within the **custom policy 'release-test'" in card and "commercial products (stated by the custodian)" in card
     assert "Purpose: teaching chest imaging." in sheet and "Uses to avoid: commercial products" in sheet
     assert "Licence and terms of use: CC-BY-4.0." in sheet
     assert "not given (`release bundle --custodian`)" not in card + sheet

@@ -181,6 +181,63 @@ def test_a_policy_mismatch_or_param_override_is_refused(case, capsys, tmp_path):
     one_line_error(_bundle(capsys, case, tmp_path / "b", _write(tmp_path / "a.json", _resign(doc))), "--param")
 
 
+def test_a_custom_policy_under_a_built_in_name_is_refused_and_custom_ones_are_labelled(case, capsys, tmp_path):
+    """Red team: a file calling itself `default` that ran only copy detection and DICOM PHI passed, was bundled and
+    verified as "policy default"; a recipient could not tell it from the built-in."""
+    from policies.loader import builtin_text
+
+    fake = tmp_path / "weak.yaml"
+    fake.write_text(POLICY.replace("name: release-trust", "name: Default"))
+    code = audit_cli.main(["check", str(case / "syn"), "--real", str(case / "p" / "train"), "--holdout",
+                           str(case / "p" / "holdout"), "--policy", str(fake), "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "the name of a built-in policy" in err and not (tmp_path / "a").exists()
+    assert audit_cli.main(["validate-policy", str(fake)]) == 2
+    capsys.readouterr()
+    same = tmp_path / "default-copy.yaml"  # the built-in's very text from a file is the built-in
+    same.write_text(builtin_text("default"))
+    assert audit_cli.main(["validate-policy", str(same)]) == 0
+    capsys.readouterr()
+    # an audit recorded before the refusal existed (re-signed by the hospital's own key) is not bundled
+    doc = _doc(case)
+    doc["policy"]["name"] = "default"
+    one_line_error(_bundle(capsys, case, tmp_path / "b", _write(tmp_path / "a.json", _resign(doc))),
+                   "calling itself 'default'")
+    # every shareable document says a custom policy is custom
+    code, out, _ = _verify(capsys, case / "bundle")
+    assert code == 0 and "custom policy 'release-trust'" in out and "not one of synthgate's built-in" in out
+    for name in ("report.html", "MODEL_CARD.md", "DATASHEET.md"):
+        assert "custom policy" in (case / "bundle" / name).read_text(), name
+
+
+def test_a_generator_manifest_is_bound_to_the_audit_and_never_chooses_the_ledger_key(case, capsys, tmp_path):
+    """Red team: a manifest.json written after the audit (it is a sidecar, outside the image digest) put a made-up
+    model, DP block and training-set digest into the signed bundle and filed the release under that digest."""
+    syn = tmp_path / "syn"
+    shutil.copytree(case / "syn", syn)
+    claim = {"model": {"path": None, "sha256": "0" * 64, "dp": {"epsilon": 1.0}},
+             "training_set": {"path": None, "sha256": "1" * 64}}
+    (syn / "manifest.json").write_text(json.dumps(claim))
+    # the case's audit saw no manifest: one that appeared since is refused
+    one_line_error(_bundle(capsys, case, tmp_path / "b0", synthetic=syn), "manifest.json appeared after the audit")
+    out = tmp_path / "a"
+    assert _audit(syn, "--real", case / "p" / "train", "--holdout", case / "p" / "holdout", "--policy",
+                  case / "policy.yaml", "--out", out) == 0
+    capsys.readouterr()
+    ledger = tmp_path / "ledger.jsonl"
+    code, _, err = _bundle(capsys, case, tmp_path / "b1", out / "audit.json", "--ledger", ledger, synthetic=syn)
+    assert code == 0, err
+    entry = json.loads(ledger.read_text().splitlines()[-1])
+    real = json.loads((out / "audit.json").read_text())["inputs"]["real"]["sha256"]
+    assert entry["training_set"]["sha256"] == real != "1" * 64  # the audited set, not the claim
+    (syn / "manifest.json").write_text(json.dumps(claim | {"sampler": {"name": "ddim"}}))
+    one_line_error(_bundle(capsys, case, tmp_path / "b2", out / "audit.json", synthetic=syn),
+                   "manifest.json changed after the audit")
+    (syn / "manifest.json").unlink()
+    one_line_error(_bundle(capsys, case, tmp_path / "b3", out / "audit.json", synthetic=syn),
+                   "manifest.json was removed after the audit")
+
+
 def test_an_audit_without_copy_detection_evidence_is_refused(case, capsys, tmp_path):
     policy = _doc(case, "nocopy")["policy"]["source"]  # the one-check policy file the audit applied
     one_line_error(_bundle(capsys, case, tmp_path / "b", case / "nocopy" / "audit.json", policy=policy),

@@ -235,14 +235,52 @@ def parse_policy(text: str, source: str, *, only: list[str] | None = None,
                   on_cumulative_epsilon=shape.on_cumulative_epsilon or "refuse")
 
 
+def builtin_named(name: str | None, sha256: str | None) -> str | None:
+    """The built-in policy whose name ``name`` is and whose text has digest ``sha256``, else ``None``."""
+    from policies.loader import builtin_text
+
+    key = str(name or "").strip().casefold()
+    if key not in BUILTIN:
+        return None
+    return key if hashlib.sha256(builtin_text(key).encode("utf-8")).hexdigest() == sha256 else None
+
+
+def masquerades(name: str | None, sha256: str | None) -> bool:
+    """Whether a policy takes a built-in's name without being that built-in (its text differs)."""
+    return str(name or "").strip().casefold() in BUILTIN and builtin_named(name, sha256) is None
+
+
+def policy_label(name: str | None, sha256: str | None) -> str:
+    """How every shareable document names a policy: ``built-in policy 'default'`` or ``custom policy 'x' (...)``.
+
+    A recipient can tell the project's own policies from a hospital's file only by this (a custom file calling
+    itself ``default`` was once bundled and verified as "policy default").
+    """
+    if name is None and sha256 is None:
+        return "no policy recorded"
+    if builtin_named(name, sha256):
+        return f"built-in policy {str(name).strip().casefold()!r}"
+    return f"custom policy {str(name)!r} (sha256 {str(sha256)[:12]}…, not one of synthgate's built-in policies)"
+
+
 def load_policy(name_or_path: str | Path | None, *, only: list[str] | None = None,
                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Policy:
     """A built-in policy by name (``default``, ``strict``, ``research``) or a YAML file, validated once."""
     text, source = read_policy_text(name_or_path)
     policy = parse_policy(text, source, only=only, overrides=overrides)
     if str(name_or_path or "default") not in BUILTIN:
+        taken = next((b for b in BUILTIN if str(policy.name).strip().casefold() == b), None)
+        if taken is not None:
+            from policies.loader import builtin_text
+
+            if builtin_text(taken) != text:
+                # a custom file under a built-in's name was bundled and verified as "policy default" (red team)
+                raise ConfigError(f"this policy file calls itself {policy.name!r}, the name of a built-in policy, but "
+                                  f"its text differs from the built-in's; give it a name of its own (name: ...) so "
+                                  f"no one can take it for the built-in", source)
         policy = replace(policy, path=Path(str(name_or_path)))
     return policy
 
 
-__all__ = ["ACTIONS", "BUILTIN", "CheckRule", "Policy", "load_policy", "parse_policy"]
+__all__ = ["ACTIONS", "BUILTIN", "CheckRule", "Policy", "builtin_named", "load_policy", "masquerades",
+           "parse_policy", "policy_label"]

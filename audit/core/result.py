@@ -29,6 +29,22 @@ def _set_entry(s: ImageSet | None) -> dict | None:
             "skipped": [{"path": k.path, "reason": k.reason} for k in s.skipped]}
 
 
+def manifest_digest(synthetic: str | Path) -> str | None:
+    """SHA-256 of the synthetic set's ``manifest.json`` (the generator's claims), ``None`` when it has none.
+
+    The image digest leaves sidecars out, so the audit records this one: a manifest written or edited after the
+    audit would otherwise reach the bundle's signed manifest, its model card and the release ledger.
+    """
+    from synthgate.fsutil import sha256_file
+
+    path = Path(synthetic) / "manifest.json"
+    return sha256_file(path) if path.is_file() else None
+
+
+def _synthetic_entry(s: ImageSet) -> dict:
+    return {**_set_entry(s), "manifest_sha256": manifest_digest(s.root)}
+
+
 def _attacker_entry(s: ImageSet) -> dict:
     """An attacker data set: where, how many images and patients, its digest (never its patient IDs)."""
     return {**_set_entry(s), "n_patients": s.n_patients}
@@ -123,7 +139,7 @@ class Audit:
             "seed": self.seed,
             "device": str(self.device),
             "inputs": {
-                "synthetic": _set_entry(self.synthetic), "real": _set_entry(self.real),
+                "synthetic": _synthetic_entry(self.synthetic), "real": _set_entry(self.real),
                 "holdout": _set_entry(self.holdout), "model": model,
                 "attacker_data": [_attacker_entry(a) for a in self.attacker],
                 "geometry": {"height": geo.height, "width": geo.width, "channels": geo.channels,

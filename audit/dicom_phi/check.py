@@ -39,7 +39,7 @@ from audit.core.stats import clopper_pearson
 
 from .annex_e import load_table
 from .identifiers import RealIdentifiers, from_sets
-from .scan import ScanPolicy, policy_from, read_dicom, scan_dataset, scan_image
+from .scan import ScanPolicy, policy_from, read_dicom, scan_dataset, scan_image, scan_name
 from .settings import DicomPhiSettings
 
 # ------------------------------------------------------------------ controls
@@ -129,10 +129,14 @@ def positive_cases() -> list[tuple[str, str, object]]:
     buf = io.BytesIO()
     Image.new("L", (8, 8)).save(buf, format="PNG", pnginfo=info)
     cases.append(("PNG text chunk", "PNG tEXt 'Comment': contains a real patient's ID, ", ("png", buf.getvalue())))
+    cases.append(("identifier in a file name", "file name: contains a real patient's",
+                  ("name", "ward-b/Plantedcontrol_Quintessa_qx7741902.png")))
     return cases
 
 
 def _scan(planted, real: RealIdentifiers, policy: ScanPolicy) -> list[str]:
+    if isinstance(planted, tuple) and planted[0] == "name":
+        return scan_name(planted[1], real)
     if isinstance(planted, tuple):
         return scan_image(None, planted[0], real, policy, data=planted[1])
     return scan_dataset(planted, real, policy)
@@ -146,8 +150,9 @@ def run_controls(real: RealIdentifiers, policy: ScanPolicy) -> tuple[Control, ..
     caught, missed = [], []
     for name, expected, planted in positive_cases():
         (caught if any(expected in p for p in _scan(planted, ids, strict)) else missed).append(name)
-    clean = {"synthgate DICOM": _scan(_clean_dicom(), ids, policy), "synthgate PNG": _scan(("png", _clean_png()), ids,
-                                                                                          policy)}
+    clean = {"synthgate DICOM": _scan(_clean_dicom(), ids, policy),
+             "synthgate PNG": _scan(("png", _clean_png()), ids, policy),
+             "synthgate file names": _scan(("name", "synthetic/label_1/img_00001.png"), ids, policy)}
     flagged = {k: v for k, v in clean.items() if v}
     n = len(caught) + len(missed)
     return (
@@ -210,8 +215,8 @@ class DicomPhi(Check):
         for path, fmt in progress_bar(files, desc="dicom_phi: headers and metadata", unit="file", total=len(files),
                                       enabled=ctx.progress):
             full = ctx.synthetic.root / path
-            problems = (scan_dataset(read_dicom(full), real, policy) if fmt == "dicom"
-                        else scan_image(full, fmt, real, policy))
+            problems = scan_name(path, real) + (scan_dataset(read_dicom(full), real, policy) if fmt == "dicom"
+                                                else scan_image(full, fmt, real, policy))
             if problems:
                 flagged_files += 1
                 findings += [Finding(key, "; ".join(problems), {"problems": problems}) for key in keys[path]]

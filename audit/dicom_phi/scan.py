@@ -292,3 +292,19 @@ def scan_image(path: str | Path, fmt: str, real: RealIdentifiers, policy: ScanPo
         if item.kind != "binary" and own is None and not policy.allow_text_metadata:
             problems.append(f"{item.where}: text metadata (allow_text_metadata is off)")
     return problems
+
+
+#: The words a problem found in a file's name starts with (the shareable edition hides such names).
+NAME_PROBLEM = "file name"
+
+
+def scan_name(rel_path: str, real: RealIdentifiers) -> list[str]:
+    """Problems of a synthetic file's path within its set: a real patient's name, ID or UID in a file or folder name.
+
+    A release ships its files under their names; a name such as ``MRN9736676_Valdez_Ben.png`` leaks as surely as
+    a header does.  The problem names the kind of identifier, never the value.
+    """
+    if real.empty:
+        return []
+    kinds = sorted({k for part in str(rel_path).replace("\\", "/").split("/") for k in real.find(part)})
+    return [f"{NAME_PROBLEM}: contains a real patient's {', '.join(kinds)}"] if kinds else []
