@@ -94,7 +94,12 @@ def cmd_check(args) -> int:
 
     if args.json:
         set_quiet(True)
-    only = [c.strip() for c in args.checks.split(",") if c.strip()] if args.checks else None
+    only = None
+    if args.checks is not None:  # "--checks ''" once ran the whole policy without a word
+        only = list(dict.fromkeys(c.strip() for c in args.checks.split(",") if c.strip()))
+        if not only:
+            raise UsageError(f"--checks names no check; name at least one of {', '.join(available_checks())}, or "
+                             "leave --checks out to run the whole policy")
     for c in only or []:
         if c not in available_checks():
             from .core.settings import did_you_mean

@@ -126,6 +126,17 @@ def test_a_checks_subset_is_partial_never_a_pass(case, capsys, tmp_path):
     assert any("partial audit" in r for r in audit["verdict_reasons"])
 
 
+def test_an_empty_checks_list_is_refused_and_repeats_are_one(case, capsys, tmp_path):
+    code = audit_cli.main(["check", str(case / "syn"), "--checks", " , ", "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--checks names no check" in err and not (tmp_path / "a").exists()
+    code = audit_cli.main(["check", str(case / "syn"), "--real", str(case / "p" / "train"), "--checks",
+                           "dicom_phi,dicom_phi", "--out", str(tmp_path / "b"), "--json"])
+    audit = json.loads(capsys.readouterr().out)
+    assert code == 1 and [c["name"] for c in audit["checks"]].count("dicom_phi") == 1
+    assert not any("dicom_phi, dicom_phi" in r or "dicom_phi,dicom_phi" in r for r in audit["verdict_reasons"])
+
+
 def test_required_check_must_be_conclusive(case, capsys, tmp_path):
     from audit.core.base import Check, register_check, unregister_check
 
