@@ -15,8 +15,8 @@ slice), converted to grayscale in [0, 1].  Every picture is cut in two halves
   copies: exact, Gaussian noise 0.01 and 0.05, brightness +0.04, contrast
   x0.9, JPEG 80, gamma 0.85, blur 0.8, shifts of 1, 2 and 3 px -- the source
   picture cropped at that offset --, rescales of up to 5 % -- the source
-  region resampled --; reported separately and *not* required: noise 0.2 and
-  the mirror image).
+  region resampled --; reported separately and *not* required: noise 0.2,
+  the mirror image and the inverted image).
 
 Every rule is scored on the same data: copies caught (overall and per
 perturbation) and false alarms on the evaluated novel crops, each with an
@@ -46,7 +46,7 @@ SIZE = 64
 #: Perturbations that count as copies, and those reported but not required.
 COUNTED = ("exact", "noise_0.01", "noise_0.05", "brightness", "contrast", "jpeg_80", "gamma_0.85", "blur_0.8",
            "shift_1", "shift_2", "shift_3", "rescale")
-NOT_COUNTED = ("noise_0.2", "mirror")
+NOT_COUNTED = ("noise_0.2", "mirror", "inverted")
 #: Bins of a source's content (RMS of its 8 x 8-pooled image, mean removed; 0.004 is one 8-bit grey level).
 CONTENT_BINS = (0.0, 0.002, 0.01, 0.02, 0.05, float("inf"))
 PICTURES = ("retina", "immunohistochemistry", "cell", "camera", "astronaut", "coffee", "brick", "grass", "gravel",
@@ -192,6 +192,8 @@ def perturb(kind: str, pic: np.ndarray, crop: Crop, rng: np.random.Generator) ->
         out = map_coordinates(pic.astype(np.float64), [yy, xx], order=1, mode="nearest")
     elif kind == "mirror":
         out = base[:, ::-1]
+    elif kind == "inverted":  # a copy exported without its MONOCHROME1 inversion
+        out = 1.0 - base
     else:
         raise ValueError(f"unknown perturbation {kind!r}")
     return np.clip(out, 0.0, 1.0).astype(np.float32)
@@ -380,7 +382,8 @@ def our_flags(q: np.ndarray, h: np.ndarray, r: np.ndarray, stats: dict, ablation
 
     s = CopyDetectionSettings()
     shape, pooled = ratio_geometry(SIZE, SIZE, s)
-    base = {"alpha": s.false_alarm_rate, "components": components(s.max_shift, s.zooms), "pooled": pooled}
+    base = {"alpha": s.false_alarm_rate, "components": components(s.max_shift, s.zooms, s.inverted),
+            "pooled": pooled}
     specs = {NEW_DEFAULT: {}, PLAIN_RATIO: {"grouped": False}}
     if ablations:
         specs |= {

@@ -202,7 +202,8 @@ def test_flags_planted_copies_and_only_them(copy_case, capsys, tmp_path):
     assert audit["released"] == []
     for f in check["flagged"]:  # the default rule with a holdout is the ratio rule: its evidence
         assert f["rule"] == "ratio" and f["ratio"] < f["threshold"] and f["test"] in ("identity", "shift_zoom")
-        assert f["distance"] <= f["second_distance"] and {"zoom", "dy", "dx"} == set(f["transform"])
+        assert f["distance"] <= f["second_distance"] and {"zoom", "dy", "dx", "inverted"} == set(f["transform"])
+        assert f["transform"]["inverted"] is False  # a copy as it is matches as it is
     assert check["thresholds"]["rule"] == "ratio" and 0 < check["thresholds"]["tau_shift_zoom"] < 1
     rows = list(csv.DictReader(open(out / "copy_detection.csv")))
     assert len(rows) == 18 and {"synthetic", "nearest_real", "distance", "nearest_exact", "ratio_identity",

@@ -141,7 +141,8 @@ def test_control_plants_every_counted_copy_and_reports_its_sources(default_run):
     control = r.controls[0]
     assert control.passed, control.detail
     by = control.metrics["by_transform"]
-    assert set(by) == set(COPY_TRANSFORMS) and all(v["caught"] == v["planted"] >= 2 for v in by.values())
+    assert set(by) == set(COPY_TRANSFORMS) | {"inverted"} and all(v["caught"] == v["planted"] >= 2
+                                                                  for v in by.values())
     skipped = control.metrics["skipped_sources"]
     assert "content_below_floor" in skipped and control.metrics["eligible_sources"] > 0
     assert "content >= 0.02" in control.detail

@@ -224,6 +224,48 @@ def test_search_is_exact_on_real_crops(transforms, k):
     assert search.stats.exact_pairs < len(q) * len(crops)
 
 
+@pytest.mark.parametrize("transforms", [Transforms(0, (1.0,), invert=True), Transforms(2, (1.0, 1.05), invert=True)],
+                         ids=["identity", "shift_zoom"])
+def test_inverted_orbit_is_searched_exactly_and_finds_inverted_copies(transforms):
+    """A copy exported without its MONOCHROME1 inversion (1 - x) is at distance 0 of its source under an inverting
+    orbit; the search stays exact against brute force (the inverted half is bounded in groups of its own)."""
+    crops = real_crops()
+    rng = np.random.default_rng(4)
+    src = rng.choice(len(crops), 12, replace=False)
+    q = np.concatenate([1.0 - crops[src[:6]], np.clip(1.0 - crops[src[6:]] + rng.normal(0, 0.02, (6, 1, 32, 32)), 0, 1),
+                        crops[src[:4]], real_crops(half=1)[::8]]).astype(np.float32)
+    m = metric(transforms=transforms)
+    assert len(m.orbit_items) == 2 * len(m.items) and m.orbit_items[len(m.items)][3] is True
+    full = brute_force(m, q, crops)
+    search = ExactCopySearch(m, m.features(crops), initial=2)
+    nb = search.search(q, k=2)
+    _check_knn(nb, full, 2)
+    assert np.array_equal(nb.indices[:6, 0], src[:6]) and np.allclose(nb.distances[:6, 0], 0.0, atol=1e-6)
+    assert (nb.indices[6:12, 0] == src[6:]).sum() >= 5  # noisy: a near-flat source may have a nearer twin
+    plain = brute_force(metric(transforms=Transforms(transforms.max_shift, transforms.scales)), q, crops)
+    assert np.all(full <= plain + 1e-9)  # the nearer of the image and its inverse
+    assert search.stats.exact_pairs < len(q) * len(crops)
+    (z, dy, dx, inverted), d = CopyRatioRule(32, 32, 1, components={"t": transforms}, pooled=8).index(
+        crops).matched(q[0], int(src[0]), "t")
+    assert inverted and d < 1e-6
+
+
+def test_rule_with_inversion_catches_inverted_copies_at_no_cost_in_tests():
+    from audit.copy_detection.ratio_rule import components
+
+    crops, hold = real_crops(), real_crops(half=1)
+    with_inv = components(3, (0.95, 1.0, 1.05), inverted=True)
+    assert set(with_inv) == {"identity", "shift_zoom"} and with_inv["identity"].invert
+    rule = CopyRatioRule(32, 32, 1, alpha=0.02, components=with_inv).fit(crops, hold[::2])
+    plain = CopyRatioRule(32, 32, 1, alpha=0.02, components=components(3, (0.95, 1.0, 1.05))).fit(crops, hold[::2])
+    assert COMPONENTS["identity"].invert  # the default rule inverts
+    rng = np.random.default_rng(6)
+    inv = (1.0 - crops[rng.choice(len(crops), 10, replace=False)]).astype(np.float32)
+    assert rule.decide(inv).flagged.all() and not plain.decide(inv).flagged.any()
+    novel = hold[1::2]
+    assert rule.decide(novel).flagged.mean() <= 0.05
+
+
 def test_search_is_exact_on_random_images_with_ties_and_tiles():
     rng = np.random.default_rng(3)
     refs = rng.random((40, 1, 24, 24)).astype(np.float32)

@@ -657,7 +657,7 @@ def test_bad_inputs_exit_2_one_line(case, model_case, capsys, tmp_path, case_nam
         expect = "holdout"
     elif case_name == "overlap":
         argv[4] = model_case / "seen"
-        expect = "shares"
+        expect = "the holdout is the training set's folder"
     elif case_name == "resolution":
         big = tmp_path / "big"
         for f in sorted((model_case / "seen").glob("*.png")):

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from audit.core.base import Check, CheckResult, Control, Finding
+from audit.core.controls import INVERTED
 from audit.core.controls import plant  # noqa: F401 - re-exported: tests and callers plant through the check
 from audit.core.loading import SetLoader
 from audit.core.stats import binomial_rate, summary
@@ -355,7 +356,7 @@ class CopyDetection(Check):
         duplicated = {i for p in side.rule.pairs_ for i in p}
         return planted_control(ctx, s.control_copies, fit.real_loader, catch, shift_tolerant=True,
                                content=side.rule.reference_content(), min_content=s.control_min_content,
-                               duplicated=duplicated)
+                               duplicated=duplicated, extra=(INVERTED,) if s.inverted else ())
 
     def _findings(self, ctx, fit: CopyFit, tiled, ratio: SetDecision | None, flagged):
         synth, real = ctx.synthetic, ctx.real
@@ -417,6 +418,8 @@ class CopyDetection(Check):
             moved = (tr["dy"], tr["dx"]) != (0, 0) or tr["zoom"] != 1.0
             how = (f"matched after a shift of ({tr['dy']}, {tr['dx']}) px and zoom {tr['zoom']:g} at {h}x{w}"
                    if moved else f"matched as it is at {h}x{w}")
+            if tr.get("inverted"):
+                how = f"matched with its intensities inverted at {h}x{w}"
             why.append(f"{ev['test']} ratio {ev['ratio']:.3f} < threshold {ev['threshold']:.3f}: distance "
                        f"{ev['distance']:.4f} to training image {r.key}, {ev['second_distance']:.4f} to the nearest "
                        f"training image outside its group (its patient and near-duplicates); {how}")

@@ -3,7 +3,8 @@
 Under the ratio rule (and ``any`` with it) every counted kind of copy is
 planted (:data:`audit.core.controls.COPY_TRANSFORMS`: exact, noise 0.01 and
 0.05, brightness, contrast, JPEG 80, gamma 0.85, blur 0.8, shifts of 1, 2
-and 3 px, rescales of 1-5 %), at least one of each, and every one must be
+and 3 px, rescales of 1-5 %; and the inverted image when the rule's
+``inverted`` test is on), at least one of each, and every one must be
 caught.  Sources are drawn among training images the rule claims power on:
 
 * content at least ``control_min_content`` (the RMS of the pooled image,
@@ -38,12 +39,13 @@ Catch = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, list[st
 
 def planted_control(ctx, n_copies: int, real_loader, catch: Catch, shift_tolerant: bool,
                     content: np.ndarray | None = None, min_content: float = 0.0,
-                    duplicated: set[int] | None = None) -> Control:
+                    duplicated: set[int] | None = None, extra: tuple[str, ...] = ()) -> Control:
     """Plant near-copies of training images, decide them with ``catch``, require every one caught.
 
     ``duplicated`` holds the training images found in a near-duplicate pair
     (the whole training set searched): one copy of each kind is planted from
-    those among the eligible sources, when there are any.
+    those among the eligible sources, when there are any.  ``extra`` adds
+    kinds to the ratio rule's set (``inverted`` when that test is on).
     """
     if n_copies <= 0:
         return Control(NAME, "positive", False, "control disabled (control_copies = 0)")
@@ -56,7 +58,7 @@ def planted_control(ctx, n_copies: int, real_loader, catch: Catch, shift_toleran
         skipped: dict[str, int] = {}
         eligible = np.arange(n_real)
     else:
-        transforms = COPY_TRANSFORMS
+        transforms = COPY_TRANSFORMS + tuple(extra)
         ok = np.ones(n_real, bool)
         skipped = {}
         if content is not None:

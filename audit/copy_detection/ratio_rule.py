@@ -172,10 +172,11 @@ def decide_ratio(search: ExactCopySearch, queries, tau: float, bias, floor: floa
 
 # ------------------------------------------------------------------------------------------------ rule
 
-#: The two tests of :class:`CopyRatioRule` by default: the plain distance on the whole image, and the distance
-#: minimised over shifts of up to 3 px and zooms of 0.95 / 1.05 on the central region.
+#: The two tests of :class:`CopyRatioRule` by default: the plain distance on the whole image (as it is or inverted,
+#: whichever is nearer), and the distance minimised over shifts of up to 3 px and zooms of 0.95 / 1.05 on the
+#: central region.
 COMPONENTS = {
-    "identity": Transforms(0, (1.0,)),
+    "identity": Transforms(0, (1.0,), invert=True),
     "shift_zoom": Transforms(3, (0.95, 1.0, 1.05)),
 }
 
@@ -213,9 +214,11 @@ def training_groups(n: int, pairs=(), patients=None) -> np.ndarray:
     return np.array([order.setdefault(r, len(order)) for r in labels], np.int64)
 
 
-def components(max_shift: int = 3, zooms=(0.95, 1.0, 1.05)) -> dict[str, Transforms]:
-    """The rule's tests: ``identity``, plus ``shift_zoom`` unless the shifts and zooms are only the identity."""
-    out = {"identity": Transforms(0, (1.0,))}
+def components(max_shift: int = 3, zooms=(0.95, 1.0, 1.05), inverted: bool = False) -> dict[str, Transforms]:
+    """The rule's tests: ``identity`` (with ``inverted``, the image as it is *or* with its intensities inverted,
+    whichever is nearer: one test, so no share of the false-alarm rate is spent on it), plus ``shift_zoom`` unless
+    the shifts and zooms are only the identity."""
+    out = {"identity": Transforms(0, (1.0,), invert=inverted)}
     if max_shift > 0 or set(zooms) != {1.0}:
         out["shift_zoom"] = Transforms(max_shift, tuple(sorted({float(z) for z in zooms})))
     return out
@@ -477,11 +480,11 @@ class CopyRatioRule:
         """Every test's exact ratio (two nearest proven) -- for benchmarks and the holdout."""
         return {name: self.nearest_two(queries, name)[2] for name in self.searches_}
 
-    def matched(self, query, ref: int, name: str) -> tuple[tuple[float, int, int], float]:
-        """The transform ``(zoom, dy, dx)`` that brings ``query`` (``(C, H, W)``) nearest to reference ``ref``."""
+    def matched(self, query, ref: int, name: str) -> tuple[tuple[float, int, int, bool], float]:
+        """The transform ``(zoom, dy, dx, inverted)`` that brings ``query`` (``(C, H, W)``) nearest to ``ref``."""
         search = self.searches_[name]
         i, d = search.matched(search.orbits(query[None])[0], ref)
-        return search.metric.items[i], d
+        return search.metric.orbit_items[i], d
 
     def content(self, images) -> np.ndarray:
         """How much there is to recognise: the RMS of the pooled, mean-removed whole image (identity features)."""

@@ -39,7 +39,7 @@ def ratio_geometry(height: int, width: int, s: CopyDetectionSettings) -> tuple[t
     """
     shape = analysis_shape(height, width, s.analysis_size)
     short = min(shape)
-    for t in components(s.max_shift, s.zooms).values():
+    for t in components(s.max_shift, s.zooms, s.inverted).values():
         try:
             _, ch, _, cw = CopyLayout(*shape, 1, pooled=1, transforms=t).central
         except ValueError:
@@ -94,8 +94,8 @@ class RatioSide:
     @staticmethod
     def _rule(ctx, s: CopyDetectionSettings, shape, pooled) -> CopyRatioRule:
         geo = ctx.geometry
-        comps = components(s.max_shift, s.zooms)
-        per_image = geo.channels * shape[0] * shape[1] * 4 + max(len(t.items()) for t in comps.values()) * 4 * (
+        comps = components(s.max_shift, s.zooms, s.inverted)
+        per_image = geo.channels * shape[0] * shape[1] * 4 + max(len(t.orbit_items()) for t in comps.values()) * 4 * (
             geo.channels * pooled * pooled * max(shape) // min(shape))
         chunk = int(min(4096, max(16, s.query_chunk_mb * (1 << 20) // per_image)))
         return CopyRatioRule(shape[0], shape[1], geo.channels, alpha=s.false_alarm_rate, components=comps,
@@ -190,12 +190,12 @@ class RatioSide:
             taus = {name: self.rule.thresholds_[name].tau for name in ratios}
             test = min(ratios, key=lambda name: ratios[name] / max(taus[name], 1e-12))
             idx, dist, _ = per_test[test]
-            (zoom, dy, dx), _ = self.rule.matched(x[i], int(idx[i, 0]), test)
+            (zoom, dy, dx, inverted), _ = self.rule.matched(x[i], int(idx[i, 0]), test)
             out.append({"test": test, "real_index": int(idx[i, 0]), "distance": float(dist[i, 0]),
                         "second_index": int(idx[i, 1]), "second_distance": float(dist[i, 1]),
                         "ratio": ratios[test], "threshold": taus[test],
                         "ratios": ratios, "flagged_by": sorted(n for n in ratios if ratios[n] < taus[n]),
-                        "transform": {"zoom": zoom, "dy": dy, "dx": dx}})
+                        "transform": {"zoom": zoom, "dy": dy, "dx": dx, "inverted": inverted}})
         return out
 
     # ------------------------------------------------------------------ reporting
@@ -251,7 +251,7 @@ def _describe(layout) -> str:
     tr = layout.transforms
     _, h, _, w = layout.central
     if tr.max_shift == 0 and set(tr.scales) == {1.0}:
-        return f"the image as it is ({h}x{w})"
+        return f"the image as it is{' and with its intensities inverted' if tr.invert else ''} ({h}x{w})"
     return (f"shifts up to {tr.max_shift} px and zooms {', '.join(f'{z:g}' for z in tr.scales)} of the central "
             f"{h}x{w} region ({len(tr.items())} transforms)")
 

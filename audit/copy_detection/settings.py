@@ -30,6 +30,10 @@ class CopyDetectionSettings(CheckSettings):
     zooms: list[Zoom] = [0.95, 1.0, 1.05]
     """Ratio rule: zooms about the centre the shift/zoom test tries (rescaled copies between them are caught by
     the pooling)."""
+    inverted: bool = True
+    """Ratio rule: the identity test also compares each synthetic image with its intensities inverted (1 - x), the
+    nearer of the two counting, so a copy exported without its DICOM MONOCHROME1 inversion (a generator trained on
+    raw pixel arrays), or inverted on purpose, is caught (unshifted: the shift/zoom test does not invert)."""
     analysis_size: int = Field(64, ge=16, le=512)
     """Ratio rule: images whose shorter side is longer are area-downsampled to this shorter side first."""
     blocks: int = Field(8, ge=2, le=32)
@@ -57,7 +61,7 @@ class CopyDetectionSettings(CheckSettings):
     """``holdout`` rule: conformal quantile of unseen images' tiled distances (its false-alarm rate)."""
 
     # ------------------------------------------------------------------- everything
-    control_copies: int = Field(24, ge=0)
+    control_copies: int = Field(26, ge=0)
     """Planted near-copies the rule must catch, at least one per transform (0 disables the control, which then
     fails)."""
     synthetic_duplicates: bool = True

@@ -29,7 +29,9 @@ import numpy as np
 TRANSFORMS = ("exact", "noise", "brightness_contrast", "jpeg", "blur")
 COPY_TRANSFORMS = ("exact", "noise_0.01", "noise_0.05", "brightness", "contrast", "jpeg_80", "gamma_0.85",
                    "blur_0.8", "shift_1", "shift_2", "shift_3", "rescale")
-ALL_TRANSFORMS = tuple(dict.fromkeys(TRANSFORMS + COPY_TRANSFORMS))
+#: Planted as well when the ratio rule's ``inverted`` test is on.
+INVERTED = "inverted"
+ALL_TRANSFORMS = tuple(dict.fromkeys(TRANSFORMS + COPY_TRANSFORMS + (INVERTED,)))
 
 
 def _jpeg(x: np.ndarray, quality: int, joint_rgb: bool) -> np.ndarray:
@@ -102,6 +104,8 @@ def plant(x: np.ndarray, transform: str, rng: np.random.Generator) -> np.ndarray
         y = _shift(x, int(transform.split("_")[1]), rng)
     elif transform == "rescale":
         y = _rescale(x, rng)
+    elif transform == INVERTED:
+        y = 1.0 - x
     else:
         raise ValueError(f"transform {transform!r} must be one of {', '.join(ALL_TRANSFORMS)}")
     return np.clip(y, 0.0, 1.0).astype(np.float32)

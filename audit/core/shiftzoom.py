@@ -42,6 +42,10 @@ class Transforms:
 
     max_shift: int = 3
     scales: tuple[float, ...] = (0.95, 1.0, 1.05)
+    invert: bool = False
+    """Also every transform of the query with its intensities inverted (``1 - q``; after the tile mean is removed,
+    ``-phi(T q)``): a copy exported without its DICOM MONOCHROME1 inversion, or inverted on purpose.  The orbit
+    then holds :meth:`items` twice, as they are and inverted (:meth:`orbit_items`)."""
 
     def __post_init__(self):
         if self.max_shift < 0:
@@ -60,8 +64,21 @@ class Transforms:
                         out.append((float(z), dy, dx))
         return out
 
+    def orbit_items(self) -> list[tuple[float, int, int, bool]]:
+        """``(zoom, dy, dx, inverted)`` of every member of the orbit: :meth:`items`, then inverted when ``invert``."""
+        base = self.items()
+        return [(*t, False) for t in base] + ([(*t, True) for t in base] if self.invert else [])
+
     def groups(self, shift_group: int = 3, split_zoom: bool = False) -> list[list[int]]:
-        """Indices of :meth:`items` in groups of neighbouring shifts (and zooms, unless ``split_zoom``)."""
+        """Indices of :meth:`orbit_items` in groups of neighbouring shifts (and zooms, unless ``split_zoom``); the
+        inverted half in groups of its own (a group holding ``f`` and ``-f`` would have its centre at 0)."""
+        out = self._groups(shift_group, split_zoom)
+        if self.invert:
+            n = len(self.items())
+            out += [[i + n for i in g] for g in out]
+        return out
+
+    def _groups(self, shift_group: int, split_zoom: bool) -> list[list[int]]:
         s = self.max_shift
         n = max(1, math.ceil((2 * s + 1) / shift_group))
         start = -s - (n * shift_group - (2 * s + 1)) // 2  # centre the groups: {-3,-2},{-1,0,1},{2,3}
@@ -217,6 +234,7 @@ class CopyMetric:
         self.layout = layout
         self.device = torch.device(device)
         self.items = layout.transforms.items()
+        self.orbit_items = layout.transforms.orbit_items()  # items, and inverted when the transforms invert
         top, h, left, w = layout.central
         prow, pcol = layout.pool_matrices()
         s = layout.transforms.max_shift
@@ -263,7 +281,7 @@ class CopyMetric:
         return self._normalise(self._id_rows @ x @ self._id_cols.T)
 
     def orbit(self, x) -> torch.Tensor:
-        """``phi(T x)`` for every transform: ``(N, |T|, D)``, in :meth:`Transforms.items` order."""
+        """``phi(T x)`` for every transform: ``(N, |T|, D)``, in :meth:`Transforms.orbit_items` order."""
         import torch
 
         x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
@@ -276,7 +294,11 @@ class CopyMetric:
             y = y.reshape(n, c, n_s, ph, n_s, pw).permute(0, 2, 4, 1, 3, 5)  # (N, S, S, C, ph, pw)
             out.append(y.reshape(n, n_s * n_s, c, ph, pw))
         grid = torch.cat(out, 1)  # (N, Z * S * S, C, ph, pw)
-        return self._normalise(grid[:, self._perm])
+        orbit = self._normalise(grid[:, self._perm])
+        if self.layout.transforms.invert:
+            # phi is linear and removes each tile's mean, so phi(T (1 - x)) = -phi(T x): inverting costs nothing
+            orbit = torch.cat([orbit, -orbit], 1)
+        return orbit
 
     def distance_sq(self, orbit_q, ref) -> torch.Tensor:
         """Squared ``D`` between one query's orbit ``(|T|, D)`` and references ``(n, D)``, in float64: ``(n,)``."""

@@ -131,7 +131,7 @@ class ExactCopySearch:
         torch = self._torch
         queries = torch.as_tensor(queries, dtype=torch.float32, device=self.metric.device)
         if len(queries) == 0:
-            return torch.zeros((0, len(self.metric.items), self.metric.layout.dim), device=self.metric.device)
+            return torch.zeros((0, len(self.metric.orbit_items), self.metric.layout.dim), device=self.metric.device)
         t0 = time.perf_counter()
         out = torch.cat([self.metric.orbit(queries[s:s + self.query_block])
                          for s in range(0, len(queries), self.query_block)])
@@ -164,13 +164,19 @@ class ExactCopySearch:
         t0 = time.perf_counter()
         q = orbits.shape[0]
         k = min(max(self.initial, at_least), self.n_refs - (1 if exclude is not None else 0))
-        centre = orbits.mean(1)
+        invert = self.metric.layout.transforms.invert
+        # the centre of the orbit as it is; an inverted orbit's centre is its negative, so the nearer of the two
+        # is the one with the larger |<c, f>|
+        centre = orbits[:, :len(self.metric.items)].mean(1) if invert else orbits.mean(1)
         cn = (centre * centre).sum(1)
         best = torch.full((q, 0), float("inf"), device=orbits.device)
         idx = torch.zeros((q, 0), dtype=torch.long, device=orbits.device)
         for s in range(0, self.n_refs, self.ref_block * 4):
             e = min(s + self.ref_block * 4, self.n_refs)
-            d = torch.addmm(self.rn[s:e][None, :], centre, self.rf[s:e].T, alpha=-2.0) + cn[:, None]
+            if invert:
+                d = self.rn[s:e][None, :] - 2.0 * (centre @ self.rf[s:e].T).abs() + cn[:, None]
+            else:
+                d = torch.addmm(self.rn[s:e][None, :], centre, self.rf[s:e].T, alpha=-2.0) + cn[:, None]
             if exclude is not None:
                 for row, ref in enumerate(exclude):
                     if ref is not None and s <= ref < e:
@@ -265,7 +271,7 @@ class ExactCopySearch:
         return out
 
     def matched(self, orbit_q, ref: int) -> tuple[int, float]:
-        """``(transform index, D)``: which of :attr:`metric.items` brings the query nearest to reference ``ref``."""
+        """``(index, D)``: which of :attr:`metric.orbit_items` brings the query nearest to reference ``ref``."""
         lay = self.metric.layout
         diff = (orbit_q.double() - self.rf[int(ref)].double()[None]).square_()  # (|T|, D)
         if lay.grid > 1:
