@@ -42,7 +42,12 @@ class Redactor:
                 self.names.add(base.rsplit("/", 1)[1])
         self.names = {n for n in self.names if len(n) >= 3}
         self.patients = {str(p) for p in patients if p and len(str(p)) >= 2}
-        self.paths = sorted(((str(k), v) for k, v in (paths or {}).items() if k), key=lambda kv: -len(kv[0]))
+        given = [(str(k), v) for k, v in (paths or {}).items() if k]
+        # an absolute path is replaced wherever it occurs; a relative one ("synthetic", "data/train") only as a
+        # whole value: as a substring it rewrote every occurrence of the word, keys included (a synthetic set
+        # given as `synthetic` made the bundle's audit lose inputs.synthetic)
+        self.paths = sorted(((k, v) for k, v in given if Path(k).is_absolute() and k != "/"), key=lambda kv: -len(kv[0]))
+        self.exact = {k: v for k, v in given if not Path(k).is_absolute()}
         # names that the tokenizer cannot see whole (spaces, quotes...) are replaced by plain search
         self._odd = sorted((n for n in self.names | self.patients if _TOKEN.fullmatch(n) is None), key=len,
                            reverse=True)
@@ -54,7 +59,11 @@ class Redactor:
             return hash_id(token)
         return None
 
-    def text(self, s: str) -> str:
+    def text(self, s: str, whole: bool = True) -> str:
+        """``s`` with real names, patient IDs and paths replaced (``whole``: also a relative path that is all of
+        ``s``; off for a dict key, where a word such as ``synthetic`` is the document's structure)."""
+        if whole and s in self.exact:
+            return self.exact[s]
         for path, role in self.paths:  # absolute paths first: they contain the names
             if path in s:
                 s = s.replace(path, role)
@@ -85,7 +94,7 @@ class Redactor:
         if isinstance(v, str):
             return self.text(v)
         if isinstance(v, dict):
-            return {self.text(str(k)) if isinstance(k, str) else k: self.value(x) for k, x in v.items()}
+            return {self.text(k, whole=False) if isinstance(k, str) else k: self.value(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [self.value(x) for x in v]
         return v

@@ -352,6 +352,10 @@ def bundle(synthetic: str | Path, audit_path: str | Path, out: str | Path, polic
         entry = getattr(record.inputs, role)
         inputs[role] = Path(entry.path) if entry is not None else None
     refuse_overlap(out, inputs)
+    from .ledger import ledger_path
+
+    # the ledger is appended to: never an input (a --ledger naming the real set's metadata.csv corrupted it)
+    refuse_overlap(ledger_path(ledger), {**inputs, "bundle": out}, flag="the release ledger")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise UsageError("bundle target already exists; choose a new folder (or --overwrite to replace an earlier "
                          "`release bundle` output)", out)

@@ -468,7 +468,17 @@ def read_ledger(path: str | Path | None = None, trust: Iterable[str] = (), *,
         raise InputError("is not a ledger file (a folder?)", path)
     with _locked(path, write=False) as fd:
         data = _read_all(fd, path)
-    return parse_ledger(data, path, _trusted(trust))
+    state = parse_ledger(data, path, _trusted(trust))
+    _refuse_non_ledger(data, state)
+    return state
+
+
+def _refuse_non_ledger(data: bytes, state: LedgerState) -> None:
+    """Damaged lines in a ledger are reported and followed; a file holding no entry at all is not a ledger (a
+    ``--ledger`` naming the real set's ``metadata.csv`` was once appended to)."""
+    if data.strip() and not state.entries:
+        raise InputError("is not a release ledger (no line of it is a ledger entry); refusing to use it: name a new "
+                         "file or the ledger itself", state.path)
 
 
 # ------------------------------------------------------------------ appending
@@ -525,6 +535,7 @@ def append(release: Release, *, path: str | Path | None, key: "SigningKey", bund
     with _locked(path, write=True) as fd:
         data = _read_all(fd, path)
         state = parse_ledger(data, path, trusted)
+        _refuse_non_ledger(data, state)
         if check is not None:
             check(state)
         doc = entry_document(release, seq=state.lines + 1, previous=state.last_line_sha256,

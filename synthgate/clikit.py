@@ -98,8 +98,14 @@ def run(command: Callable[[Sequence[str]], int], argv: Sequence[str] | None, pro
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    import warnings
+
     try:
-        return int(command(argv) or 0)
+        with warnings.catch_warnings():
+            # a reader library's own warnings (pydicom on a malformed file) would precede the one-line error
+            # that names the file and the problem, and are not ours to show
+            warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+            return int(command(argv) or 0)
     except SystemExit as exc:  # argparse --help / --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     except SynthgateError as exc:

@@ -27,9 +27,15 @@ TIFF
     original one when Pillow writes it losslessly), without any tag Pillow
     does not need to describe the pixels; every page; checked pixel for
     pixel against the original before it is returned;
-DICOM, NPY
-    unchanged (the ``dicom_phi`` check gates DICOM headers; NPY has no
-    metadata).
+DICOM
+    every element but binary data beyond the pixels (OB/OW/OF/OD/OL/OV/UN
+    other than Pixel Data, at any depth: an ICC profile or a private blob
+    can hold a whole training image), and no trailing padding; the header
+    text itself is gated by the ``dicom_phi`` check; the pixel data is
+    copied as it is, and checked to decode equal;
+NPY
+    the header and the array; nothing after the array (a red team appended a
+    training image there).
 """
 from __future__ import annotations
 
@@ -328,9 +334,11 @@ def strip_ancillary(src_path: str | Path, fmt: str) -> bytes:
     """
     path = Path(src_path)
     data = path.read_bytes()
-    if fmt in ("dicom", "npy"):
-        return data
     try:
+        if fmt == "npy":
+            return data[:npy_extent(data)]
+        if fmt == "dicom":
+            return _strip_dicom(data, path)
         if fmt == "png":
             return _strip_png(data)
         if fmt == "jpeg":
@@ -340,6 +348,66 @@ def strip_ancillary(src_path: str | Path, fmt: str) -> bytes:
     except (ValueError, OSError, SyntaxError) as exc:
         raise ImageReadError(f"cannot rewrite this {fmt.upper()} file without its metadata: {exc}", path) from None
     raise UsageError(f"unknown image format {fmt!r}; one of `png`, `jpeg`, `tiff`, `dicom`, `npy`")
+
+
+#: DICOM value representations of raw bytes: outside the pixel data they can carry anything (an image, text).
+BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+#: The image itself, and the file meta's version (two fixed bytes): the only binary values a release keeps.
+ALLOWED_BINARY = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0x00020001})
+
+
+def npy_extent(data: bytes) -> int:
+    """Bytes an ``.npy`` file's header and array take (what follows is not part of the array)."""
+    import numpy as np
+
+    fh = io.BytesIO(data)
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+    shape, _, dtype = read(fh) if read is not None else fmt._read_array_header(fh, version)
+    return fh.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def _strip_dicom(data: bytes, path: Path) -> bytes:
+    """``data`` without binary elements beyond the pixel data (at any depth) and without trailing padding."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    removed = 0
+
+    def walk(dataset) -> None:
+        nonlocal removed
+        for elem in list(dataset):
+            if elem.VR == "SQ":
+                for item in elem.value or ():
+                    walk(item)
+            elif (elem.VR in BINARY_VRS and int(elem.tag) not in ALLOWED_BINARY) or int(elem.tag) == 0xFFFCFFFC:
+                del dataset[elem.tag]
+                removed += 1
+
+    walk(ds)
+    if not removed:
+        return data
+    try:
+        return _rewritten(data, ds)
+    except (ValueError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom's errors have no common base: one clear message
+        raise ValueError(f"pydicom could not rewrite it ({type(exc).__name__}: {exc})") from None
+
+
+def _rewritten(data: bytes, ds) -> bytes:
+    import numpy as np
+    import pydicom
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    out = buf.getvalue()
+    before = pydicom.dcmread(io.BytesIO(data), force=True).pixel_array
+    after = pydicom.dcmread(io.BytesIO(out), force=True).pixel_array
+    if before.shape != after.shape or not np.array_equal(before, after):
+        raise ValueError("its pixels changed when rewritten")
+    return out
 
 
 def _strip_png(data: bytes) -> bytes:

@@ -128,10 +128,13 @@ class OutputFolder:
         t = self.target
         old = _read_marker(t) or {}
         ours = {str(f) for f in old.get("files", []) if isinstance(f, str)}
+        for rel in written:  # every target checked before any is replaced: a refusal leaves the folder as it was
+            dst = t / rel
+            if dst.is_symlink() or (dst.exists() and not dst.is_file()) or any(
+                    q.is_symlink() for q in dst.parents if q != t and q.is_relative_to(t)):
+                raise UsageError(f"{rel} in the output folder is not a regular file; refusing to replace it", t)
         for rel in written:  # each file atomically; the marker last, so it never lists a file not yet there
             dst = t / rel
-            if dst.is_symlink() or (dst.exists() and not dst.is_file()):
-                raise UsageError(f"{rel} in the output folder is not a regular file; refusing to replace it", t)
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / rel, dst)
         for rel in sorted(ours - set(written)):  # an earlier run's file this run did not write: stale, ours

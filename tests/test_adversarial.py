@@ -95,6 +95,21 @@ def test_rerun_keeps_what_the_audit_did_not_write(case, capsys, tmp_path):
     assert (out / "report-internal.html").exists() and (out / "audit.json").exists()
 
 
+def test_a_refused_rerun_changes_nothing_in_the_folder(case, capsys, tmp_path):
+    """Red team: report.html replaced by a symlink was refused, but only after audit.json had been replaced."""
+    out = tmp_path / "a"
+    assert _audit(capsys, case, out)[0] == 0
+    elsewhere = tmp_path / "elsewhere.html"
+    elsewhere.write_text("not ours")
+    (out / "report.html").unlink()
+    (out / "report.html").symlink_to(elsewhere)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.is_symlink()}
+    code, _, err = _audit(capsys, case, out)
+    assert code == 2 and "not a regular file" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.is_symlink()} == before
+    assert elsewhere.read_text() == "not ours"
+
+
 def test_unmarked_existing_folder_is_never_replaced(case, capsys, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
@@ -201,6 +216,22 @@ def test_holdout_of_near_copies_makes_copy_detection_inconclusive_not_a_pass(cas
     copy = next(c for c in audit["checks"] if c["name"] == "copy_detection")
     assert code == 1 and audit["verdict"] != "pass" and copy["status"] != "warn"
     assert "a pass would not be evidence" in copy["reason"]
+
+
+def test_a_tiled_rule_control_plants_every_kind_however_few_copies_asked(case, capsys, tmp_path):
+    """Red team: `rule: absolute, threshold: 0.000001, control_copies: 1` planted one exact copy (caught by any
+    threshold above 0), passed noisy copies of training images and was bundled; every kind is planted now."""
+    policy = tmp_path / "weak.yaml"
+    policy.write_text("name: hospital-share\nchecks:\n  copy_detection:\n    required: true\n    action: block\n"
+                      "    settings: {rule: absolute, threshold: 0.000001, control_copies: 1}\n")
+    code = audit_cli.main(["check", str(case / "syn"), "--real", str(case / "p" / "train"), "--holdout",
+                           str(case / "p" / "holdout"), "--policy", str(policy), "--out", str(tmp_path / "a")])
+    capsys.readouterr()
+    audit = json.loads((tmp_path / "a" / "audit.json").read_text())
+    copy = audit["checks"][0]
+    control = copy["controls"][0]
+    assert code == 1 and audit["verdict"] == "fail" and copy["status"] == "error"
+    assert control["metrics"]["planted"] >= 5 and set(control["metrics"]["by_transform"]) >= {"exact", "noise"}
 
 
 def test_copy_verdict_doubt_blocks_a_pass_but_never_excuses_a_copy():
@@ -349,6 +380,29 @@ def test_control_characters_in_file_names_are_escaped(case, capsys, tmp_path):
     (syn / evil).write_bytes(b"not an image")  # an error naming the file: escaped, one line
     code, stdout, err = _audit(capsys, case, tmp_path / "o2", synthetic=syn)
     assert code == 2 and "\x1b" not in err and "evil\\n\\x1b[2Jname.png" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_reader_library_warning_does_not_precede_the_one_line_error(capsys, tmp_path):
+    """Red team: a DICOM whose pixel data holds an extra frame printed pydicom's 4-line UserWarning first."""
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from audit.dicom_phi.check import _control_meta
+    from generators.write import dicom_bytes
+
+    data = dicom_bytes(np.full((1, 32, 32), 0.5, np.float32), 8, _control_meta(),
+                       {k: generate_uid() for k in ("sop", "study", "series")}, 1)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PixelData = ds.PixelData * 2
+    (tmp_path / "syn").mkdir()
+    ds.save_as(tmp_path / "syn" / "a.dcm", enforce_file_format=True)
+    # a process of its own: pytest would collect the warning itself, and the test could not fail
+    run = subprocess.run([sys.executable, "-c", "import sys; from audit.cli import main; sys.exit(main())", "check",
+                          str(tmp_path / "syn"), "--checks", "dicom_phi", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and "a.dcm" in run.stderr, run.stderr
 
 
 def test_symlinked_folders_are_listed_as_skipped(tmp_path):

@@ -219,6 +219,23 @@ def test_normalised_forms(text, kinds):
     assert ids.find(text) == kinds
 
 
+@pytest.mark.parametrize("text", ["9736\u200b676", "9\u0303736676", "\u0669\u0667\u0663\u0666\u0666\u0667\u0666",
+                                  "973\u00b76676", "973,6676", "973+6676", "973--6676", "MRN\u200b9736676",
+                                  "\uff19\uff17\uff13\uff16\uff16\uff17\uff16"])
+def test_disguised_ids_are_found(text):
+    """Red team: zero-width spaces, combining marks, other scripts' digits and other separators hid an ID."""
+    ids = RealIdentifiers()
+    ids.add_id("MRN9736676")
+    assert ids.find(f"case {text} done") and ids.find(f"{text}.png", loose=True), text
+
+
+def test_loose_digits_for_file_names_only():
+    ids = RealIdentifiers()
+    ids.add_id("MRN9736676")
+    assert not ids.find("value 973.66.76") and ids.find("973.66.76.png", loose=True)
+    assert not ids.find("img_00001.png", loose=True) and not ids.find("img_9736677.png", loose=True)
+
+
 def test_short_digit_forms_are_not_searched():
     ids = RealIdentifiers(min_digits=6)
     ids.add_id("AB1234")
@@ -367,6 +384,34 @@ def test_a_real_patient_in_a_file_name_is_flagged_and_hidden_from_shareable_outp
         assert record.patient_id not in text and record.patient_id.lower() not in text, name
 
 
+def test_hidden_payloads_and_metadata_csv_names_are_flagged(real_dicom, capsys, tmp_path):
+    """Red team: a training image in an ICC profile, a name appended after an NPY array and a real name as a
+    metadata.csv label all passed and shipped; binary data beyond the pixels, bytes after an array and every
+    metadata.csv value are checked now."""
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    synthetic_dicom(0).save_as(syn / "a_clean.dcm", enforce_file_format=True)
+    ds = synthetic_dicom(1)
+    ds.ICCProfile = bytes(range(256)) * 4  # a 32 x 32 training image fits in 1 KiB
+    ds.save_as(syn / "b_icc.dcm", enforce_file_format=True)
+    buf = io.BytesIO()
+    np.save(buf, np.full((16, 16), 0.5, np.float32))
+    (syn / "c_clean.npy").write_bytes(buf.getvalue())
+    (syn / "d_trailer.npy").write_bytes(buf.getvalue() + b"Quinn^Harriet MRN0042137")
+    (syn / "e_plain.png").write_bytes(png_bytes(np.full((1, 16, 16), 0.5), 8, META))
+    (syn / "f_label.png").write_bytes(png_bytes(np.full((1, 16, 16), 0.5), 8, META))
+    (syn / "metadata.csv").write_text("path,label\na_clean.dcm,0\nb_icc.dcm,0\nc_clean.npy,0\nd_trailer.npy,0\n"
+                                      "e_plain.png,0\nf_label.png,Harriet Quinn\n")
+    code, result, err = audit(capsys, syn, real_dicom, tmp_path / "o")
+    check = result["checks"][0]
+    by = {f["synthetic"]: f["reason"] for f in check["flagged"]}
+    assert code == 1 and sorted(by) == ["b_icc.dcm", "d_trailer.npy", "f_label.png"], (by, err)
+    assert "ICCProfile (0028,2000): binary data (OB, 1024 bytes) beyond the pixel data" in by["b_icc.dcm"]
+    assert "24 bytes after the array" in by["d_trailer.npy"]
+    assert "metadata.csv column 'label': contains a real patient's name" in by["f_label.png"]
+    assert "Quinn" not in json.dumps(check)
+
+
 def test_png_only_set_is_checked_not_skipped(phantom_png, capsys, tmp_path):
     code, result, _ = audit(capsys, phantom_png / "holdout", phantom_png / "train", tmp_path / "o")
     check = result["checks"][0]
@@ -471,9 +516,23 @@ def test_strip_tiff_and_jpeg_keep_pixels(tmp_path):
     assert read_metadata(None, "jpeg", out) == () and b"Quinn" not in out and b"Roe" not in out
 
 
-def test_strip_leaves_dicom_unchanged(tmp_path):
+def test_strip_leaves_clean_dicom_unchanged_and_drops_hidden_payloads(tmp_path):
     synthetic_dicom().save_as(tmp_path / "a.dcm")
     assert strip_ancillary(tmp_path / "a.dcm", "dicom") == (tmp_path / "a.dcm").read_bytes()
+    ds = synthetic_dicom(1)
+    ds.ICCProfile = bytes(range(256)) * 4
+    seq = Dataset()
+    seq.add_new(0x00091010, "OB", b"private blob")
+    ds.add_new(0x00091001, "LO", "ACME")
+    ds.ReferencedImageSequence = [seq]
+    ds.save_as(tmp_path / "b.dcm", enforce_file_format=True)
+    out = pydicom.dcmread(io.BytesIO(strip_ancillary(tmp_path / "b.dcm", "dicom")))
+    assert "ICCProfile" not in out and 0x00091010 not in out.ReferencedImageSequence[0]
+    assert np.array_equal(out.pixel_array, pydicom.dcmread(tmp_path / "b.dcm").pixel_array)
+    buf = io.BytesIO()
+    np.save(buf, np.arange(12, dtype=np.float32).reshape(3, 4))
+    (tmp_path / "c.npy").write_bytes(buf.getvalue() + b"a training image")
+    assert strip_ancillary(tmp_path / "c.npy", "npy") == buf.getvalue()
     with pytest.raises(ValueError, match="unknown image format"):
         strip_ancillary(tmp_path / "a.dcm", "gif")
 

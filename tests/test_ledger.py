@@ -411,3 +411,18 @@ def test_a_real_dp_model_s_epsilon_reaches_the_ledger(tmp_path, capsys, one_torc
     assert 0 < group["cumulative"]["epsilon"] == spent["epsilon_spent"] <= 8.0
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
     assert "### Training procedure\n- 3 steps; seed 1; batch size 8" in card and "opacus" in card
+
+
+def test_a_ledger_that_is_an_input_or_not_a_ledger_is_refused_untouched(case, capsys, tmp_path):
+    """Red team: `--ledger` naming the real set's metadata.csv appended a signed JSON line to it (the set no longer
+    read); a file that is not a ledger is now refused, and a ledger inside an input too."""
+    real_csv = case / "p" / "train" / "metadata.csv"
+    before = real_csv.read_bytes()
+    code, _, err = _bundle(capsys, case, tmp_path / "b1", ledger=real_csv)
+    assert code == 2 and "the release ledger" in err and "inside the real input" in err, err
+    assert real_csv.read_bytes() == before and not (tmp_path / "b1").exists()
+    other = tmp_path / "notes.csv"
+    other.write_text("path,label\na.png,0\n")
+    code, _, err = _bundle(capsys, case, tmp_path / "b2", ledger=other)
+    assert code == 2 and "is not a release ledger" in err, err
+    assert other.read_text() == "path,label\na.png,0\n" and not (tmp_path / "b2").exists()

@@ -104,6 +104,21 @@ def assert_no_placeholder(text: str) -> None:
         assert not re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text), word
 
 
+def test_a_synthetic_set_named_synthetic_given_relative_bundles(passed, capsys, tmp_path, monkeypatch):
+    """Red team: `release bundle synthetic ...` (the README's own spelling) failed: the relative path `synthetic`
+    was replaced as a substring everywhere, keys included, and the shareable audit lost inputs.synthetic."""
+    shutil.copytree(passed / "syn", tmp_path / "synthetic")
+    monkeypatch.chdir(tmp_path)
+    code = release_cli.main(["bundle", "synthetic", "--audit", str(passed / "audit" / "audit.json"), "--out", "b",
+                             "--policy", str(passed / "policy.yaml")])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    share = json.loads((tmp_path / "b" / "audit.json").read_text())
+    assert share["inputs"]["synthetic"]["path"] == "the synthetic set"
+    assert "the synthetic setthetic" not in (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert release_cli.main(["verify", "b"]) == 0
+
+
 def test_a_card_made_without_the_model_says_what_was_not_given(passed, capsys, tmp_path):
     code, _ = bundle(capsys, passed, tmp_path / "b")
     assert code == 0

@@ -53,7 +53,10 @@ def planted_control(ctx, n_copies: int, real_loader, catch: Catch, shift_toleran
     rng = ctx.rng("copy_detection.control")
     if not shift_tolerant:  # the tiled rules' historical control
         transforms = TRANSFORMS
-        sources = rng.choice(n_real, size=min(n_copies, n_real), replace=False)
+        # every kind at least once: with control_copies 1 one exact copy was the whole control, which any
+        # threshold above 0 catches (a red-team policy passed noisy copies with threshold 1e-6 that way)
+        n = max(n_copies, len(transforms))
+        sources = rng.choice(n_real, size=n, replace=n > n_real)
         sibling = np.zeros(len(sources), bool)
         skipped: dict[str, int] = {}
         eligible = np.arange(n_real)

@@ -39,7 +39,18 @@ from audit.core.stats import clopper_pearson
 
 from .annex_e import load_table
 from .identifiers import RealIdentifiers, from_sets
-from .scan import ScanPolicy, policy_from, read_dicom, scan_dataset, scan_image, scan_name
+from .scan import (
+    ScanPolicy,
+    metadata_rows,
+    policy_from,
+    read_dicom,
+    scan_dataset,
+    scan_image,
+    scan_name,
+    scan_npy,
+    scan_npy_bytes,
+    scan_values,
+)
 from .settings import DicomPhiSettings
 
 # ------------------------------------------------------------------ controls
@@ -131,12 +142,26 @@ def positive_cases() -> list[tuple[str, str, object]]:
     cases.append(("PNG text chunk", "PNG tEXt 'Comment': contains a real patient's ID, ", ("png", buf.getvalue())))
     cases.append(("identifier in a file name", "file name: contains a real patient's",
                   ("name", "ward-b/Plantedcontrol_Quintessa_qx7741902.png")))
+    ds = _clean_dicom()
+    ds.ICCProfile = b"\x07" * 64  # any bytes: a training image fits in one
+    cases.append(("binary element beyond the pixel data", "ICCProfile (0028,2000): binary data", ds))
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 4), np.float32))
+    cases.append(("bytes after an NPY array", "16 bytes after the array", ("npy", buf.getvalue() + b"\x01" * 16)))
+    cases.append(("identifier in metadata.csv", "metadata.csv column 'label': contains a real patient's",
+                  ("values", {"label": "Quintessa Plantedcontrol"})))
     return cases
 
 
 def _scan(planted, real: RealIdentifiers, policy: ScanPolicy) -> list[str]:
     if isinstance(planted, tuple) and planted[0] == "name":
         return scan_name(planted[1], real)
+    if isinstance(planted, tuple) and planted[0] == "values":
+        return scan_values("metadata.csv", planted[1], real)
+    if isinstance(planted, tuple) and planted[0] == "npy":
+        return scan_npy_bytes(planted[1])
     if isinstance(planted, tuple):
         return scan_image(None, planted[0], real, policy, data=planted[1])
     return scan_dataset(planted, real, policy)
@@ -212,11 +237,13 @@ class DicomPhi(Check):
         for r in ctx.synthetic.records:
             keys.setdefault(r.path, []).append(r.key)
         findings, flagged_files = [], 0
+        rows = metadata_rows(ctx.synthetic.root)
         for path, fmt in progress_bar(files, desc="dicom_phi: headers and metadata", unit="file", total=len(files),
                                       enabled=ctx.progress):
             full = ctx.synthetic.root / path
-            problems = scan_name(path, real) + (scan_dataset(read_dicom(full), real, policy) if fmt == "dicom"
-                                                else scan_image(full, fmt, real, policy))
+            problems = scan_name(path, real) + scan_values("metadata.csv", rows.get(path, {}), real)
+            problems += (scan_dataset(read_dicom(full), real, policy) if fmt == "dicom" else scan_npy(full)
+                         if fmt == "npy" else scan_image(full, fmt, real, policy))
             if problems:
                 flagged_files += 1
                 findings += [Finding(key, "; ".join(problems), {"problems": problems}) for key in keys[path]]
@@ -234,8 +261,9 @@ class DicomPhi(Check):
         if findings:
             return self.result("fail", f"{flagged_files} of {len(files)} files carry identifying data",
                                flagged=tuple(findings), **kw)
-        if all(f == "npy" for _, f in files):  # conclusive: an array file has nowhere to carry an identifier
-            return self.result("pass", f"no file can carry metadata ({len(files)} NPY arrays)", **kw)
+        if all(f == "npy" for _, f in files):  # conclusive: arrays with nothing after them carry no metadata
+            return self.result("pass", f"no file carries metadata ({len(files)} NPY arrays, nothing after any "
+                               "array; file names and metadata.csv searched)", **kw)
         searched = "searched for real identifiers" if not real.empty else "no real identifiers to search for"
         return self.result("pass", f"{len(files)} files ({len(dicom)} DICOM) carry no identifying data "
                            f"(Annex E basic profile{' + ' + ', '.join(policy.options) if policy.options else ''}; "

@@ -53,9 +53,25 @@ ID_KEYWORDS = ("PatientID", "OtherPatientIDs", "AccessionNumber", "AdmissionID",
 STANDARD_UID_ROOT = "1.2.840.10008."  # DICOM's own UIDs (classes, transfer syntaxes): shared, never identifying
 
 _WORD = re.compile(r"[^\W_]+")
-# a group of digits, possibly split by single separators, that is not part of a dotted number (UID, decimal)
-_DIGITS = re.compile(r"(?<![0-9]\.)(?<![0-9])[0-9]+(?:[-_/ ][0-9]+)*(?![0-9])(?!\.[0-9])")
-_DIGIT_SEPARATOR = re.compile(r"[-_/ ]")
+# separators inside a digit group: one or two of - _ / space , + and the middle dot (never a dot: UIDs, decimals)
+_SEP = r"[-_/ ,+\u00b7]{1,2}"
+# a group of digits, possibly split by separators, that is not part of a dotted number (UID, decimal)
+_DIGITS = re.compile(rf"(?<![0-9]\.)(?<![0-9])[0-9]+(?:{_SEP}[0-9]+)*(?![0-9])(?!\.[0-9])")
+_DIGIT_SEPARATOR = re.compile(_SEP)
+_DIGIT_RUN = re.compile(r"[0-9]+")
+
+
+def canonical(text: str) -> str:
+    """``text`` as a reader sees it: NFKC, without invisible format characters (zero-width spaces, joiners) and
+    combining marks, every decimal digit of any script as its ASCII digit (a red team hid ``9736676`` as
+    ``9736<ZWSP>676``, ``9<U+0303>736676`` and Arabic-Indic digits)."""
+    out = []
+    for c in unicodedata.normalize("NFKC", text):
+        cat = unicodedata.category(c)
+        if cat in ("Cf", "Mn", "Me"):
+            continue
+        out.append(str(unicodedata.decimal(c)) if cat == "Nd" and not c.isascii() else c)
+    return "".join(out)
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)+")
 
 
@@ -154,11 +170,16 @@ class RealIdentifiers:
     def empty(self) -> bool:
         return not (self.tokens or self.digits or self.uids)
 
-    def find(self, text: str, *, uids_only: bool = False) -> list[str]:
-        """What kinds of real identifier ``text`` carries (``UID``, ``name``, ``ID``, ``ID (digits only)``), never the value."""
+    def find(self, text: str, *, uids_only: bool = False, loose: bool = False) -> list[str]:
+        """What kinds of real identifier ``text`` carries (``UID``, ``name``, ``ID``, ``ID (digits only)``), never the value.
+
+        ``loose`` (file names): an ID's digits also match across any separator, dots included (``973.66.76``);
+        a file name rarely holds a UID, and a real UID is matched whole in any case.
+        """
         found = []
         if not text:
             return found
+        text = canonical(text)
         if self.uids and any(u in self.uids for u in _UID.findall(text)):
             found.append("UID")
         if uids_only:
@@ -169,10 +190,11 @@ class RealIdentifiers:
             found += sorted(kinds, reverse=True)  # "name" before "ID"
         if self.digits:
             longest = max(map(len, self.digits))
-            for group in _DIGITS.findall(unicodedata.normalize("NFKC", text)):
-                if _joined_runs(_DIGIT_SEPARATOR.split(group), longest) & self.digits:
-                    found.append("ID (digits only)")
-                    break
+            groups = [_DIGIT_SEPARATOR.split(g) for g in _DIGITS.findall(text)]
+            if loose:  # every run of digit words with nothing but separators between them
+                groups += [_DIGIT_RUN.findall(g) for g in re.split(r"[^\W\d_]+", text)]
+            if any(_joined_runs(parts, longest) & self.digits for parts in groups):
+                found.append("ID (digits only)")
         return found
 
     def digest_source(self) -> str:

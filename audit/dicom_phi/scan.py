@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from synthgate.imagemeta import read_metadata
+from synthgate.imagemeta import ALLOWED_BINARY, BINARY_VRS, npy_extent, read_metadata
 
 from .annex_e import ACTIONS, AnnexETable, load_table
 from .identifiers import RealIdentifiers
@@ -18,6 +18,7 @@ from .identifiers import RealIdentifiers
 # VRs whose values are searched for real names and IDs (UIDs are compared whole; numbers, dates and times are
 # left to the table, so digits in measurements never match an ID by chance)
 SEARCHED_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT", "UN"})
+
 TEXT_VRS = SEARCHED_VRS | {"AS", "DA", "DS", "DT", "IS", "TM", "UI"}
 MAX_SEARCHED_BYTES = 1 << 20  # an undecoded (UN) value is searched up to 1 MiB
 _SOFTWARE = re.compile(r"Software\nsynthgate [\w.+-]+")
@@ -149,6 +150,12 @@ def _keyword(elem) -> str:
     return keyword_for_tag(elem.tag) or ""
 
 
+def _length(elem) -> int:
+    if isinstance(elem, _Deferred):
+        return int(elem.length)
+    return len(elem.value) if isinstance(elem.value, (bytes, bytearray)) else 0
+
+
 def tag_text(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
@@ -202,6 +209,10 @@ class _DicomScan:
                     and not (row.replaces_uids or row.retained_by(self.policy.options)):
                 actions = ", ".join(ACTIONS[a] for a in row.basic.rstrip("*").split("/"))
                 self.problems.append(f"{where}: has a value; Annex E basic profile {row.basic} ({actions})")
+            elif elem.VR in BINARY_VRS and tag not in ALLOWED_BINARY and not is_empty(elem):
+                # an ICC profile or any OB/OW element can hold a whole training image or a name (red team)
+                self.problems.append(f"{where}: binary data ({elem.VR}, {_length(elem)} bytes) beyond the pixel "
+                                     "data; it can carry anything (an image, text) and is not released")
             if isinstance(elem, _Deferred):
                 continue
             if elem.VR == "SQ":
@@ -306,5 +317,47 @@ def scan_name(rel_path: str, real: RealIdentifiers) -> list[str]:
     """
     if real.empty:
         return []
-    kinds = sorted({k for part in str(rel_path).replace("\\", "/").split("/") for k in real.find(part)})
+    kinds = sorted({k for part in str(rel_path).replace("\\", "/").split("/") for k in real.find(part, loose=True)})
     return [f"{NAME_PROBLEM}: contains a real patient's {', '.join(kinds)}"] if kinds else []
+
+
+def scan_npy(path: str | Path) -> list[str]:
+    """Problems of an ``.npy`` file: bytes after its array (a training image or a name was appended that way)."""
+    return scan_npy_bytes(Path(path).read_bytes())
+
+
+def scan_npy_bytes(data: bytes) -> list[str]:
+    """:func:`scan_npy` of a file's bytes."""
+    try:
+        end = npy_extent(data)
+    except (ValueError, OSError):  # unreadable headers are refused when the set is read
+        return []
+    extra = len(data) - end
+    return [f"{extra} bytes after the array: they can carry anything (an image, text) and are not released"] \
+        if extra > 0 else []
+
+
+def scan_values(where: str, values: dict[str, str], real: RealIdentifiers) -> list[str]:
+    """Problems of a file's row of the synthetic set's ``metadata.csv``: a real identifier in any column."""
+    out = []
+    for column, value in values.items():
+        kinds = real.find(str(value or ""))
+        if kinds:
+            out.append(f"{where} column {column!r}: contains a real patient's {', '.join(kinds)}")
+    return out
+
+
+def metadata_rows(root: str | Path) -> dict[str, dict[str, str]]:
+    """The synthetic set's ``metadata.csv`` as ``{path: {column: value}}`` (every column but ``path``); ``{}`` when
+    it has none.  Labels and attributes ship in the bundle's own ``metadata.csv`` and its datasheet."""
+    import csv
+
+    path = Path(root) / "metadata.csv"
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return {str(r.get("path") or ""): {k: v for k, v in r.items() if k and k != "path" and isinstance(v, str)}
+                    for r in csv.DictReader(fh)}
+    except (OSError, UnicodeDecodeError, csv.Error):  # an unreadable metadata.csv is refused when the set is read
+        return {}
