@@ -23,7 +23,7 @@ from synthgate.outputs import OutputFolder, refuse_overlap
 
 from .core.context import AuditContext
 from .core.fitstore import FitStore
-from .core.inputs import check_attacker_data, check_overlap, resolve_inputs
+from .core.inputs import check_attacker_data, check_model_training_set, check_overlap, resolve_inputs
 from .core.policy import Policy, load_policy
 from .core.result import Audit, write_outputs
 from .core.runner import run_policy
@@ -121,6 +121,7 @@ def check(synthetic: str | Path, *, real: str | Path | None = None, holdout: str
                            seed=seed, workdir=workdir if out is not None else None, progress=progress,
                            fit_store=FitStore.default(), cluster=ray, attacker=attacker)
         check_overlap(ctx)
+        check_model_training_set(ctx)
         check_attacker_data(ctx, {"synthetic": inputs.synthetic, "real": inputs.real, "holdout": inputs.holdout})
         results, decision, _ = run_policy(ctx, policy)
         result = Audit(synthetic=synth, real=real_set, holdout=hold_set, model=inputs.model,

@@ -217,8 +217,11 @@ def cmd_train(args) -> int:
 
     set_threads(args.threads)
     # before any training: the model folder never lands on, in or around an input
-    refuse_overlap(args.out, {"real": args.real, "vae": getattr(args, "vae", None),
-                              "base model": getattr(args, "base_model", None), "config": getattr(args, "config", None)})
+    inputs = {"real": args.real, "vae": getattr(args, "vae", None),
+              "base model": getattr(args, "base_model", None), "config": getattr(args, "config", None)}
+    refuse_overlap(args.out, inputs)
+    if getattr(args, "checkpoint_dir", None):  # written to and emptied: never an input, never the model itself
+        refuse_overlap(args.checkpoint_dir, {**inputs, "model": args.out}, flag="--checkpoint-dir")
     if not args.resume:
         check_target(args.out, "synthgate train", args.overwrite)
     if text is not None:

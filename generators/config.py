@@ -20,6 +20,8 @@ architecture's own settings live in a nested block named after it
 """
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import difflib
 import json
@@ -67,8 +69,8 @@ class DPConfig:
     physical_batch_size: int = 0
 
     def __post_init__(self):
-        if not self.epsilon > 0:
-            raise ConfigError(f"dp.epsilon {self.epsilon} must be > 0")
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):  # inf promised nothing and wrote invalid JSON
+            raise ConfigError(f"dp.epsilon {self.epsilon} must be a finite number > 0")
         if not 0 < self.delta < 1:
             raise ConfigError(f"dp.delta {self.delta} must be in (0, 1)")
         if not self.max_grad_norm > 0:

@@ -90,8 +90,8 @@ def model_files(path: str | Path) -> list[Path]:
 
     Only these are hashed into a model's digest: a path that is not a model
     folder is refused (``/usr/share`` is not hashed recursively), files
-    outside the declared components are ignored, and symbolic links are never
-    followed.
+    outside the declared components are ignored, and a symbolic link among the
+    declared files is refused (the loader would follow it; the digest would not).
     """
     path = Path(path)
     read_info(path)  # refuses anything that is not a model directory
@@ -110,15 +110,31 @@ def model_files(path: str | Path) -> list[Path]:
         folders |= {get_denoiser(a).folder for a in architectures()}
     except Exception:  # noqa: BLE001 - the registry is optional for hashing; the fixed list covers built-ins
         pass
-    files = [p for p in (path / "synthgate.json", index) if p.is_file() and not p.is_symlink()]
+    def refuse_link(p: Path) -> None:
+        # the loader follows links, the digest cannot vouch for what they point to: weights swapped behind a
+        # link after the audit kept the digest (red team)
+        raise InputError(f"{p.relative_to(path)} is a symbolic link; a model's declared files must be its own so "
+                         "that its digest covers what loads: copy the model with its links resolved (cp -rL)", path)
+
+    files = []
+    for p in (path / "synthgate.json", index):
+        if p.is_symlink():
+            refuse_link(p)
+        if p.is_file():
+            files.append(p)
     for name in sorted(folders):
         sub = path / name
-        if not sub.is_dir() or sub.is_symlink():
+        if sub.is_symlink():
+            refuse_link(sub)
+        if not sub.is_dir():
             continue
         for p in sorted(sub.rglob("*")):
             rel = p.relative_to(path)
-            if p.is_file() and not p.is_symlink() and not any(part.startswith(".") for part in rel.parts) \
-                    and not any(q.is_symlink() for q in list(p.parents)[: len(rel.parts) - 1]):
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            if p.is_symlink():
+                refuse_link(p)
+            if p.is_file():
                 files.append(p)
     return files
 

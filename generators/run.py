@@ -13,7 +13,7 @@ resuming, the step loop, finishing), the space the denoiser works in
 """
 from __future__ import annotations
 
-import shutil
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,8 +134,13 @@ class TrainingRun:
     def finish(self, trainer, config: TrainConfig, *, keep_checkpoints: bool, start: int, resumed_from: int | None,
                seconds: float, info: dict) -> TrainResult:
         """After the model is saved: drop the checkpoints (unless kept), wait for every process, sum up the run."""
-        if self.main and not keep_checkpoints and self.checkpoints.exists():
-            shutil.rmtree(self.checkpoints, ignore_errors=True)
+        if self.main and not keep_checkpoints and self.checkpoints.is_dir():
+            # only our own step-*.pt files, then the folder if nothing else is left in it: a --checkpoint-dir naming
+            # the training set (or any folder) was once deleted whole (red team)
+            for f in checkpoint.list_checkpoints(self.checkpoints):
+                f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.checkpoints.rmdir()
         self.accelerator.wait_for_everyone()
         last = trainer.history[-1] if trainer.history else {}
         return TrainResult(self.out, config.steps, config.steps - start, resumed_from, float(last.get("loss", np.nan)),

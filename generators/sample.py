@@ -8,6 +8,8 @@ manifest without the rest of its batch (:func:`sample_one`).
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -49,8 +51,8 @@ class SamplerSettings:
             raise UsageError(f"--steps {self.steps} must be at least 1")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
-        if self.eta < 0:
-            raise UsageError(f"--eta {self.eta} must be >= 0")
+        if not (self.eta >= 0 and math.isfinite(self.eta)):  # NaN passed "< 0" and sampled black images
+            raise UsageError(f"--eta {self.eta} must be a finite number >= 0")
 
     @classmethod
     def from_manifest(cls, sampler: Mapping) -> "SamplerSettings":

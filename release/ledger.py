@@ -182,6 +182,12 @@ def release_facts(audit: "AuditRecord", model_info: Mapping | None, generator: M
             dp, why = None, (f"the synthetic set's manifest names model {gen_model[:12]}…, not the audited one, "
                              "so which model made the images is not known")
             model, model_source = audited, "the audit (the generator manifest names another model)"
+        elif not gen_model:
+            # nothing ties the audited model to these images: a DP model given to the audit of a non-DP model's
+            # images was credited with its epsilon (red team); the manifest is bound to the audit's digest
+            dp, why = None, ("the synthetic set has no generator manifest naming the audited model, so nothing "
+                             "shows that this model made the images")
+            model, model_source = audited, "the audit (no generator manifest names it)"
         else:
             dp, why = parse_dp(info.get("dp"))
             model, model_source = audited, "the audit (re-hashed when bundled)"

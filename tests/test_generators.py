@@ -404,6 +404,44 @@ def test_bad_inputs_give_clear_errors(trained, tmp_path, capsys):
     assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()
 
 
+def test_checkpoint_dir_is_never_an_input_and_only_checkpoints_are_removed(ph16, trained, tmp_path, capsys):
+    """Red team: `--checkpoint-dir` naming the training set deleted it whole once the model was saved."""
+    before = sorted(p.name for p in (ph16 / "train").iterdir())
+    one_line_error(run(capsys, "train", ph16 / "train", "--out", tmp_path / "m", *TINY, "--steps", "2",
+                       "--checkpoint-dir", ph16 / "train"), "--checkpoint-dir", "real input")
+    assert sorted(p.name for p in (ph16 / "train").iterdir()) == before and not (tmp_path / "m").exists()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("important")
+    code, _, err = run(capsys, "train", ph16 / "train", "--out", tmp_path / "m2", *TINY, "--steps", "2",
+                       "--checkpoint-every", "1", "--checkpoint-dir", notes)
+    assert code == 0, err
+    assert [p.name for p in notes.iterdir()] == ["a.txt"] and (notes / "a.txt").read_text() == "important"
+
+
+def test_a_model_whose_weights_are_a_symlink_is_refused(trained, tmp_path):
+    """Red team: weights behind a symlink were loaded but not hashed, and were swapped after the audit."""
+    from generators.loading import model_digest
+    from synthgate.errors import InputError
+
+    model = tmp_path / "linked"
+    shutil.copytree(trained, model, ignore=shutil.ignore_patterns("*-checkpoints"))
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    outside = tmp_path / "w.safetensors"
+    shutil.move(weights, outside)
+    weights.symlink_to(outside)
+    with pytest.raises(InputError, match="symbolic link"):
+        model_digest(model)
+    assert len(model_digest(trained)) == 64
+
+
+def test_non_finite_eta_and_epsilon_are_refused(trained, ph16, tmp_path, capsys):
+    one_line_error(run(capsys, "sample", trained, "--n", "2", "--eta", "nan", "--out", tmp_path / "s"), "--eta")
+    one_line_error(run(capsys, "train", ph16 / "train", "--out", tmp_path / "m", *TINY, "--dp-epsilon", "inf"),
+                   "finite")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()
+
+
 def test_train_help_does_not_import_torch():
     code = ("import sys; from synthgate import cli; "
             "rc = [cli.main(a) for a in (['train', '--help'], ['sample', '--help'])]; "

@@ -9,6 +9,7 @@ same hospital key (the audit's checks are the same; only the policy text, which 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -70,9 +71,14 @@ def case(tmp_path_factory, hospital_key):
                 save_unit_png(root / "syn" / f"s{i:02d}.png", im.pixels)
                 fh.write(f"s{i:02d}.png,{im.label}\n")
         (root / "policy.yaml").write_text(POLICY)
+        from generators.loading import model_digest
+
         for name, dp in DP.items():
             model = _model_dir(root / f"model{name}", root / "p" / "train", dp)
-            code = audit_cli.main(["check", str(root / "syn"), "--real", str(root / "p" / "train"), "--model",
+            syn = root / f"syn{name}"  # each model's own images: the manifest ties them to it (no DP credit without)
+            shutil.copytree(root / "syn", syn)
+            (syn / "manifest.json").write_text(json.dumps({"model": {"path": None, "sha256": model_digest(model)}}))
+            code = audit_cli.main(["check", str(syn), "--real", str(root / "p" / "train"), "--model",
                                    str(model), "--policy", str(root / "policy.yaml"), "--out",
                                    str(root / f"audit{name}")])
             assert code == 0
@@ -101,7 +107,9 @@ def _limited(case: Path, tmp: Path, limit: float | None, on: str | None, model: 
 
 
 def _bundle(capsys, case, out, model="A", *extra, ledger=None, policy=None, audit=None):
-    argv = ["bundle", str(case / "syn"), "--audit", str(audit or case / f"audit{model}" / "audit.json"), "--out",
+    audit = audit or case / f"audit{model}" / "audit.json"
+    synthetic = json.loads(Path(audit).read_text())["inputs"]["synthetic"]["path"]  # the set that audit saw
+    argv = ["bundle", synthetic, "--audit", str(audit), "--out",
             str(out), "--policy", str(policy or case / "policy.yaml"), "--ledger", str(ledger), *map(str, extra)]
     code = release_cli.main(argv)
     out_, err = capsys.readouterr()
@@ -361,7 +369,7 @@ def test_ledger_command_paths_filters_and_refusals(case, capsys, tmp_path, monke
     code = release_cli.main(["ledger"])  # the default ledger, not there yet: nothing recorded
     assert code == 0 and "no release recorded yet" in capsys.readouterr().out
     monkeypatch.setenv("SYNTHGATE_LEDGER", str(tmp_path / "env.jsonl"))
-    code = release_cli.main(["bundle", str(case / "syn"), "--audit", str(case / "auditA" / "audit.json"), "--out",
+    code = release_cli.main(["bundle", str(case / "synA"), "--audit", str(case / "auditA" / "audit.json"), "--out",
                              str(tmp_path / "b"), "--policy", str(case / "policy.yaml")])
     assert code == 0 and (tmp_path / "env.jsonl").exists()
     digest = ImageSet(case / "p" / "train", cache=None).digest
@@ -391,9 +399,9 @@ def test_a_real_dp_model_s_epsilon_reaches_the_ledger(tmp_path, capsys, one_torc
                      "--dp-epsilon", "8", "--accountant", "rdp", "--conditioning", "none", "--quiet"])
     assert code == 0
     spent = json.loads((tmp_path / "dp" / "synthgate.json").read_text())["dp"]
-    novel, _ = generate(patients=3, images_per_patient=2, size=16, seed=9)
-    for i, im in enumerate(novel):
-        save_unit_png(tmp_path / "syn" / f"s{i}.png", im.pixels)
+    # the model's own samples: their manifest (bound to the audit) is what ties the DP model to the images
+    assert cli.main(["sample", str(tmp_path / "dp"), "--n", "6", "--steps", "2", "--seed", "9", "--out",
+                     str(tmp_path / "syn"), "--quiet"]) == 0
     (tmp_path / "policy.yaml").write_text(POLICY)
     assert audit_cli.main(["check", str(tmp_path / "syn"), "--real", str(tmp_path / "p" / "train"), "--model",
                            str(tmp_path / "dp"), "--policy", str(tmp_path / "policy.yaml"), "--out",
@@ -426,3 +434,22 @@ def test_a_ledger_that_is_an_input_or_not_a_ledger_is_refused_untouched(case, ca
     code, _, err = _bundle(capsys, case, tmp_path / "b2", ledger=other)
     assert code == 2 and "is not a release ledger" in err, err
     assert other.read_text() == "path,label\na.png,0\n" and not (tmp_path / "b2").exists()
+
+
+def test_no_dp_credit_for_images_no_manifest_ties_to_the_audited_model(case, capsys, tmp_path):
+    """Red team: a non-DP model's images (manifest removed), audited with a DP model's folder as --model, were
+    bundled with that model's epsilon in the ledger and the model card."""
+    syn = tmp_path / "syn"
+    shutil.copytree(case / "synA", syn)
+    (syn / "manifest.json").unlink()
+    assert audit_cli.main(["check", str(syn), "--real", str(case / "p" / "train"), "--model", str(case / "modelA"),
+                           "--policy", str(case / "policy.yaml"), "--out", str(tmp_path / "audit")]) == 0
+    capsys.readouterr()
+    ledger = tmp_path / "l.jsonl"
+    code, _, err = _bundle(capsys, case, tmp_path / "b", ledger=ledger, audit=tmp_path / "audit" / "audit.json")
+    assert code == 0, err
+    (entry,) = _report(capsys, ledger)["training_sets"][0]["entries"]
+    assert entry["model"]["dp"] is None and "no generator manifest naming the audited model" in entry["model"]["no_dp"]
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert "nothing shows it made these images: this release carries **no** differential-privacy guarantee" in card
+    assert "Trained with differential privacy" not in card

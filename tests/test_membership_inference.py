@@ -647,7 +647,8 @@ def test_cli_writes_results_roc_and_scores(case, model_case, capsys, tmp_path):
     assert (out / "membership_inference.csv").exists() and (out / "report.html").exists()
 
 
-@pytest.mark.parametrize("case_name", ["no_holdout", "overlap", "resolution", "unlabelled", "timestep", "typo"])
+@pytest.mark.parametrize("case_name", ["no_holdout", "overlap", "trained_on_holdout", "resolution", "unlabelled",
+                                       "timestep", "typo"])
 def test_bad_inputs_exit_2_one_line(case, model_case, capsys, tmp_path, case_name):
     argv = [case / "syn", "--real", model_case / "seen", "--holdout", case / "p" / "holdout", "--checks",
             "membership_inference", "--model", model_case / "model", "--out", tmp_path / "o"]
@@ -658,6 +659,14 @@ def test_bad_inputs_exit_2_one_line(case, model_case, capsys, tmp_path, case_nam
     elif case_name == "overlap":
         argv[4] = model_case / "seen"
         expect = "the holdout is the training set's folder"
+    elif case_name == "trained_on_holdout":  # red team: a model trained on the holdout passed and was bundled
+        shutil.copytree(model_case / "seen", tmp_path / "held")
+        shutil.copytree(model_case / "model", tmp_path / "model")
+        info = json.loads((tmp_path / "model" / "synthgate.json").read_text())
+        info["training_set"] = {"path": "held", "sha256": ImageSet(tmp_path / "held", cache=None).digest}
+        (tmp_path / "model" / "synthgate.json").write_text(json.dumps(info))
+        argv[2], argv[4], argv[8] = case / "p" / "holdout", tmp_path / "held", tmp_path / "model"
+        expect = "records the holdout as its training set"
     elif case_name == "resolution":
         big = tmp_path / "big"
         for f in sorted((model_case / "seen").glob("*.png")):

@@ -103,8 +103,8 @@ def _copy_set(src: Path, dst: Path, n: int | None = None, with_ids: bool = True)
     return dst
 
 
-@pytest.mark.parametrize("case", ["no_ids", "same_folder", "inside_real", "shares_holdout_file", "empty",
-                                  "missing"])
+@pytest.mark.parametrize("case", ["no_ids", "same_folder", "inside_real", "shares_holdout_file",
+                                  "reencoded_holdout_image", "empty", "missing"])
 def test_bad_attacker_data_exit_2_one_line(sets, capsys, tmp_path, case):
     if case == "no_ids":
         bad = _copy_set(sets["public"], tmp_path / "a", 8, with_ids=False)
@@ -118,6 +118,15 @@ def test_bad_attacker_data_exit_2_one_line(sets, capsys, tmp_path, case):
         shutil.copy(sets["holdout"] / first["path"], bad / "copied.png")
         with open(bad / "metadata.csv", "a") as fh:
             fh.write("copied.png,PUBLIC-X\n")
+    elif case == "reencoded_holdout_image":  # red team: other bytes, the same pixels
+        from PIL import Image
+
+        bad = _copy_set(sets["public"], tmp_path / "a", 8)
+        first = next(r for r in csv.DictReader(open(sets["holdout"] / "metadata.csv")))
+        Image.open(sets["holdout"] / first["path"]).save(bad / "copied.png", compress_level=1)
+        assert (bad / "copied.png").read_bytes() != (sets["holdout"] / first["path"]).read_bytes()
+        with open(bad / "metadata.csv", "a") as fh:
+            fh.write("copied.png,PUBLIC-X\n")
     elif case == "empty":
         bad = tmp_path / "empty"
         bad.mkdir()
@@ -128,7 +137,8 @@ def test_bad_attacker_data_exit_2_one_line(sets, capsys, tmp_path, case):
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
     expect = {"no_ids": "patient_id on every image", "same_folder": "overlaps", "inside_real": "overlaps",
-              "shares_holdout_file": "shares 1 image file(s) with the holdout set", "empty": "no images",
+              "shares_holdout_file": "shares 1 image file(s) with the holdout set",
+              "reencoded_holdout_image": "1 image(s) pixel-identical to images of the holdout set", "empty": "no images",
               "missing": "does not exist"}[case]
     assert expect in err, err
 

@@ -99,9 +99,10 @@ def resolve_inputs(synthetic, real=None, holdout=None, model=None) -> AuditInput
         if p is not None and not p.exists():
             raise MissingInputError(f"{name} path does not exist", p)
     if inputs.model is not None:
-        from generators.loading import read_info
+        from generators.loading import model_files, read_info
 
         read_info(inputs.model)  # a model folder (synthgate.json) or a clear error, before any work
+        model_files(inputs.model)  # and one whose declared files are its own (no symlinks), before any work
     return inputs
 
 
@@ -155,6 +156,31 @@ def check_attacker_data(ctx: AuditContext, paths: dict[str, Path | None]) -> Non
                 name = sorted(p for p, h in a.file_hashes.items() if h in shared)[0]
                 raise InputError(f"attacker data shares {len(shared)} image file(s) with the {role} set by content "
                                  f"(e.g. {name}); attacker data must be other patients' public images", a.root)
+        # the same images re-encoded (other bytes, same pixels): the holdout's unseen patients as "public" data
+        # made the verifier's validation and calibration look at patients it trained on (red team)
+        mine = pixel_digests(a)
+        for role, s in sets.items():
+            if s is None:
+                continue
+            shared = set(mine.values()) & set(pixel_digests(s).values())
+            if shared:
+                name = sorted(k for k, h in mine.items() if h in shared)[0]
+                raise InputError(f"attacker data holds {len(shared)} image(s) pixel-identical to images of the {role} "
+                                 f"set (e.g. {name}, re-encoded?); attacker data must be other patients' public "
+                                 "images", a.root)
+
+
+def pixel_digests(imageset) -> dict[str, str]:
+    """SHA-256 of every image's decoded pixels (float32 in [0, 1], shape included), by record key."""
+    import hashlib
+
+    import numpy as np
+
+    out = {}
+    for i, r in enumerate(imageset.records):
+        x = np.ascontiguousarray(imageset.load(i), np.float32)
+        out[r.key] = hashlib.sha256(repr(x.shape).encode() + x.tobytes()).hexdigest()
+    return out
 
 
 def check_overlap(ctx: AuditContext) -> None:
@@ -180,3 +206,22 @@ def check_overlap(ctx: AuditContext) -> None:
             names = sorted(p for p, h in ctx.holdout.file_hashes.items() if h in shared)
             raise InputError(f"holdout shares {len(shared)} file(s) with the {role} set by content "
                              f"(e.g. {names[0]}); a holdout must be unseen real images", ctx.holdout.root)
+
+
+def check_model_training_set(ctx: AuditContext) -> None:
+    """Refuse a model whose own record says it was trained on the holdout.
+
+    Membership inference would then test the holdout's images as non-members
+    and the real set's as members, exactly backwards, and copy detection would
+    search a set the model never saw (a red team bundled such a model).
+    """
+    if ctx.model is None or ctx.holdout is None:
+        return
+    from generators.loading import read_info
+
+    block = read_info(ctx.model).get("training_set")
+    digest = block.get("sha256") if isinstance(block, dict) else None
+    if isinstance(digest, str) and digest and digest == ctx.holdout.digest:
+        raise InputError("the model's synthgate.json records the holdout as its training set (same digest); the "
+                         "holdout must be images the model never saw: give the set it was trained on as --real and "
+                         "unseen images as --holdout", ctx.holdout.root)
