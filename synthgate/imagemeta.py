@@ -338,7 +338,7 @@ def strip_ancillary(src_path: str | Path, fmt: str) -> bytes:
         if fmt == "npy":
             return data[:npy_extent(data)]
         if fmt == "dicom":
-            return _strip_dicom(data, path)
+            return _strip_dicom(data)
         if fmt == "png":
             return _strip_png(data)
         if fmt == "jpeg":
@@ -368,7 +368,7 @@ def npy_extent(data: bytes) -> int:
     return fh.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
-def _strip_dicom(data: bytes, path: Path) -> bytes:
+def _strip_dicom(data: bytes) -> bytes:
     """``data`` without binary elements beyond the pixel data (at any depth) and without trailing padding."""
     import pydicom
 

@@ -131,6 +131,7 @@ def check_attacker_data(ctx: AuditContext, paths: dict[str, Path | None]) -> Non
     ``paths`` maps each audited role to its folder.
     """
     sets = {"synthetic": ctx.synthetic, "real": ctx.real, "holdout": ctx.holdout}
+    audited_pixels: dict[str, set[str]] = {}  # each audited set decoded and hashed once, however many attacker sets
     seen: dict[Path, Path] = {}
     for a in ctx.attacker:
         root = resolved(a.root)
@@ -162,7 +163,9 @@ def check_attacker_data(ctx: AuditContext, paths: dict[str, Path | None]) -> Non
         for role, s in sets.items():
             if s is None:
                 continue
-            shared = set(mine.values()) & set(pixel_digests(s).values())
+            if role not in audited_pixels:
+                audited_pixels[role] = set(pixel_digests(s).values())
+            shared = set(mine.values()) & audited_pixels[role]
             if shared:
                 name = sorted(k for k, h in mine.items() if h in shared)[0]
                 raise InputError(f"attacker data holds {len(shared)} image(s) pixel-identical to images of the {role} "

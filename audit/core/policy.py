@@ -125,9 +125,7 @@ class Policy:
     @property
     def builtin(self) -> str | None:
         """The built-in policy's name when this is one, unchanged (same text), else ``None``."""
-        from policies.loader import builtin_text
-
-        return self.name if self.name in BUILTIN and builtin_text(self.name) == self.text else None
+        return builtin_named(self.name, self.sha256)
 
     @property
     def sha256(self) -> str:
@@ -269,15 +267,11 @@ def load_policy(name_or_path: str | Path | None, *, only: list[str] | None = Non
     text, source = read_policy_text(name_or_path)
     policy = parse_policy(text, source, only=only, overrides=overrides)
     if str(name_or_path or "default") not in BUILTIN:
-        taken = next((b for b in BUILTIN if str(policy.name).strip().casefold() == b), None)
-        if taken is not None:
-            from policies.loader import builtin_text
-
-            if builtin_text(taken) != text:
-                # a custom file under a built-in's name was bundled and verified as "policy default" (red team)
-                raise ConfigError(f"this policy file calls itself {policy.name!r}, the name of a built-in policy, but "
-                                  f"its text differs from the built-in's; give it a name of its own (name: ...) so "
-                                  f"no one can take it for the built-in", source)
+        if masquerades(policy.name, policy.sha256):
+            # a custom file under a built-in's name was bundled and verified as "policy default" (red team)
+            raise ConfigError(f"this policy file calls itself {policy.name!r}, the name of a built-in policy, but "
+                              f"its text differs from the built-in's; give it a name of its own (name: ...) so "
+                              f"no one can take it for the built-in", source)
         policy = replace(policy, path=Path(str(name_or_path)))
     return policy
 

@@ -303,8 +303,12 @@ class ModelAttack(MembershipAttack):
     timestep_setting: ClassVar[str] = ""
 
     def timesteps(self) -> list[int]:
-        """Timesteps the attack queries (checked against the model's schedule before any work)."""
-        return []
+        """Timesteps the attack queries (checked against the model's schedule before any work): the value of its
+        ``timestep_setting``, a list or one timestep."""
+        if not self.timestep_setting:
+            return []
+        value = getattr(self.settings, self.timestep_setting)
+        return [int(t) for t in value] if isinstance(value, (list, tuple)) else [int(value)]
 
     def passes_per_image(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -321,9 +325,6 @@ class LossAttack(ModelAttack):
     timestep_setting = "timesteps"
     reference = "Carlini et al. 2023, Extracting Training Data from Diffusion Models: loss threshold"
 
-    def timesteps(self):
-        return [int(t) for t in self.settings.timesteps]
-
     def passes_per_image(self):
         return len(self.settings.timesteps) * self.settings.noise_draws
 
@@ -337,9 +338,6 @@ class PiaAttack(ModelAttack):
     name = "pia"
     timestep_setting = "pia_timesteps"
     reference = "Kong et al. 2024, PIA: proximal initialization (ICLR)"
-
-    def timesteps(self):
-        return [int(t) for t in self.settings.pia_timesteps]
 
     def passes_per_image(self):
         return 1 + len(self.settings.pia_timesteps)
@@ -358,9 +356,6 @@ class SecmiAttack(ModelAttack):
     timestep_setting = "secmi_t"
     reference = "Duan et al. 2023, SecMI: step-wise posterior estimation error (ICML)"
 
-    def timesteps(self):
-        return [self.settings.secmi_t]
-
     def passes_per_image(self):
         return self.settings.secmi_t // self.settings.secmi_k + 1
 
@@ -374,9 +369,6 @@ class SimaAttack(ModelAttack):
     name = "sima"
     timestep_setting = "sima_timesteps"
     reference = "Rao, Qu and Moyer 2025, Score-based Membership Inference on Diffusion Models (SimA)"
-
-    def timesteps(self):
-        return [int(t) for t in self.settings.sima_timesteps]
 
     def passes_per_image(self):
         return len(self.settings.sima_timesteps)
@@ -393,9 +385,6 @@ class PfamiAttack(ModelAttack):
     reference = ("Fu et al. 2024, Probabilistic Fluctuation based Membership Inference Attack for Diffusion Models "
                  "(PFAMI)")
 
-    def timesteps(self):
-        return [int(t) for t in self.settings.pfami_timesteps]
-
     def passes_per_image(self):
         s = self.settings
         return (1 + len(s.pfami_strengths)) * len(s.pfami_timesteps) * s.pfami_draws
@@ -411,9 +400,6 @@ class MirrorAttack(ModelAttack):
     timestep_setting = "mirror_timesteps"
     reference = ("PFAMI's probabilistic fluctuation (Fu et al. 2024) with mirror images as the neighbours "
                  "(synthgate): the same content and difficulty, never trained on unless the trainer flipped")
-
-    def timesteps(self):
-        return [int(t) for t in self.settings.mirror_timesteps]
 
     def passes_per_image(self):
         s = self.settings
